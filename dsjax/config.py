@@ -1,0 +1,372 @@
+"""Typed, validated model configuration.
+
+Field names follow Hugging Face's ``DeepseekV3Config`` so hub ``config.json`` files map one to one;
+``scoring_func``, ``dtype``, ``param_dtype``, ``scan_layers`` and ``moe_impl`` are ours.
+
+    cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=4"])
+    cfg = ModelConfig.from_hf("path/to/config.json")
+
+``python -m dsjax.config CONFIG.yaml [key=value ...]`` prints total and activated parameter counts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import math
+import os
+import sys
+import types
+import typing
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message names the field and the rule."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """YaRN context extension (REFERENCE §3); HF's ``rope_scaling`` / ``rope_parameters``."""
+
+    factor: float
+    original_max_position_embeddings: int
+    type: Literal["yarn"] = "yarn"
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 1.0
+    mscale_all_dim: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    # -- sizes (HF names) --
+    vocab_size: int = 129280
+    hidden_size: int = 7168
+    intermediate_size: int = 18432
+    moe_intermediate_size: int = 2048
+    num_hidden_layers: int = 61
+    num_attention_heads: int = 128
+    # -- MLA --
+    q_lora_rank: int | None = 1536
+    kv_lora_rank: int = 512
+    qk_nope_head_dim: int = 128
+    qk_rope_head_dim: int = 64
+    v_head_dim: int = 128
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 4096
+    # -- DeepSeekMoE --
+    n_routed_experts: int = 256
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 8
+    topk_group: int = 4
+    topk_method: Literal["noaux_tc", "group_limited_greedy", "greedy"] = "noaux_tc"
+    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 2.5
+    first_k_dense_replace: int = 3
+    # -- MTP --
+    num_nextn_predict_layers: int = 1
+    # -- misc (HF names) --
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.006
+    tie_word_embeddings: bool = False
+    hidden_act: Literal["silu"] = "silu"
+    # -- ours --
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    scan_layers: bool = True
+    moe_impl: Literal["auto", "ragged_dot", "blocked"] = "auto"
+
+    def __post_init__(self):
+        _check_types(self)
+        _validate(self)
+
+    # Derived sizes, never stored.
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def num_moe_layers(self) -> int:
+        return self.num_hidden_layers - self.first_k_dense_replace
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        return _build(cls, d, "model")
+
+    @classmethod
+    def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any], **overrides) -> ModelConfig:
+        """Reads an HF DeepseekV2/V3 ``config.json`` (a file, its directory, or the dict)."""
+        return _from_hf(path_or_dict, overrides)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The HF ``config.json`` dict (hub spelling: ``rope_theta`` + ``rope_scaling``)."""
+        d = {f: getattr(self, f) for f in _HF_FIELDS}
+        d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
+        v3 = self.scoring_func == "sigmoid"
+        d.update(
+            model_type="deepseek_v3" if v3 else "deepseek_v2",
+            architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
+            torch_dtype=self.param_dtype,
+            num_key_value_heads=self.num_attention_heads,
+            rope_interleave=True,
+            attention_bias=False,
+        )
+        return d
+
+
+# Fields that keep their name and meaning in HF configs (everything but ours and rope_scaling).
+_HF_FIELDS = tuple(
+    f.name
+    for f in dataclasses.fields(ModelConfig)
+    if f.name not in ("rope_scaling", "dtype", "param_dtype", "scan_layers", "moe_impl")
+)
+
+
+def _validate(c: ModelConfig) -> None:
+    def rule(ok: bool, field: str, msg: str):
+        if not ok:
+            raise ConfigError(f"{field}={getattr(c, field)!r}: {msg}")
+
+    for f in (
+        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
+        "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
+        "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "n_routed_experts",
+        "num_experts_per_tok", "n_group", "topk_group",
+    ):  # fmt: skip
+        rule(getattr(c, f) > 0, f, "must be a positive integer")
+    rule(c.q_lora_rank is None or c.q_lora_rank > 0, "q_lora_rank", "must be positive, or null for a plain q_proj")
+    rule(c.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
+    rule(c.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
+    rule(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "RoPE rotates pairs of channels, so it must be even")
+    rule(0 <= c.first_k_dense_replace <= c.num_hidden_layers, "first_k_dense_replace",
+         f"must be between 0 and num_hidden_layers={c.num_hidden_layers}")
+    rule(c.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+    rule(c.initializer_range > 0, "initializer_range", "must be > 0")
+    rule(c.rope_theta > 1, "rope_theta", "must be > 1")
+    rule(c.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
+    rule(c.n_routed_experts % c.n_group == 0, "n_routed_experts",
+         f"must be divisible by n_group={c.n_group} (experts are split into equal groups)")
+    rule(c.topk_group <= c.n_group, "topk_group", f"cannot exceed n_group={c.n_group}")
+    per_group = c.n_routed_experts // c.n_group
+    rule(c.num_experts_per_tok <= c.topk_group * per_group, "num_experts_per_tok",
+         f"the {c.topk_group} kept group(s) of {per_group} expert(s) hold only "
+         f"{c.topk_group * per_group} experts to choose from")
+    rule(c.topk_method != "greedy" or c.n_group == 1, "topk_method",
+         f"'greedy' does not limit groups but n_group={c.n_group}; set n_group=1 and topk_group=1, "
+         "or use 'group_limited_greedy' / 'noaux_tc'")
+    rule(c.topk_method != "noaux_tc" or c.n_group == 1 or per_group >= 2, "topk_method",
+         f"'noaux_tc' scores a group by its top-2 experts, but each group holds {per_group}")
+    if c.rope_scaling is not None:
+        rs = c.rope_scaling
+        if rs.factor < 1:
+            raise ConfigError(f"rope_scaling.factor={rs.factor!r}: must be >= 1")
+        if rs.original_max_position_embeddings <= 0:
+            raise ConfigError("rope_scaling.original_max_position_embeddings: must be a positive integer")
+        if rs.beta_fast <= rs.beta_slow:
+            raise ConfigError(f"rope_scaling.beta_fast={rs.beta_fast!r}: must exceed beta_slow={rs.beta_slow!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Building typed dataclasses from plain dicts (YAML, CLI overrides, HF json).
+
+
+def _closest(name: str, options) -> str:
+    near = difflib.get_close_matches(name, list(options), n=1, cutoff=0.6)
+    return f"; did you mean '{near[0]}'?" if near else f"; valid keys: {', '.join(sorted(options))}"
+
+
+def _build(cls, d: Any, where: str):
+    if isinstance(d, cls):
+        return d
+    if not isinstance(d, dict):
+        raise ConfigError(f"{where}: expected a mapping of {cls.__name__} fields, got {type(d).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for k in d:
+        if k not in names:
+            raise ConfigError(f"{where}.{k}: unknown key{_closest(k, names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in d.items()}
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # a required field is missing
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def _coerce(v: Any, tp, where: str):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if v is None and type(None) in args:
+            return None
+        (tp,) = [a for a in args if a is not type(None)]
+        return _coerce(v, tp, where)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, v, where)
+    if origin is Literal:
+        if v not in args:
+            raise ConfigError(f"{where}={v!r}: must be one of {', '.join(map(repr, args))}")
+        return v
+    if tp is bool:
+        if not isinstance(v, bool):
+            raise ConfigError(f"{where}={v!r}: must be true or false")
+        return v
+    if tp is int:
+        if isinstance(v, bool) or not (isinstance(v, int) or (isinstance(v, float) and v.is_integer())):
+            raise ConfigError(f"{where}={v!r}: must be an integer")
+        return int(v)
+    if tp is float:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ConfigError(f"{where}={v!r}: must be a number")
+        return float(v)
+    return v
+
+
+def _check_types(obj) -> None:
+    """Direct construction (``ModelConfig(hidden_size="64")``) gets the same checks as YAML."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        coerced = _coerce(v, hints[f.name], f.name)
+        if coerced is not v:
+            object.__setattr__(obj, f.name, coerced)
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. model.hidden_size=256")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies ``a.b=value`` overrides (values parsed as YAML) to a nested dict, returning a copy."""
+    d = json.loads(json.dumps(d))
+    for item in overrides:
+        keys, value = _parse_override(item)
+        node = d
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return d
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ModelConfig:
+    """Loads the ``model:`` section of a YAML config, with ``model.key=value`` overrides."""
+    with open(path) as f:
+        d = yaml.safe_load(f) or {}
+    d = apply_overrides(d, list(overrides))
+    sections = {"model"}
+    for k in d:
+        if k not in sections:
+            raise ConfigError(f"{path}: unknown section '{k}'{_closest(k, sections)}")
+    if "model" not in d:
+        raise ConfigError(f"{path}: missing the 'model:' section")
+    return _build(ModelConfig, d["model"], "model")
+
+
+# ---------------------------------------------------------------------------------------------
+# Hugging Face configs (DeepseekV2 / DeepseekV3; hub ``rope_scaling`` and transformers-5
+# ``rope_parameters`` spellings).
+
+
+def _from_hf(src, overrides: dict[str, Any]) -> ModelConfig:
+    if not isinstance(src, dict):
+        p = os.fspath(src)
+        with open(os.path.join(p, "config.json") if os.path.isdir(p) else p) as f:
+            src = json.load(f)
+    hf = dict(src)
+    model_type = hf.get("model_type", "deepseek_v3")
+    if model_type not in ("deepseek_v2", "deepseek_v3"):
+        raise ConfigError(f"model_type={model_type!r}: only deepseek_v2 and deepseek_v3 configs are supported")
+    if hf.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"hidden_act={hf['hidden_act']!r}: DeepSeek experts are SwiGLU; only 'silu' is supported")
+    if hf.get("attention_bias"):
+        raise ConfigError("attention_bias=True: DeepSeek MLA has no projection biases; not supported")
+    if hf.get("num_key_value_heads") not in (None, hf.get("num_attention_heads")):
+        raise ConfigError("num_key_value_heads: MLA has one latent shared by all heads; it must equal num_attention_heads")
+    if hf.get("rope_interleave", True) is not True:
+        raise ConfigError("rope_interleave=False: DeepSeek weights use the interleaved RoPE layout")
+
+    v3 = model_type == "deepseek_v3"
+    # null means "use the default", except for q_lora_rank where it means "no q LoRA" (V2-Lite).
+    d = {k: hf[k] for k in _HF_FIELDS if k in hf and (hf[k] is not None or k == "q_lora_rank")}
+    d.setdefault("scoring_func", hf.get("scoring_func") or ("sigmoid" if v3 else "softmax"))
+    d.setdefault("topk_method", "noaux_tc" if v3 else "greedy")
+    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
+        d["num_nextn_predict_layers"] = hf["num_mtp_layers"]
+    d.setdefault("num_nextn_predict_layers", 0)
+    if d["topk_method"] == "greedy":  # no group limit, whatever n_group says
+        d["n_group"], d["topk_group"] = 1, 1
+    if hf.get("torch_dtype") or hf.get("dtype"):
+        dt = str(hf.get("torch_dtype") or hf.get("dtype")).removeprefix("torch.")
+        if dt in ("float32", "bfloat16"):
+            d["param_dtype"] = dt
+
+    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    if "rope_theta" in rope:
+        d["rope_theta"] = rope["rope_theta"]
+    rtype = rope.get("rope_type", rope.get("type", "default"))
+    if rtype == "yarn":
+        orig = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
+        factor = rope.get("factor") or hf["max_position_embeddings"] / orig
+        d["rope_scaling"] = {
+            "factor": factor,
+            "original_max_position_embeddings": orig,
+            "beta_fast": rope.get("beta_fast") or 32.0,
+            "beta_slow": rope.get("beta_slow") or 1.0,
+            "mscale": rope.get("mscale", 1.0),
+            "mscale_all_dim": rope.get("mscale_all_dim", 0.0),
+        }
+    elif rtype != "default":
+        raise ConfigError(f"rope_scaling type {rtype!r}: only 'yarn' (or none) is supported")
+    d.update(overrides)
+    return _build(ModelConfig, d, "hf config")
+
+
+def yarn_mscale(factor: float, mscale: float) -> float:
+    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _main(argv: list[str]) -> int:
+    import argparse
+
+    from dsjax.model import count_params
+
+    ap = argparse.ArgumentParser(prog="python -m dsjax.config", description=__doc__.split("\n")[0])
+    ap.add_argument("config", help="YAML config (configs/*.yaml) or an HF config.json")
+    ap.add_argument("overrides", nargs="*", help="model.key=value")
+    a = ap.parse_args(argv)
+    try:
+        if a.config.endswith(".json"):
+            ov = {".".join(k).removeprefix("model."): v for k, v in map(_parse_override, a.overrides)}
+            cfg = ModelConfig.from_hf(a.config, **ov)
+        else:
+            cfg = load_config(a.config, a.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    counts = count_params(cfg)
+    print(json.dumps(counts, indent=2))
+    b = 1e9
+    print(
+        f"total {counts['total'] / b:.2f}B (main {counts['main'] / b:.2f}B + MTP {counts['mtp'] / b:.2f}B), "
+        f"activated per token {counts['activated'] / b:.2f}B (main model)",
+        file=sys.stderr,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))
