@@ -16,6 +16,7 @@ import difflib
 import json
 import math
 import os
+import re
 import sys
 import types
 import typing
@@ -39,6 +40,17 @@ class RopeScaling:
     beta_slow: float = 1.0
     mscale: float = 1.0
     mscale_all_dim: float = 0.0
+
+    def __post_init__(self):
+        _check_types(self, "rope_scaling.")
+        if self.factor < 1:
+            raise ConfigError(f"rope_scaling.factor={self.factor!r}: must be >= 1")
+        if self.original_max_position_embeddings <= 0:
+            raise ConfigError("rope_scaling.original_max_position_embeddings: must be a positive integer")
+        if self.beta_slow <= 0:
+            raise ConfigError(f"rope_scaling.beta_slow={self.beta_slow!r}: must be > 0")
+        if self.beta_fast <= self.beta_slow:
+            raise ConfigError(f"rope_scaling.beta_fast={self.beta_fast!r}: must exceed beta_slow={self.beta_slow!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,14 +178,6 @@ def _validate(c: ModelConfig) -> None:
          "or use 'group_limited_greedy' / 'noaux_tc'")
     rule(c.topk_method != "noaux_tc" or c.n_group == 1 or per_group >= 2, "topk_method",
          f"'noaux_tc' scores a group by its top-2 experts, but each group holds {per_group}")
-    if c.rope_scaling is not None:
-        rs = c.rope_scaling
-        if rs.factor < 1:
-            raise ConfigError(f"rope_scaling.factor={rs.factor!r}: must be >= 1")
-        if rs.original_max_position_embeddings <= 0:
-            raise ConfigError("rope_scaling.original_max_position_embeddings: must be a positive integer")
-        if rs.beta_fast <= rs.beta_slow:
-            raise ConfigError(f"rope_scaling.beta_fast={rs.beta_fast!r}: must exceed beta_slow={rs.beta_slow!r}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -230,21 +234,36 @@ def _coerce(v: Any, tp, where: str):
     return v
 
 
-def _check_types(obj) -> None:
+def _check_types(obj, prefix: str = "") -> None:
     """Direct construction (``ModelConfig(hidden_size="64")``) gets the same checks as YAML."""
     hints = typing.get_type_hints(type(obj))
     for f in dataclasses.fields(obj):
         v = getattr(obj, f.name)
-        coerced = _coerce(v, hints[f.name], f.name)
+        coerced = _coerce(v, hints[f.name], prefix + f.name)
         if coerced is not v:
             object.__setattr__(obj, f.name, coerced)
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with 1.2-style floats: ``1e-5`` is a number, not a string as in YAML 1.1."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$|^[-+]?\.(inf|Inf|INF)$|^\.(nan|NaN|NAN)$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml(text):
+    return yaml.load(text, Loader=_Loader)
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r}: expected key=value, e.g. model.hidden_size=256")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw)
+    return key.strip().split("."), _yaml(raw)
 
 
 def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -264,7 +283,7 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
 def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ModelConfig:
     """Loads the ``model:`` section of a YAML config, with ``model.key=value`` overrides."""
     with open(path) as f:
-        d = yaml.safe_load(f) or {}
+        d = _yaml(f) or {}
     d = apply_overrides(d, list(overrides))
     sections = {"model"}
     for k in d:
@@ -323,8 +342,8 @@ def _from_hf(src, overrides: dict[str, Any]) -> ModelConfig:
         d["rope_scaling"] = {
             "factor": factor,
             "original_max_position_embeddings": orig,
-            "beta_fast": rope.get("beta_fast") or 32.0,
-            "beta_slow": rope.get("beta_slow") or 1.0,
+            "beta_fast": rope.get("beta_fast", 32.0),
+            "beta_slow": rope.get("beta_slow", 1.0),
             "mscale": rope.get("mscale", 1.0),
             "mscale_all_dim": rope.get("mscale_all_dim", 0.0),
         }
@@ -350,8 +369,8 @@ def _main(argv: list[str]) -> int:
     a = ap.parse_args(argv)
     try:
         if a.config.endswith(".json"):
-            ov = {".".join(k).removeprefix("model."): v for k, v in map(_parse_override, a.overrides)}
-            cfg = ModelConfig.from_hf(a.config, **ov)
+            hf = {"model": dataclasses.asdict(ModelConfig.from_hf(a.config))}
+            cfg = ModelConfig.from_dict(apply_overrides(hf, a.overrides)["model"])
         else:
             cfg = load_config(a.config, a.overrides)
     except ConfigError as e:
