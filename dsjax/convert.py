@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -114,14 +115,8 @@ def _block(r: _Reader, i: int, c: ModelConfig, moe: bool) -> tuple[dict, dict]:
 
 def _stack(blocks: list[dict], scan: bool) -> dict:
     if scan:
-        return {"layers": _tree_map(lambda *a: np.stack(a), *blocks)}
+        return {"layers": jax.tree.map(lambda *a: np.stack(a), *blocks)}
     return {f"layer_{i}": b for i, b in enumerate(blocks)}
-
-
-def _tree_map(f, *trees):
-    if isinstance(trees[0], dict):
-        return {k: _tree_map(f, *(t[k] for t in trees)) for k in trees[0]}
-    return f(*trees)
 
 
 def from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndarray]) -> dict:
@@ -170,7 +165,7 @@ def from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndarray]) -
             lines.append("  (no MTP tensors? set num_nextn_predict_layers=0 to load without MTP)")
         raise CheckpointError("\n".join(lines))
     dtype = jnp.dtype(c.param_dtype)
-    return {"params": _tree_map(lambda a: np.asarray(a, dtype), params), "selection_bias": bias}
+    return {"params": jax.tree.map(lambda a: np.asarray(a, dtype), params), "selection_bias": bias}
 
 
 def _check_shared_copy(r: _Reader, name: str, shared: str) -> None:

@@ -86,21 +86,20 @@ def experts_dense(x, idx, w, w_gate, w_up, w_down):
 class MoE(nn.Module):
     cfg: ModelConfig
 
+    def _param(self, name, shape, axes):
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.cfg.initializer_range), axes)
+        return self.param(name, init, shape, jnp.dtype(self.cfg.param_dtype))
+
     @nn.compact
     def __call__(self, x, token_mask):
         c = self.cfg
         b, s, hdim = x.shape
         e, i = c.n_routed_experts, c.moe_intermediate_size
-        pdt = jnp.dtype(c.param_dtype)
-        init = nn.initializers.normal(c.initializer_range)
-        expert_param = lambda name, shape, axes: self.param(  # noqa: E731
-            name, nn.with_logical_partitioning(init, axes), shape, pdt
-        ).astype(c.dtype)
-        w_router = self.param("gate", nn.with_logical_partitioning(init, ("embed", "experts")), (hdim, e), pdt)
+        w_router = self._param("gate", (hdim, e), ("embed", "experts"))
         bias = self.variable(BIAS, "e_score_correction_bias", jnp.zeros, (e,), jnp.float32).value
-        w_gate = expert_param("w_gate", (e, hdim, i), ("experts", "embed", "expert_mlp"))
-        w_up = expert_param("w_up", (e, hdim, i), ("experts", "embed", "expert_mlp"))
-        w_down = expert_param("w_down", (e, i, hdim), ("experts", "expert_mlp", "embed"))
+        w_gate = self._param("w_gate", (e, hdim, i), ("experts", "embed", "expert_mlp")).astype(c.dtype)
+        w_up = self._param("w_up", (e, hdim, i), ("experts", "embed", "expert_mlp")).astype(c.dtype)
+        w_down = self._param("w_down", (e, i, hdim), ("experts", "expert_mlp", "embed")).astype(c.dtype)
 
         logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32), precision="highest")
         scores = jax.nn.sigmoid(logits) if c.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
