@@ -49,7 +49,7 @@ def route(scores, bias, cfg: ModelConfig):
 
 
 def balance_loss(scores, idx, token_mask, num_experts: int):
-    """Complementary sequence-wise loss, mean over sequences of sum_i f_i P_i (V3 eq. 17-20).
+    """Complementary sequence-wise loss, mean over non-empty sequences of sum_i f_i P_i (V3 eq. 17-20).
 
     scores [B, S, E], idx [B, S, K], token_mask [B, S]: f_i = E / (K T) * #tokens routed to i,
     P_i = mean_t s_i,t / sum_j s_j,t, both over the sequence's real tokens.
@@ -60,7 +60,8 @@ def balance_loss(scores, idx, token_mask, num_experts: int):
     counts = (jax.nn.one_hot(idx, num_experts, dtype=jnp.float32) * m[..., None, None]).sum((1, 2))
     f = counts * num_experts / (k * n_tok[:, None])
     p = ((scores / scores.sum(-1, keepdims=True)) * m[..., None]).sum(1) / n_tok[:, None]
-    return jnp.mean((f * p).sum(-1))
+    has_tokens = token_mask.any(-1)  # all-padding rows do not dilute the mean
+    return jnp.sum(jnp.where(has_tokens, (f * p).sum(-1), 0.0)) / jnp.maximum(has_tokens.sum(), 1)
 
 
 def experts_dropless(x, idx, w, w_gate, w_up, w_down, impl: str = "auto"):

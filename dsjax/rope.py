@@ -63,8 +63,11 @@ def rope_angles(cfg: ModelConfig, positions):
 
 
 def apply_rope(x, cos, sin):
-    """Rotates interleaved pairs of x [..., seq, (heads,) d]; cos/sin are [..., seq, d/2]."""
-    if x.ndim == cos.ndim + 1:  # per-head input: broadcast angles over the head axis
+    """Rotates interleaved pairs of x: queries [b, s, heads, d] or the shared key [b, s, d].
+
+    cos/sin are [b, s, d/2] or [s, d/2] (``rope_angles`` of the positions).
+    """
+    if x.ndim == 4:  # per-head input: broadcast angles over the head axis
         cos, sin = cos[..., None, :], sin[..., None, :]
     x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], -1, 2)
     x0, x1 = x32[..., 0], x32[..., 1]
