@@ -288,15 +288,21 @@ def test_routing_cases_cover_the_block_patterns():
     assert (sizes == 0).sum() == 5
 
 
-@pytest.mark.parametrize("name", ROUTING_CASES)
-def test_experts_dense_matches_numpy(name):
+def experts_case(name):
+    """(x, idx, w, w_gate, w_up, w_down) for one routing case, seeded by its name."""
     rng = np.random.default_rng(seed_of(name))
     h, i, e = T_H_I_E["h"], T_H_I_E["i"], T_H_I_E["e"]
     idx = routing_case(name, rng, e)
     t, k = idx.shape
     x = rng.standard_normal((t, h)).astype(np.float32)
     w = rng.uniform(0.1, 1.0, (t, k)).astype(np.float32)
-    wg, wu, wd = expert_weights(rng, e, h, i)
+    return (x, idx, w, *expert_weights(rng, e, h, i))
+
+
+@pytest.mark.parametrize("name", ROUTING_CASES)
+def test_experts_dense_matches_numpy(name):
+    x, idx, w, wg, wu, wd = experts_case(name)
+    t, h = x.shape
     got = dense_jit(*(jnp.asarray(a) for a in (x, idx, w, wg, wu, wd)))
     ref = np_experts(x, idx, w, wg, wu, wd)
     assert rel_err(got, ref) <= 1e-5
@@ -305,13 +311,8 @@ def test_experts_dense_matches_numpy(name):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("name", ROUTING_CASES)
 def test_experts_dropless_matches_dense(name, impl):
-    rng = np.random.default_rng(seed_of(name))
-    h, i, e = T_H_I_E["h"], T_H_I_E["i"], T_H_I_E["e"]
-    idx = routing_case(name, rng, e)
-    t, k = idx.shape
-    x = rng.standard_normal((t, h)).astype(np.float32)
-    w = rng.uniform(0.1, 1.0, (t, k)).astype(np.float32)
-    wg, wu, wd = expert_weights(rng, e, h, i)
+    x, idx, w, wg, wu, wd = experts_case(name)
+    t, h = x.shape
     args = tuple(jnp.asarray(a) for a in (x, idx, w, wg, wu, wd))
     dense = np.asarray(dense_jit(*args))
     drop = np.asarray(dropless_jit(*args, impl=impl))
