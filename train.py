@@ -24,7 +24,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="model.key=value")
     a = ap.parse_args(argv)
     try:
-        cfg = load_config(a.config, a.overrides)
+        cfg = load_config(a.config, a.overrides).model
     except (ConfigError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -3,8 +3,8 @@
 Field names follow Hugging Face's ``DeepseekV3Config`` so hub ``config.json`` files map one to one;
 ``scoring_func``, ``dtype``, ``param_dtype``, ``scan_layers`` and ``moe_impl`` are ours.
 
-    cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=4"])
-    cfg = ModelConfig.from_hf("path/to/config.json")
+    cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=4"])   # Config(model, train, data)
+    model_cfg = ModelConfig.from_hf("path/to/config.json")
 
 ``python -m dsjax.config CONFIG.yaml [key=value ...]`` prints total and activated parameter counts.
 """
@@ -16,6 +16,7 @@ import difflib
 import json
 import math
 import os
+from pathlib import Path
 import re
 import sys
 import types
@@ -144,6 +145,93 @@ _HF_FIELDS = tuple(
 )
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and run settings (defaults: DeepSeek-V3 pre-training, REFERENCE §8)."""
+
+    run_name: str = ""  # runs/<run_name>/; default: the config file's stem
+    output_dir: str = "runs"
+    seed: int = 0
+    steps: int = 1000
+    batch_size: int = 32  # sequences per optimizer step, over all microbatches and devices
+    microbatches: int = 1  # gradient accumulation
+    seq_len: int = 512
+    # LR: linear warmup -> constant -> cosine to min_lr -> min_lr for min_lr_steps -> tail_lr
+    learning_rate: float = 2.2e-4
+    warmup_steps: int = 2000
+    constant_steps: int = 0
+    decay_steps: int = 0
+    min_lr: float = 2.2e-5
+    min_lr_steps: int = 0
+    tail_lr: float = 7.3e-6
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    mtp_loss_weight: float = 0.3  # lambda (0.3 early in V3, 0.1 later)
+    balance_loss_alpha: float = 1e-4  # sequence-wise balance loss weight
+    bias_update_rate: float = 1e-3  # gamma of aux-loss-free balancing
+    bias_update_stop_step: int = -1  # gamma -> 0 from this step on (-1: never)
+    log_every: int = 10
+    eval_every: int = 200
+    eval_batches: int = 8
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 3
+    max_nonfinite_steps: int = 20  # consecutive skipped steps before training stops
+    sample_tokens: int = 200  # length of the text sample generated at the end
+    sample_prompt: str = "def "
+
+    def __post_init__(self):
+        _check_types(self, "train.")
+        for f in ("steps", "batch_size", "microbatches", "seq_len", "log_every", "eval_every",
+                  "eval_batches", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):  # fmt: skip
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"train.{f}={getattr(self, f)!r}: must be a positive integer")
+        for f in ("warmup_steps", "constant_steps", "decay_steps", "min_lr_steps", "sample_tokens"):
+            if getattr(self, f) < 0:
+                raise ConfigError(f"train.{f}={getattr(self, f)!r}: must be >= 0")
+        if self.batch_size % self.microbatches:
+            raise ConfigError(f"train.batch_size={self.batch_size}: must be divisible by train.microbatches={self.microbatches}")
+        for f in ("learning_rate", "min_lr", "tail_lr", "weight_decay", "mtp_loss_weight",
+                  "balance_loss_alpha", "bias_update_rate"):  # fmt: skip
+            if getattr(self, f) < 0:
+                raise ConfigError(f"train.{f}={getattr(self, f)!r}: must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ConfigError(f"train.beta1/beta2=({self.beta1}, {self.beta2}): must be in [0, 1)")
+        if self.grad_clip <= 0 or self.eps <= 0:
+            raise ConfigError("train.grad_clip and train.eps: must be > 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Training text. Empty ``paths``: the Python standard library's own source (on every machine)."""
+
+    paths: tuple[str, ...] = ()  # text files / globs, or .npy token arrays (pre-tokenized)
+    tokenizer: str = "byte"  # "byte" (256 bytes + BOS/EOS/PAD) or a tokenizers tokenizer.json
+    validation_fraction: float = 0.02  # of files (hash of the path) held out
+
+    def __post_init__(self):
+        _check_types(self, "data.")
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(f"data.validation_fraction={self.validation_fraction!r}: must be in (0, 1)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """A whole run: the sections of a configs/*.yaml file."""
+
+    model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+
+    def __post_init__(self):
+        _check_types(self)
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
 def _validate(c: ModelConfig) -> None:
     def rule(ok: bool, field: str, msg: str):
         if not ok:
@@ -198,8 +286,9 @@ def _build(cls, d: Any, where: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for k in d:
         if k not in names:
-            raise ConfigError(f"{where}.{k}: unknown key{_closest(k, names)}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in d.items()}
+            what = f"{where}.{k}: unknown key" if where else f"unknown section '{k}'"
+            raise ConfigError(f"{what}{_closest(k, names)}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in d.items()}
     try:
         return cls(**kwargs)
     except TypeError as e:  # a required field is missing
@@ -218,6 +307,16 @@ def _coerce(v: Any, tp, where: str):
     if origin is Literal:
         if v not in args:
             raise ConfigError(f"{where}={v!r}: must be one of {', '.join(map(repr, args))}")
+        return v
+    if origin is tuple:
+        if isinstance(v, str):
+            v = [v]
+        if not isinstance(v, (list, tuple)):
+            raise ConfigError(f"{where}={v!r}: must be a list")
+        return tuple(_coerce(x, args[0], f"{where}[{i}]") for i, x in enumerate(v))
+    if tp is str:
+        if not isinstance(v, str):
+            raise ConfigError(f"{where}={v!r}: must be a string")
         return v
     if tp is bool:
         if not isinstance(v, bool):
@@ -280,18 +379,19 @@ def apply_overrides(d: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     return d
 
 
-def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> ModelConfig:
-    """Loads the ``model:`` section of a YAML config, with ``model.key=value`` overrides."""
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Loads a YAML run config (sections ``model``, ``train``, ``data``) with ``section.key=value``
+    overrides; every value is type-checked and validated before anything compiles."""
     with open(path) as f:
         d = _yaml(f) or {}
+    if not isinstance(d, dict):
+        raise ConfigError(f"{path}: expected a mapping with a 'model:' section")
     d = apply_overrides(d, list(overrides))
-    sections = {"model"}
-    for k in d:
-        if k not in sections:
-            raise ConfigError(f"{path}: unknown section '{k}'{_closest(k, sections)}")
-    if "model" not in d:
-        raise ConfigError(f"{path}: missing the 'model:' section")
-    return _build(ModelConfig, d["model"], "model")
+    if "model" not in d and set(d) <= {f.name for f in dataclasses.fields(Config)}:
+        raise ConfigError(f"{path}: missing the 'model:' section")  # (an unknown section is named first)
+    d.setdefault("train", {})
+    d["train"].setdefault("run_name", Path(path).stem)
+    return _build(Config, d, "")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,14 +465,14 @@ def _main(argv: list[str]) -> int:
 
     ap = argparse.ArgumentParser(prog="python -m dsjax.config", description=__doc__.split("\n")[0])
     ap.add_argument("config", help="YAML config (configs/*.yaml) or an HF config.json")
-    ap.add_argument("overrides", nargs="*", help="model.key=value")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.hidden_size=256")
     a = ap.parse_args(argv)
     try:
         if a.config.endswith(".json"):
             hf = {"model": dataclasses.asdict(ModelConfig.from_hf(a.config))}
             cfg = ModelConfig.from_dict(apply_overrides(hf, a.overrides)["model"])
         else:
-            cfg = load_config(a.config, a.overrides)
+            cfg = load_config(a.config, a.overrides).model
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -217,29 +217,29 @@ def test_direct_construction_checks_nested_rope_scaling(change, message):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_every_yaml_config_loads(path):
-    cfg = load_config(path)
+    cfg = load_config(path).model
     assert isinstance(cfg, ModelConfig)
     assert cfg == ModelConfig.from_dict(yaml.safe_load(path.read_text())["model"])
 
 
 def test_loaded_config_is_frozen():
-    cfg = load_config(ROOT / "configs" / "tiny.yaml")
+    cfg = load_config(ROOT / "configs" / "tiny.yaml").model
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.hidden_size = 256
-    v3 = load_config(ROOT / "configs" / "deepseek_v3_671b.yaml")
+    v3 = load_config(ROOT / "configs" / "deepseek_v3_671b.yaml").model
     with pytest.raises(dataclasses.FrozenInstanceError):
         v3.rope_scaling.factor = 8.0
-    assert hash(v3) == hash(load_config(ROOT / "configs" / "deepseek_v3_671b.yaml"))
+    assert hash(v3) == hash(load_config(ROOT / "configs" / "deepseek_v3_671b.yaml").model)
 
 
 def test_overrides_parse_as_yaml():
     path = ROOT / "configs" / "deepseek_v3_671b.yaml"
-    plain = load_config(path)
+    plain = load_config(path).model
     cfg = load_config(
         path,
         ["model.q_lora_rank=null", "model.rope_scaling.factor=8", "model.dtype=bfloat16",
          "model.num_hidden_layers=5", "model.scan_layers=false", "model.norm_topk_prob=true"],
-    )  # fmt: skip
+    ).model  # fmt: skip
     assert cfg.q_lora_rank is None
     assert cfg.rope_scaling == dataclasses.replace(plain.rope_scaling, factor=8.0)
     assert cfg.dtype == "bfloat16"
@@ -251,14 +251,14 @@ def test_overrides_parse_as_yaml():
 
 def test_override_adds_a_nested_section():
     override = "model.rope_scaling={factor: 4, original_max_position_embeddings: 128}"
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", [override])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [override]).model
     assert cfg.rope_scaling == RopeScaling(**YARN)
 
 
 def test_override_scientific_notation_float():
     # ``1e-5`` is how everyone writes an epsilon; PyYAML's YAML 1.1 resolver reads it (without a
     # '.') as the string '1e-5', and the config then says "must be a number".
-    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.rms_norm_eps=1e-5"])
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.rms_norm_eps=1e-5"]).model
     assert cfg.rms_norm_eps == 1e-5
 
 
@@ -293,8 +293,8 @@ def test_unknown_section_close_match(tmp_path):
 
 
 def test_unknown_section_no_close_match(tmp_path):
-    text = yaml.safe_dump({"model": base(), "trainer": {"lr": 1e-3}})
-    with pytest.raises(ConfigError, match=re.escape("unknown section 'trainer'; valid keys: model")):
+    text = yaml.safe_dump({"model": base(), "optimizer": {"lr": 1e-3}})
+    with pytest.raises(ConfigError, match=re.escape("unknown section 'optimizer'; valid keys: data, model, train")):
         load_config(write_yaml(tmp_path, text))
 
 
@@ -410,7 +410,7 @@ V2_LITE_HUB = {
 )
 def test_official_hub_config_matches_yaml(hub, yaml_name):
     from_hub = ModelConfig.from_hf(copy.deepcopy(hub))
-    from_yaml = load_config(ROOT / "configs" / yaml_name)
+    from_yaml = load_config(ROOT / "configs" / yaml_name).model
     assert from_hub.param_dtype == "bfloat16"  # from torch_dtype
     assert same_but_ours(from_hub, from_yaml, also=("initializer_range",)), {
         f.name: (getattr(from_hub, f.name), getattr(from_yaml, f.name))
@@ -475,7 +475,7 @@ def test_from_hf_defaults_and_aliases():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_to_hf_round_trips(path):
-    cfg = load_config(path)
+    cfg = load_config(path).model
     hf = json.loads(json.dumps(cfg.to_hf()))  # plain JSON
     assert "rope_parameters" not in hf and isinstance(hf["rope_theta"], float)
     assert hf["model_type"] == ("deepseek_v3" if cfg.scoring_func == "sigmoid" else "deepseek_v2")

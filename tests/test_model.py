@@ -133,7 +133,7 @@ def np_rmsnorm(x, w, eps):
 
 @pytest.fixture(scope="module")
 def mtp_setup():
-    cfg = load_config(TINY, ["model.num_nextn_predict_layers=2", "model.num_hidden_layers=3"])
+    cfg = load_config(TINY, ["model.num_nextn_predict_layers=2", "model.num_hidden_layers=3"]).model
     model = Transformer(cfg)
     tokens = jax.random.randint(jax.random.key(3), (2, 12), 0, cfg.vocab_size)
     variables = model.init(jax.random.key(0), tokens)
@@ -199,7 +199,7 @@ def test_mtp_depth_changes_with_future_tokens_only(mtp_setup):
 
 def test_compile_size_does_not_grow_with_depth():
     def hlo_lines(layers, scan=True):
-        cfg = load_config(TINY, [f"model.num_hidden_layers={layers}", f"model.scan_layers={scan}"])
+        cfg = load_config(TINY, [f"model.num_hidden_layers={layers}", f"model.scan_layers={scan}"]).model
         model = Transformer(cfg)
         tokens = jnp.zeros((1, 8), jnp.int32)
         variables = jax.eval_shape(model.init, jax.random.key(0), tokens)
@@ -210,7 +210,7 @@ def test_compile_size_does_not_grow_with_depth():
 
 
 def test_variables_carry_logical_axes_and_bias_collection():
-    cfg = load_config(TINY)
+    cfg = load_config(TINY).model
     variables = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
     assert set(variables) == {"params", "selection_bias"}
     w = variables["params"]["moe_layers"]["layers"]["mlp"]["w_gate"]

@@ -288,7 +288,7 @@ def test_yarn_inv_frequencies_v3():
 
 
 def test_yarn_inv_frequencies_v3_config_file():
-    cfg = load_config(V3_YAML)
+    cfg = load_config(V3_YAML).model
     expected, _, _ = np_yarn_inv_freq(64, 1e4, 4096, 32.0, 1.0, 40.0)
     np.testing.assert_allclose(inv_frequencies(cfg), expected, rtol=1e-6)
 
@@ -311,14 +311,14 @@ def test_yarn_inv_frequencies_other_settings(d, theta, orig, bf, bs, factor):
 
 
 def test_softmax_scale_v3_config():
-    cfg = load_config(V3_YAML)
+    cfg = load_config(V3_YAML).model
     m = 0.1 * 1.0 * math.log(40.0) + 1.0
     assert m**2 == pytest.approx(1.87385, abs=1e-5)  # REFERENCE §2
     assert softmax_scale(cfg) == pytest.approx(192**-0.5 * m**2, rel=1e-12)
 
 
 def test_softmax_scale_without_scaling():
-    cfg = load_config(V3_YAML, ["model.rope_scaling=null"])
+    cfg = load_config(V3_YAML, ["model.rope_scaling=null"]).model
     assert cfg.rope_scaling is None
     assert softmax_scale(cfg) == pytest.approx(192**-0.5, rel=1e-12)
     assert softmax_scale(small_cfg()) == pytest.approx((8 + D) ** -0.5, rel=1e-12)
@@ -333,7 +333,7 @@ def test_softmax_scale_uses_mscale_all_dim_only():
 
 def test_attention_factor():
     assert attention_factor(small_cfg()) == 1.0
-    assert attention_factor(load_config(V3_YAML)) == pytest.approx(1.0, abs=1e-12)
+    assert attention_factor(load_config(V3_YAML).model) == pytest.approx(1.0, abs=1e-12)
     assert attention_factor(v3_like_yarn(mscale=0.7, mscale_all_dim=0.7)) == pytest.approx(1.0, abs=1e-12)
     # HF _compute_yarn_parameters: mscale(s, mscale) / mscale(s, mscale_all_dim) when both are set ...
     a = attention_factor(v3_like_yarn(mscale=1.0, mscale_all_dim=0.5))
