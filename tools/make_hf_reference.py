@@ -9,13 +9,17 @@ For every entry of FIXTURES it builds a tiny random DeepseekV3ForCausalLM / Deep
 
     config.json        the config exactly as transformers writes it (`rope_parameters` spelling)
     model.safetensors  fp32 weights in hub naming (per-expert `mlp.experts.J.{gate,up,down}_proj.weight`)
-    reference.npz      input_ids int32 [2, 24] and logits float32 [2, 24, vocab] from the eager fp32 forward
+    reference.npz      input_ids int32 [2, 24] and logits float32 [2, 24, vocab] from the eager fp32 forward;
+                       greedy_ids int32 [2, 8 + 16]: HF `generate` (greedy, EOS disabled, KV cache) from the
+                       first greedy_prompt_len = 8 tokens of each row
 
 Every parameter is re-drawn (weights ~ N(0, 0.08), RMSNorm weights ~ 1 + N(0, 0.1)) and V3 routers get a
 non-zero e_score_correction_bias, so no part of the model is an identity.  The script checks that the routing
 quirks (correction bias, group limit) actually change expert choices and that the written experts are the
 per-expert hub tensors, prints the smallest routing margin, the logit scale and the config keys, and reloads
-every fixture with AutoModelForCausalLM to confirm the saved files reproduce the reference logits.
+every fixture with AutoModelForCausalLM to confirm the saved files reproduce the reference logits.  The greedy
+tokens are checked against the argmax of a full (uncached) forward over the generated sequence, and the smallest
+top-1 / top-2 logit gap along them is printed (how far the decode tests are from a tie).
 """
 
 import json
@@ -36,6 +40,7 @@ from transformers.utils.logging import disable_progress_bar
 
 OUT_DIR = Path(__file__).resolve().parent.parent / "tests" / "fixtures"
 BATCH, SEQ = 2, 24
+GREEDY_PROMPT, GREEDY_NEW = 8, 16
 WEIGHT_STD, NORM_STD, BIAS_RANGE = 0.08, 0.1, 0.1
 MAX_FIXTURE_BYTES = 5 * 2**20
 
@@ -276,6 +281,21 @@ def check_hub_names(path, model):
     return tensors
 
 
+def greedy(model, input_ids):
+    """HF greedy generation of GREEDY_NEW tokens after the first GREEDY_PROMPT tokens of each row, never stopping
+    early, and equal to the argmax of one uncached forward over the result."""
+    model.generation_config.eos_token_id = None
+    prompt = input_ids[:, :GREEDY_PROMPT]
+    with torch.no_grad():
+        ids = model.generate(prompt, max_new_tokens=GREEDY_NEW, do_sample=False, pad_token_id=0)
+        logits = model(ids).logits[:, GREEDY_PROMPT - 1 : -1]
+    assert ids.shape == (BATCH, GREEDY_PROMPT + GREEDY_NEW) and torch.equal(ids[:, :GREEDY_PROMPT], prompt)
+    assert torch.equal(logits.argmax(-1), ids[:, GREEDY_PROMPT:]), "generate() disagrees with a full forward's argmax"
+    top2 = logits.topk(2, dim=-1).values
+    print(f"  greedy: {GREEDY_NEW} tokens, smallest top-1/top-2 logit gap {(top2[..., 0] - top2[..., 1]).min():.2e}")
+    return ids
+
+
 def build(spec):
     out = OUT_DIR / spec["name"]
     print(f"== {spec['name']}")
@@ -296,7 +316,13 @@ def build(spec):
     for extra in out.iterdir():
         if extra.name not in ("config.json", "model.safetensors"):
             extra.unlink()
-    np.savez(out / "reference.npz", input_ids=input_ids.numpy().astype(np.int32), logits=logits.numpy())
+    np.savez(
+        out / "reference.npz",
+        input_ids=input_ids.numpy().astype(np.int32),
+        logits=logits.numpy(),
+        greedy_ids=greedy(model, input_ids).numpy().astype(np.int32),
+        greedy_prompt_len=np.int32(GREEDY_PROMPT),
+    )
     tensors = check_hub_names(out / "model.safetensors", model)
     print(f"  config.json keys: {sorted(json.loads((out / 'config.json').read_text()))}")
 
