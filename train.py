@@ -1,45 +1,201 @@
-"""dsjax training entry point.
+"""Pre-train a DeepSeek-V3-style model (MLA + MoE + MTP).
 
-Training (data pipeline, optimizer, checkpoints, aux-loss-free balancing) is not built yet: it
-lands with the training issue. Until then this script checks the install end to end: it builds
-the model of ``--config`` (default configs/tiny.yaml), prints its parameter counts, runs one
-forward pass with the loss the trainer will minimise, and says what is missing.
+    python train.py                                   # configs/tiny.yaml on the standard library
+    python train.py --config configs/small.yaml data.paths='[my/*.txt]' train.steps=5000
+    python train.py --resume                          # continue runs/<name>/ from its newest checkpoint
 
-    python train.py [--config configs/tiny.yaml] [model.key=value ...]
+A run directory runs/<name>/ gets: config.yaml, checkpoints/ (orbax), metrics.jsonl, tb/
+(TensorBoard events), loss.png and sample.txt.
 """
 
+from __future__ import annotations
+
 import argparse
+import dataclasses
+import json
+import math
 import sys
+import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
+from tqdm import tqdm
 
-from dsjax import ConfigError, Transformer, count_params, load_config
+from dsjax import checkpoint as ckpt
+from dsjax.config import Config, ConfigError, load_config
+from dsjax.data import DataError, eval_batches, load_splits, make_tokenizer, train_batches
+from dsjax.model import Transformer, count_params
+from dsjax.trainer import init_state, make_eval_step, make_train_step
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and where the last good checkpoint is."""
+
+
+def evaluate(eval_fn, state, batches, bytes_per_token: float) -> dict[str, float]:
+    """Validation loss (nats / token) and bits per byte over fixed batches."""
+    nats = count = 0.0
+    for b in batches:
+        s, n = eval_fn(state.params, state.bias, b)
+        nats, count = nats + float(s), count + float(n)
+    loss = nats / max(count, 1)
+    return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
+
+
+def sample(model, variables, tokenizer, prompt: str, num_tokens: int, seq_len: int, seed: int) -> str:
+    """Temperature-1 sampling, one fixed-length jitted forward per token (no cache needed)."""
+    ids = [tokenizer.bos_id, *tokenizer.encode(prompt.encode())]
+    length = min(seq_len, len(ids) + num_tokens)
+    buf = jnp.full((1, length), tokenizer.pad_id, jnp.int32).at[0, : len(ids)].set(jnp.asarray(ids[:length]))
+    forward = jax.jit(lambda v, t: model.apply(v, t).logits[0])
+    rng = jax.random.key(seed)
+    for i in range(len(ids), length):
+        rng, key = jax.random.split(rng)
+        buf = buf.at[0, i].set(jax.random.categorical(key, forward(variables, buf)[i - 1]))
+        if int(buf[0, i]) == tokenizer.eos_id:
+            break
+    return tokenizer.decode(np.asarray(buf[0, 1 : i + 1]))
+
+
+def plot(metrics_path: Path, out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
+    train = [(r["step"], r["ce"]) for r in rows if "ce" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), lw=1, label="train next-token loss")
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss")
+    ax.set(xlabel="step", ylabel="nats / token", title=metrics_path.parent.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+
+
+def prepare_run(cfg: Config, resume: bool) -> tuple[Path, bool]:
+    """Creates or checks the run directory; returns (path, whether a checkpoint will be restored)."""
+    directory = ckpt.run_dir(cfg)
+    has_ckpt = (directory / "checkpoints").is_dir() and any(p.name.isdigit() for p in (directory / "checkpoints").iterdir())
+    if has_ckpt and not resume:
+        raise TrainingError(f"{directory} already holds checkpoints; pass --resume to continue it, "
+                            "or train.run_name=<new name> for a new run (nothing was overwritten)")  # fmt: skip
+    if has_ckpt:
+        saved = load_config(directory / "config.yaml")
+        if saved.model != cfg.model:
+            diff = [f.name for f in dataclasses.fields(cfg.model) if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+            raise TrainingError(f"--resume: model settings differ from {directory / 'config.yaml'}: {', '.join(diff)}")
+    ckpt.save_config(cfg, directory)
+    return directory, has_ckpt
+
+
+def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) -> dict:
+    """Runs (or resumes) training; returns the last metrics. ``model`` defaults to Transformer."""
+    t = cfg.train
+    tokenizer = make_tokenizer(cfg.data)
+    if tokenizer.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: the tokenizer has {tokenizer.vocab_size} tokens")
+    train_split, val_split = load_splits(cfg.data, t.seq_len, tokenizer)
+    directory, restoring = prepare_run(cfg, resume)
+    model = model or Transformer(cfg.model)
+
+    batches = train_batches(train_split, t.batch_size, t.seed)
+    val_batches = eval_batches(val_split, t.batch_size, t.eval_batches)
+    init = jax.jit(lambda: init_state(cfg, model, jax.random.key(t.seed)))
+    mngr = ckpt.manager(directory, t.keep_checkpoints)
+    metrics_path = directory / "metrics.jsonl"
+    start = 0
+    if restoring:
+        state, data_state = ckpt.restore(mngr, jax.eval_shape(init))
+        batches.set_state(data_state)
+        start = mngr.latest_step()
+        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] if metrics_path.exists() else []
+        metrics_path.write_text("".join(line + "\n" for line in kept))  # steps after it are redone
+    else:
+        state = init()
+        metrics_path.write_text("")
+
+    step_fn = jax.jit(make_train_step(cfg, model), donate_argnums=0)
+    eval_fn = jax.jit(make_eval_step(cfg, model))
+    from tensorboardX import SummaryWriter
+
+    tb = SummaryWriter(str(directory / "tb"))
+    counts = count_params(cfg.model)
+    print(f"{directory}: {counts['total']:,} parameters, {counts['activated']:,} activated per token; "
+          f"{len(train_split):,} training sequences of {t.seq_len} tokens ({jax.default_backend()})")  # fmt: skip
+
+    def log(row: dict) -> None:
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        for k, v in row.items():
+            if k != "step":
+                tb.add_scalar(k, v, row["step"])
+
+    bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True)
+    last, window_tokens, window_start = {}, 0, time.perf_counter()
+    for step in range(start + 1, t.steps + 1):
+        state, m = step_fn(state, next(batches))
+        m = {k: float(v) for k, v in jax.device_get(m).items()}
+        window_tokens += m["tokens"]
+        if not m["ok"]:
+            log({"step": step, "skipped_nonfinite": 1.0, "loss": m["loss"], "grad_norm": m["grad_norm"]})
+            bar.write(f"step {step}: non-finite loss or gradient (loss={m['loss']}, grad_norm={m['grad_norm']}); step skipped")
+            if int(state.nonfinite) >= t.max_nonfinite_steps:
+                latest = mngr.latest_step()
+                where = f"{mngr.directory / str(latest)} (step {latest})" if latest is not None else "none was saved yet"
+                raise TrainingError(f"{t.max_nonfinite_steps} consecutive non-finite steps at step {step}: stopping. "
+                                    f"Last good checkpoint: {where}")  # fmt: skip
+        if step % t.log_every == 0 or step == t.steps:
+            dt = time.perf_counter() - window_start
+            last = {"step": step, **{k: m[k] for k in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_max_mean")},
+                    "tokens_per_s": window_tokens / dt, "skipped_total": int(state.skipped)}  # fmt: skip
+            log(last)
+            bar.set_postfix(loss=f"{m['ce']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}", load=f"{m['load_max_mean']:.2f}")
+            window_tokens, window_start = 0, time.perf_counter()
+        if step % t.eval_every == 0 or step == t.steps:
+            ev = evaluate(eval_fn, state, val_batches, val_split.bytes_per_token)
+            log({"step": step, **ev})
+            last.update(ev)
+            bar.write(f"step {step}: validation loss {ev['val_loss']:.4f}, {ev['val_bpb']:.3f} bits per byte")
+        if step % t.checkpoint_every == 0 or step == t.steps:
+            ckpt.save(mngr, step, state, batches.get_state())
+        bar.update(1)
+    bar.close()
+    mngr.wait_until_finished()
+    mngr.close()
+    tb.close()
+
+    plot(metrics_path, directory / "loss.png")
+    if t.sample_tokens:
+        text = sample(model, {"params": state.params, "selection_bias": state.bias}, tokenizer,
+                      t.sample_prompt, t.sample_tokens, t.seq_len, t.seed)  # fmt: skip
+        (directory / "sample.txt").write_text(text)
+        print(f"--- sample ({directory / 'sample.txt'}) ---\n{text}\n---")
+    return last
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/tiny.yaml")
-    ap.add_argument("overrides", nargs="*", help="model.key=value")
+    ap.add_argument("--resume", action="store_true", help="continue the run's newest checkpoint")
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
     a = ap.parse_args(argv)
     try:
-        cfg = load_config(a.config, a.overrides).model
-    except (ConfigError, OSError) as e:
+        cfg = load_config(a.config, a.overrides)
+        last = train(cfg, resume=a.resume)
+    except (ConfigError, DataError, TrainingError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    counts = count_params(cfg)
-    print(f"{a.config}: {counts['total']:,} parameters ({counts['activated']:,} activated per token)")
-
-    model = Transformer(cfg)
-    tokens = jax.random.randint(jax.random.key(0), (2, 64), 0, cfg.vocab_size)
-    variables = jax.jit(model.init)(jax.random.key(1), tokens)
-    out = jax.jit(model.apply)(variables, tokens)
-    ce = optax.softmax_cross_entropy_with_integer_labels(out.logits[:, :-1], tokens[:, 1:]).mean()
-    print(f"forward OK on {jax.default_backend()}: next-token loss {float(ce):.3f} at init "
-          f"(ln vocab = {float(jnp.log(cfg.vocab_size)):.3f})")
-    print("Training is not implemented yet: it arrives with the training issue (train.py, grain data, "
-          "AdamW, orbax checkpoints).")
+        return 2 if isinstance(e, (ConfigError, DataError, OSError)) else 1
+    if "val_bpb" in last:
+        print(f"done: validation {last['val_loss']:.4f} nats/token, {last['val_bpb']:.3f} bits per byte")
     return 0
 
 

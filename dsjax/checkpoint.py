@@ -1,0 +1,62 @@
+"""Run directories and orbax checkpoints.
+
+runs/<name>/config.yaml          the resolved config (what ``load_config`` reads back)
+runs/<name>/checkpoints/<step>/  orbax: ``state`` (params, optimizer, selection bias, counters)
+                                 and ``data`` (the grain iterator state, JSON)
+
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
+killed at any moment, also during a save, restores from the last complete checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+import yaml
+
+from dsjax.config import Config, ModelConfig, load_config
+
+
+def run_dir(cfg: Config) -> Path:
+    return Path(cfg.train.output_dir) / cfg.train.run_name
+
+
+def save_config(cfg: Config, directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    tmp = directory / "config.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    tmp.replace(directory / "config.yaml")
+
+
+def manager(directory: Path, keep: int = 3) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(Path(directory).absolute() / "checkpoints", options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+
+
+def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
+    """(state, data iterator state) of ``step`` (default: the newest complete checkpoint)."""
+    step = mngr.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no complete checkpoint in {mngr.directory}")
+    out = mngr.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))  # fmt: skip
+    return out["state"], out["data"]
+
+
+def restore_model(directory: str | Path, step: int | None = None) -> tuple[ModelConfig, dict]:
+    """A train.py run directory -> (model config, {"params", "selection_bias"}) for inference."""
+    from dsjax.model import Transformer
+    from dsjax.trainer import init_state
+
+    directory = Path(directory)
+    cfg = load_config(directory / "config.yaml")
+    abstract = jax.eval_shape(lambda: init_state(cfg, Transformer(cfg.model), jax.random.key(0)))
+    with manager(directory, cfg.train.keep_checkpoints) as mngr:
+        state, _ = restore(mngr, abstract, step)
+    return cfg.model, {"params": state.params, "selection_bias": state.bias}

@@ -1,0 +1,164 @@
+"""One training step: loss (next-token CE + MTP + sequence balance), gradient accumulation over
+microbatches, AdamW, aux-loss-free bias update, and skipping of non-finite steps.
+
+    L = CE(t_{i+1}) + (lambda / D) sum_k CE_k(t_{i+k+1}) + alpha sum_layers sum_i f_i P_i
+    b_e <- b_e + gamma * sign(mean_load - load_e)   (loads over the whole global batch)
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsjax.config import Config
+from dsjax.model import Transformer
+from dsjax.moe import BIAS
+from dsjax.optim import lr_schedule, make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: optimizer steps taken (skipped steps not counted)
+    params: Any
+    opt_state: Any
+    bias: Any  # the selection_bias collection; updated by balancing, never by the optimizer
+    nonfinite: jax.Array  # int32: consecutive skipped steps
+    skipped: jax.Array  # int32: skipped steps in total
+
+
+def init_state(cfg: Config, model: nn.Module, rng) -> TrainState:
+    """Fresh parameters and optimizer state (logical-axis boxes removed)."""
+    tokens = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
+    variables = nn.meta.unbox(model.init(rng, tokens))
+    params = variables["params"]
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, make_optimizer(cfg.train).init(params), variables.get(BIAS, {}), zero, zero)
+
+
+def valid_targets(segment_ids, shift: int):
+    """[B, S] bool: position i has a target t_{i+shift} in its own (non-padding) document."""
+    target_seg = jnp.pad(segment_ids[:, shift:], ((0, 0), (0, shift)))
+    return (segment_ids > 0) & (target_seg == segment_ids)
+
+
+def shifted_ce(logits, tokens, segment_ids, shift: int):
+    """Sum of CE nats for predicting t_{i+shift} at i, over valid positions."""
+    target = jnp.pad(tokens[:, shift:], ((0, 0), (0, shift)))
+    nats = optax.softmax_cross_entropy_with_integer_labels(logits, target)
+    return jnp.sum(jnp.where(valid_targets(segment_ids, shift), nats, 0.0))
+
+
+def target_counts(batch, depth: int):
+    """Valid targets of the main head and of each MTP depth: (scalar, [D])."""
+    seg = batch["segment_ids"]
+    mtp = [valid_targets(seg, k + 1).sum() for k in range(1, depth + 1)]
+    return valid_targets(seg, 1).sum(), jnp.asarray(mtp, jnp.int32).reshape(depth)
+
+
+def loss_sums(model, params, bias, batch, depth: int):
+    """CE sums (main, per MTP depth), summed balance loss over MoE layers, and router loads."""
+    out = model.apply({"params": params, BIAS: bias}, batch["tokens"], batch["segment_ids"], batch["positions"])
+    tok, seg = batch["tokens"], batch["segment_ids"]
+    mtp = [shifted_ce(out.mtp_logits[k - 1], tok, seg, k + 1) for k in range(1, depth + 1)]
+    routers = [r for r in (out.router, out.mtp_router) if r is not None]
+    sums = {
+        "ce": shifted_ce(out.logits, tok, seg, 1),
+        "mtp": jnp.asarray(mtp, jnp.float32).reshape(depth),
+        "balance": sum((jnp.sum(r.balance_loss) for r in routers), jnp.zeros(())),
+    }
+    loads = {"main": out.router.expert_counts if out.router else None,
+             "mtp": out.mtp_router.expert_counts if out.mtp_router else None}  # fmt: skip
+    return sums, loads
+
+
+def total_loss(sums, counts, cfg: Config, num_micro: int):
+    """CE + lambda/D sum_k CE_k + alpha * balance (balance averaged over microbatches)."""
+    ce = sums["ce"] / jnp.maximum(counts[0], 1)
+    per_depth = sums["mtp"] / jnp.maximum(counts[1], 1)
+    mtp = per_depth.mean() if per_depth.size else jnp.zeros(())
+    balance = sums["balance"] / num_micro
+    loss = ce + cfg.train.mtp_loss_weight * mtp + cfg.train.balance_loss_alpha * balance
+    return loss, {"ce": ce, "mtp": mtp, "balance": balance}
+
+
+def update_bias(bias, loads, gamma):
+    """b += gamma * sign(mean_load - load), per MoE layer (main stack, then each MTP module)."""
+
+    def step(b, load):
+        load = load.astype(jnp.float32)
+        return b + gamma * jnp.sign(load.mean(-1, keepdims=True) - load)
+
+    new = jax.tree.map(lambda x: x, bias)  # a fresh tree of the same leaves
+    if loads["main"] is not None:
+        stack = new["moe_layers"]
+        layers = [stack["layers"]["mlp"]] if "layers" in stack else [stack[f"layer_{i}"]["mlp"] for i in range(loads["main"].shape[0])]
+        per_layer = [loads["main"]] if "layers" in stack else list(loads["main"])
+        for leaf, load in zip(layers, per_layer):
+            leaf["e_score_correction_bias"] = step(leaf["e_score_correction_bias"], load)
+    if loads["mtp"] is not None:
+        for d in range(loads["mtp"].shape[0]):
+            leaf = new[f"mtp_{d}"]["block"]["mlp"]
+            leaf["e_score_correction_bias"] = step(leaf["e_score_correction_bias"], loads["mtp"][d])
+    return new
+
+
+def make_train_step(cfg: Config, model: nn.Module):
+    """(state, batch of [B, S] arrays) -> (state, metrics); jit it."""
+    t, depth, micro = cfg.train, cfg.model.num_nextn_predict_layers, cfg.train.microbatches
+    tx, lr = make_optimizer(t), lr_schedule(t)
+
+    def step(state: TrainState, batch):
+        counts = target_counts(batch, depth)  # over the whole batch: microbatch gradients add up
+        mb = jax.tree.map(lambda a: a.reshape(micro, a.shape[0] // micro, *a.shape[1:]), batch)
+
+        def micro_loss(params, one):
+            sums, loads = loss_sums(model, params, state.bias, one, depth)
+            return total_loss(sums, counts, cfg, micro)[0], (sums, loads)
+
+        def accumulate(carry, one):
+            (_, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, one)
+            return jax.tree.map(jnp.add, carry, (grads, *aux)), None
+
+        first = jax.tree.map(lambda a: a[0], mb)
+        shapes = jax.eval_shape(lambda: (state.params, *loss_sums(model, state.params, state.bias, first, depth)))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (grads, sums, loads), _ = jax.lax.scan(accumulate, zeros, mb)
+
+        loss, parts = total_loss(sums, counts, cfg, micro)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        gamma = t.bias_update_rate * (True if t.bias_update_stop_step < 0 else state.step < t.bias_update_stop_step)
+
+        def keep(new, old):  # a non-finite step changes nothing
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        new_state = TrainState(
+            step=state.step + ok.astype(jnp.int32),
+            params=keep(optax.apply_updates(state.params, updates), state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            bias=keep(update_bias(state.bias, loads, gamma), state.bias),
+            nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+        )
+        main = loads["main"].astype(jnp.float32) if loads["main"] is not None else jnp.ones((1, 1))
+        metrics = dict(
+            loss=loss, **parts, grad_norm=grad_norm, lr=lr(state.step), ok=ok, tokens=counts[0],
+            load_max_mean=jnp.mean(main.max(-1) / jnp.maximum(main.mean(-1), 1e-9)),
+        )  # fmt: skip
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(cfg: Config, model: nn.Module):
+    """(params, bias, batch) -> (sum of next-token nats, count)."""
+
+    def evaluate(params, bias, batch):
+        out = model.apply({"params": params, BIAS: bias}, batch["tokens"], batch["segment_ids"], batch["positions"])
+        return shifted_ce(out.logits, batch["tokens"], batch["segment_ids"], 1), valid_targets(batch["segment_ids"], 1).sum()
+
+    return evaluate

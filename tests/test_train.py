@@ -1,0 +1,357 @@
+"""Training: schedule, weight-decay mask, aux-loss-free bias update, loss masking, microbatches,
+non-finite steps, data pipeline and checkpoint resume."""
+
+import json
+import math
+from pathlib import Path
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train as train_script
+from dsjax import checkpoint as ckpt
+from dsjax.config import ConfigError, TrainConfig, load_config
+from dsjax.data import (
+    ByteTokenizer,
+    DataError,
+    HFTokenizer,
+    is_validation,
+    load_splits,
+    make_tokenizer,
+    stdlib_files,
+    train_batches,
+)
+from dsjax.model import Transformer
+from dsjax.optim import decay_mask, lr_schedule
+from dsjax.trainer import init_state, make_train_step, shifted_ce, update_bias
+
+ROOT = Path(__file__).parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+SMALL_RUN = [  # a fast variant of the tiny config for tests
+    "model.num_hidden_layers=2", "model.hidden_size=64", "model.intermediate_size=128",
+    "model.q_lora_rank=32", "model.kv_lora_rank=16", "model.qk_nope_head_dim=16", "model.qk_rope_head_dim=8",
+    "model.v_head_dim=16", "model.moe_intermediate_size=32",
+    "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=2", "train.decay_steps=20",
+    "train.log_every=1", "train.eval_every=4", "train.eval_batches=2", "train.sample_tokens=0",
+]  # fmt: skip
+
+
+def small_cfg(tmp_path, *extra):
+    return load_config(TINY, [*SMALL_RUN, f"train.output_dir={tmp_path}", *extra])
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def test_lr_schedule_shape():
+    t = TrainConfig(learning_rate=1.0, warmup_steps=10, constant_steps=5, decay_steps=20, min_lr=0.1,
+                    min_lr_steps=3, tail_lr=0.01)  # fmt: skip
+    lr = lr_schedule(t)
+    expect = {0: 0.0, 5: 0.5, 10: 1.0, 14: 1.0, 15: 1.0, 25: 0.1 + 0.45 * (1 + math.cos(math.pi / 2)),
+              35: 0.1, 37: 0.1, 38: 0.01, 1000: 0.01}  # fmt: skip
+    for step, want in expect.items():
+        assert float(lr(step)) == pytest.approx(want, abs=1e-6), step
+
+
+def test_weight_decay_mask_excludes_norms():
+    cfg = load_config(TINY).model
+    params = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
+    mask = decay_mask(jax.tree.map(lambda x: x, __import__("flax").linen.meta.unbox(params)))
+    flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
+    norms = [k for k in flat if "norm" in k]
+    assert norms and not any(flat[k] for k in norms)  # every RMSNorm scale excluded
+    for must in ("['embed_tokens']['embedding']", "['lm_head']['kernel']", "['moe_layers']['layers']['mlp']['w_gate']",
+                 "['moe_layers']['layers']['mlp']['gate']", "['moe_layers']['layers']['self_attn']['kv_b_proj']['kernel']"):  # fmt: skip
+        assert flat[next(k for k in flat if k.endswith(must))], must
+    assert "selection_bias" not in str(list(flat))  # the bias is not a parameter at all
+
+
+# ---------------------------------------------------------------------------------------------
+# Aux-loss-free balancing
+
+
+def test_bias_update_moves_by_exactly_gamma():
+    bias = {"moe_layers": {"layers": {"mlp": {"e_score_correction_bias": jnp.zeros((2, 4))}}},
+            "mtp_0": {"block": {"mlp": {"e_score_correction_bias": jnp.full((4,), 0.5)}}}}  # fmt: skip
+    loads = {"main": jnp.asarray([[10, 2, 2, 2], [4, 4, 4, 4]]), "mtp": jnp.asarray([[0, 8, 4, 4]])}
+    new = update_bias(bias, loads, 0.01)
+    main = np.asarray(new["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"])
+    np.testing.assert_allclose(main, [[-0.01, 0.01, 0.01, 0.01], [0, 0, 0, 0]], atol=1e-7)
+    np.testing.assert_allclose(np.asarray(new["mtp_0"]["block"]["mlp"]["e_score_correction_bias"]),
+                               [0.51, 0.49, 0.5, 0.5], atol=1e-7)  # fmt: skip
+
+
+def test_train_step_bias_update_on_an_overloaded_expert(tmp_path):
+    cfg = small_cfg(tmp_path, "train.bias_update_rate=0.01")
+    model = Transformer(cfg.model)
+    state = init_state(cfg, model, jax.random.key(0))
+    # A large bias on expert 0 (every layer) makes every token pick it: overloaded.
+    hot = jax.tree.map(lambda b: b.at[..., 0].set(5.0), state.bias)
+    state = state.replace(bias=hot)
+    train, _ = load_splits(cfg.data, cfg.train.seq_len, ByteTokenizer())
+    batch = next(train_batches(train, cfg.train.batch_size, 0))
+    new, m = jax.jit(make_train_step(cfg, model))(state, batch)
+    assert bool(m["ok"])
+    before = np.asarray(hot["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"])
+    after = np.asarray(new.bias["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"])
+    gamma = np.float32(0.01)
+    np.testing.assert_array_equal(after[:, 0], before[:, 0] - gamma)  # overloaded: down by exactly gamma
+    moved_up = after == before + gamma
+    assert ((after == before - gamma) | moved_up).all()  # every expert moved by exactly gamma
+    assert moved_up[:, 1:].any()  # an idle one went up
+
+
+@pytest.mark.slow
+def test_bias_balancing_lowers_the_load_imbalance(tmp_path):
+    def final_imbalance(gamma):
+        cfg = small_cfg(tmp_path, f"train.bias_update_rate={gamma}", "train.steps=40", f"train.run_name=g{gamma}",
+                        "train.eval_every=100", "train.checkpoint_every=100")  # fmt: skip
+        train_script.train(cfg, progress=False)
+        rows = [json.loads(x) for x in (tmp_path / f"g{gamma}" / "metrics.jsonl").read_text().splitlines()]
+        loads = [r["load_max_mean"] for r in rows if "load_max_mean" in r]
+        return float(np.mean(loads[-10:]))
+
+    free, balanced = final_imbalance(0.0), final_imbalance(0.01)
+    print(f"max/mean expert load over the last 10 of 40 steps: gamma=0 {free:.3f}, gamma=0.01 {balanced:.3f}")
+    assert balanced < free
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss and steps
+
+
+def test_shifted_ce_masks_padding_and_document_boundaries():
+    logits = jnp.zeros((1, 6, 5))  # uniform: every valid target costs ln 5
+    tokens = jnp.asarray([[1, 2, 3, 4, 0, 0]])
+    seg = jnp.asarray([[1, 1, 2, 2, 0, 0]])
+    # valid (i -> i+1): 0->1 (doc 1), 2->3 (doc 2); not 1->2 (boundary), not padding.
+    assert float(shifted_ce(logits, tokens, seg, 1)) == pytest.approx(2 * math.log(5))
+    assert float(shifted_ce(logits, tokens, seg, 2)) == 0.0  # no doc is long enough for t+2
+
+
+def test_microbatches_equal_one_big_batch(tmp_path):
+    base = small_cfg(tmp_path, "train.batch_size=4")
+    train, _ = load_splits(base.data, base.train.seq_len, ByteTokenizer())
+    batch = next(train_batches(train, 4, 0))
+    states = []
+    for micro in (1, 2):
+        # eps=1 makes Adam's first step ~ lr * g (not ~ lr * sign(g), which would amplify fp32
+        # summation-order noise in near-zero gradients): the parameters then compare the gradients.
+        cfg = small_cfg(tmp_path, "train.batch_size=4", f"train.microbatches={micro}", "train.warmup_steps=0", "train.eps=1.0")
+        model = Transformer(cfg.model)
+        state = init_state(cfg, model, jax.random.key(0))
+        states.append(jax.jit(make_train_step(cfg, model))(state, batch))
+    (s1, m1), (s2, m2) = states
+    assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
+    assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-4)
+    # Equal to fp32 rounding (summation order differs): a few ulps.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9), s1.params, s2.params)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), s1.bias, s2.bias)
+
+
+class NaNOnMarker(Transformer):
+    """Test double: a batch whose first token is 255 gives NaN logits (an 'injected bad batch')."""
+
+    def __call__(self, tokens, segment_ids=None, positions=None):
+        out = super().__call__(tokens, segment_ids, positions)
+        bad = tokens[0, 0] == 255
+        return out.replace(logits=jnp.where(bad, jnp.nan, out.logits))
+
+
+def test_nonfinite_step_is_skipped_and_counted(tmp_path):
+    cfg = small_cfg(tmp_path)
+    model = NaNOnMarker(cfg.model)
+    state = init_state(cfg, model, jax.random.key(0))
+    train, _ = load_splits(cfg.data, cfg.train.seq_len, ByteTokenizer())
+    good = next(train_batches(train, cfg.train.batch_size, 0))
+    good["tokens"] = good["tokens"].copy()
+    good["tokens"][0, 0] = 10
+    bad = dict(good, tokens=good["tokens"].copy())
+    bad["tokens"][0, 0] = 255
+    step = jax.jit(make_train_step(cfg, model))
+    after_bad, m = step(state, bad)
+    assert not bool(m["ok"]) and int(after_bad.skipped) == 1 and int(after_bad.nonfinite) == 1
+    assert int(after_bad.step) == int(state.step)
+    for a, b in zip(jax.tree.leaves((after_bad.params, after_bad.opt_state, after_bad.bias)),
+                    jax.tree.leaves((state.params, state.opt_state, state.bias))):  # fmt: skip
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    after_good, m = step(after_bad, good)  # training goes on
+    assert bool(m["ok"]) and int(after_good.nonfinite) == 0 and int(after_good.skipped) == 1
+    assert int(after_good.step) == int(state.step) + 1
+
+
+def test_training_stops_after_consecutive_nonfinite_steps(tmp_path):
+    cfg = small_cfg(tmp_path, "train.max_nonfinite_steps=3", "train.steps=10", "train.checkpoint_every=2")
+
+    class NaNOnceParamsMoved(Transformer):
+        def __call__(self, tokens, segment_ids=None, positions=None):
+            out = super().__call__(tokens, segment_ids, positions)
+            moved = nn.meta.unbox(self.variables)["params"]["norm"]["scale"][0] != 1.0
+            return out.replace(logits=jnp.where(moved, jnp.nan, out.logits))
+
+    # Step 1 has lr 0 (warmup), step 2 moves the parameters, steps 3-5 are NaN and skipped.
+    with pytest.raises(train_script.TrainingError, match=r"3 consecutive non-finite steps at step 5.*checkpoints/4 \(step 4\)"):
+        train_script.train(cfg, model=NaNOnceParamsMoved(cfg.model), progress=False)
+    rows = [json.loads(x) for x in (tmp_path / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert sum(r.get("skipped_nonfinite", 0) for r in rows) == 3
+    # The checkpoint taken during the streak holds the last good parameters (step 2's), all finite.
+    _, at2 = ckpt.restore_model(tmp_path / "tiny", step=2)
+    _, at4 = ckpt.restore_model(tmp_path / "tiny", step=4)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), at2, at4)
+    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves(at4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def test_stdlib_corpus_has_no_tests_or_site_packages():
+    files = stdlib_files()
+    assert len(files) > 300
+    parts = {p for f in files for p in Path(f).parts}
+    assert not parts & {"test", "tests", "site-packages", "idle_test"}
+
+
+def test_split_is_deterministic_and_disjoint():
+    files = stdlib_files()
+    val = [f for f in files if is_validation(f, 0.05)]
+    assert 0 < len(val) < 0.15 * len(files)
+    assert val == [f for f in files if is_validation(f, 0.05)]
+
+
+def test_packed_windows_keep_documents_apart(tmp_path):
+    docs = {"a.txt": b"alpha doc", "b.txt": b"the second document", "c.txt": b"third"}
+    for name, text in docs.items():
+        (tmp_path / name).write_bytes(text)
+    cfg = load_config(TINY, [f"data.paths=['{tmp_path}/*.txt']", "data.validation_fraction=0.01"])
+    tok = ByteTokenizer()
+    with pytest.warns(UserWarning, match="too few files"):  # 3 files: validation = the stream's tail
+        train, val = load_splits(cfg.data, 16, tok)
+    assert len(train) == 1 and len(val) == 1
+    w = train[0]
+    seg, pos = w["segment_ids"], w["positions"]
+    assert seg[0] == 1 and seg.max() >= 2
+    first_doc = 1 + len(docs["a.txt"]) + 1  # BOS alpha doc EOS
+    np.testing.assert_array_equal(seg[:first_doc], 1)
+    assert seg[first_doc] == 2 and pos[first_doc] == 0 and w["tokens"][first_doc] == tok.bos_id
+
+    # Through the model: segment 2's logits equal running that piece alone.
+    mcfg = load_config(TINY, SMALL_RUN).model
+    model = Transformer(mcfg)
+    variables = model.init(jax.random.key(0), w["tokens"][None])
+    packed = model.apply(variables, w["tokens"][None], w["segment_ids"][None], w["positions"][None]).logits[0]
+    piece = w["tokens"][seg == 2]
+    alone = model.apply(variables, piece[None]).logits[0]
+    np.testing.assert_allclose(np.asarray(packed[seg == 2]), np.asarray(alone), atol=1e-5)
+
+
+def test_iterator_state_restores_the_same_batches():
+    cfg = load_config(TINY)
+    train, _ = load_splits(cfg.data, 64, ByteTokenizer())
+    it = train_batches(train, 4, seed=7)
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    want = [next(it)["tokens"] for _ in range(3)]
+    again = train_batches(train, 4, seed=7)
+    again.set_state(json.loads(json.dumps(state)))  # as saved in the checkpoint (JSON)
+    for w in want:
+        np.testing.assert_array_equal(next(again)["tokens"], w)
+    other = train_batches(train, 4, seed=8)
+    assert not np.array_equal(next(other)["tokens"], next(train_batches(train, 4, seed=7))["tokens"])
+
+
+def test_data_errors_are_clear(tmp_path):
+    def load(*overrides, seq=32):
+        cfg = load_config(TINY, list(overrides))
+        return load_splits(cfg.data, seq, make_tokenizer(cfg.data))
+
+    with pytest.raises(DataError, match="matches no file"):
+        load(f"data.paths=['{tmp_path}/nothing/*.txt']")
+    (tmp_path / "empty.txt").write_bytes(b"")
+    with pytest.raises(DataError, match="2 tokens, fewer than the two sequences"):  # just BOS + EOS
+        load(f"data.paths=['{tmp_path}/empty.txt']")
+    (tmp_path / "short.txt").write_bytes(b"x" * 10)
+    with pytest.raises(DataError, match="fewer than the two sequences of train.seq_len=32"):
+        load(f"data.paths=['{tmp_path}/short.txt']")
+    bad = tmp_path / "ids.npy"
+    np.save(bad, np.asarray([1, 2, 999]))
+    with pytest.raises(DataError, match=r"ids.npy: token ids must lie in \[0, 259\)"):
+        load(f"data.paths=['{bad}']")
+    with pytest.raises(DataError, match="no such tokenizer.json"):
+        load("data.tokenizer=/nonexistent/tokenizer.json")
+
+
+def test_hf_tokenizer_json(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel()
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainer)
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "doc.py").write_text("def g(y):\n    return y * 2\n" * 40)
+    cfg = load_config(TINY, [f"data.tokenizer={tmp_path / 'tokenizer.json'}", f"data.paths=['{tmp_path}/*.py']"])
+    t = make_tokenizer(cfg.data)
+    assert isinstance(t, HFTokenizer) and t.eos_id == tok.token_to_id("</s>") and t.bos_id == tok.token_to_id("<s>")
+    train, _ = load_splits(cfg.data, 16, t)
+    assert train.tokens[0] == t.bos_id and train.tokens.max() < t.vocab_size
+    assert "return y" in t.decode(train.tokens[:20])
+
+
+def test_config_errors_before_compiling(capsys):
+    assert train_script.main(["train.stepz=3"]) == 2
+    assert "train.stepz: unknown key; did you mean 'steps'?" in capsys.readouterr().err
+    assert train_script.main(["train.batch_size=6", "train.microbatches=4"]) == 2
+    assert "train.batch_size=6: must be divisible by train.microbatches=4" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="train.seq_len='long': must be an integer"):
+        load_config(TINY, ["train.seq_len=long"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+@pytest.mark.slow
+def test_resume_is_bitwise_identical(tmp_path):
+    n = 4
+    common = ["train.checkpoint_every=4", f"train.steps={2 * n}"]
+    whole = small_cfg(tmp_path, *common, "train.run_name=whole")
+    train_script.train(whole, progress=False)
+
+    part = small_cfg(tmp_path, *common, "train.run_name=part")
+    first = part.replace(train=part.train.__class__(**{**part.train.__dict__, "steps": n}))
+    train_script.train(first, progress=False)  # stops after step n, like a kill right after its checkpoint
+    with pytest.raises(train_script.TrainingError, match="already holds checkpoints"):
+        train_script.train(part, progress=False)  # nothing is overwritten without --resume
+    train_script.train(part, resume=True, progress=False)
+
+    assert losses(tmp_path / "part") == losses(tmp_path / "whole")  # exact floats, every step
+    _, a = ckpt.restore_model(tmp_path / "whole")
+    _, b = ckpt.restore_model(tmp_path / "part")
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+@pytest.mark.slow
+def test_killed_during_save_resumes_from_last_complete_checkpoint(tmp_path):
+    cfg = small_cfg(tmp_path, "train.checkpoint_every=2", "train.steps=4")
+    train_script.train(cfg, progress=False)
+    ckdir = tmp_path / "tiny" / "checkpoints"
+    # A save interrupted by a kill leaves orbax's temporary directory behind.
+    (ckdir / "6.orbax-checkpoint-tmp-1234").mkdir()
+    (ckdir / "6.orbax-checkpoint-tmp-1234" / "partial").write_text("garbage")
+    longer = small_cfg(tmp_path, "train.checkpoint_every=2", "train.steps=6")
+    last = train_script.train(longer, resume=True, progress=False)
+    assert last["step"] == 6
+    assert losses(tmp_path / "tiny").keys() == set(range(1, 7))
