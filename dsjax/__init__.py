@@ -1,22 +1,24 @@
-"""dsjax: DeepSeek-V3 (MLA, DeepSeekMoE, MTP) in JAX/Flax."""
+"""dsjax: DeepSeek-V3 (MLA, DeepSeekMoE, MTP) in JAX/Flax.
 
-from dsjax.config import Config, ConfigError, DataConfig, ModelConfig, RopeScaling, TrainConfig, load_config
-from dsjax.convert import CheckpointError, from_hf_state_dict
-from dsjax.model import ModelOutput, Transformer, count_params
-from dsjax.moe import RouterStats
+The names below are imported on first use, so ``python -m dsjax.config`` / ``dsjax.convert`` run
+their module once (no runpy double-import warning) and ``import dsjax`` stays cheap.
+"""
 
-__all__ = [
-    "CheckpointError",
-    "Config",
-    "ConfigError",
-    "DataConfig",
-    "ModelConfig",
-    "ModelOutput",
-    "RopeScaling",
-    "RouterStats",
-    "TrainConfig",
-    "Transformer",
-    "count_params",
-    "from_hf_state_dict",
-    "load_config",
-]
+import importlib
+
+_EXPORTS = {
+    "Config": "dsjax.config", "ConfigError": "dsjax.config", "DataConfig": "dsjax.config",
+    "ModelConfig": "dsjax.config", "RopeScaling": "dsjax.config", "TrainConfig": "dsjax.config",
+    "load_config": "dsjax.config",
+    "CheckpointError": "dsjax.convert", "from_hf_state_dict": "dsjax.convert",
+    "load_hf": "dsjax.convert", "save_hf": "dsjax.convert",
+    "ModelOutput": "dsjax.model", "Transformer": "dsjax.model", "count_params": "dsjax.model",
+    "RouterStats": "dsjax.moe",
+}  # fmt: skip
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'dsjax' has no attribute {name!r}")

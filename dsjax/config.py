@@ -478,10 +478,12 @@ def _main(argv: list[str]) -> int:
         return 2
     counts = count_params(cfg)
     print(json.dumps(counts, indent=2))
-    b = 1e9
+    def human(n: int) -> str:
+        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
     print(
-        f"total {counts['total'] / b:.2f}B (main {counts['main'] / b:.2f}B + MTP {counts['mtp'] / b:.2f}B), "
-        f"activated per token {counts['activated'] / b:.2f}B (main model)",
+        f"total {human(counts['total'])} (main {human(counts['main'])} + MTP {human(counts['mtp'])}), "
+        f"activated per token {human(counts['activated'])} (main model)",
         file=sys.stderr,
     )
     return 0

@@ -355,3 +355,14 @@ def test_killed_during_save_resumes_from_last_complete_checkpoint(tmp_path):
     last = train_script.train(longer, resume=True, progress=False)
     assert last["step"] == 6
     assert losses(tmp_path / "tiny").keys() == set(range(1, 7))
+
+
+def test_bf16_compute_keeps_fp32_master_weights(tmp_path):
+    cfg = small_cfg(tmp_path, "model.dtype=bfloat16", "model.param_dtype=float32")
+    model = Transformer(cfg.model)
+    state = init_state(cfg, model, jax.random.key(0))
+    train, _ = load_splits(cfg.data, cfg.train.seq_len, ByteTokenizer())
+    new, m = jax.jit(make_train_step(cfg, model))(state, next(train_batches(train, cfg.train.batch_size, 0)))
+    assert bool(m["ok"]) and 4.0 < float(m["ce"]) < 7.0  # ~ln(259) at init
+    assert {x.dtype for x in jax.tree.leaves(new.params)} == {jnp.dtype(jnp.float32)}
+    assert {x.dtype for x in jax.tree.leaves(new.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
