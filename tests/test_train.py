@@ -366,3 +366,36 @@ def test_bf16_compute_keeps_fp32_master_weights(tmp_path):
     assert bool(m["ok"]) and 4.0 < float(m["ce"]) < 7.0  # ~ln(259) at init
     assert {x.dtype for x in jax.tree.leaves(new.params)} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(new.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+
+
+@pytest.mark.slow
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
+    """A real kill (SIGKILL, at whatever point the run has reached) loses nothing."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [*SMALL_RUN, f"train.output_dir={tmp_path}", "train.checkpoint_every=2", "train.eval_every=100"]
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "train.run_name=killed", "train.steps=400"],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    ckdir = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    while not (ckdir / "2").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (ckdir / "2").is_dir(), "the run never wrote its first checkpoint"
+
+    steps = 8
+    resumed = small_cfg(tmp_path, "train.checkpoint_every=2", "train.eval_every=100", "train.run_name=killed", f"train.steps={steps}")
+    last = train_script.train(resumed, resume=True, progress=False)
+    whole = small_cfg(tmp_path, "train.checkpoint_every=2", "train.eval_every=100", "train.run_name=whole", f"train.steps={steps}")
+    train_script.train(whole, progress=False)
+    assert last["step"] == steps
+    assert losses(tmp_path / "killed") == losses(tmp_path / "whole")
+    _, a = ckpt.restore_model(tmp_path / "killed", step=steps)
+    _, b = ckpt.restore_model(tmp_path / "whole", step=steps)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
