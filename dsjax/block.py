@@ -16,42 +16,49 @@ class Block(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, token_mask):
-        """Returns (x, RouterStats or None). Signature fits ``nn.scan`` (carry first)."""
+    def __call__(self, x, cos, sin, mask, token_mask, cache=None, positions=None):
+        """Returns (x, (RouterStats or None, cache)). Signature fits ``nn.scan`` (carry first).
+
+        ``cache`` (a ``LatentCache``) and ``positions``: decoding, see ``MLA``."""
         c = self.cfg
         pdt = jnp.dtype(c.param_dtype)
-        x = x + MLA(c, name="self_attn")(RMSNorm(c.rms_norm_eps, "embed", pdt, name="input_layernorm")(x), cos, sin, mask)
+        h = RMSNorm(c.rms_norm_eps, "embed", pdt, name="input_layernorm")(x)
+        y, cache = MLA(c, name="self_attn")(h, cos, sin, mask, cache, positions)
+        x = x + y
         h = RMSNorm(c.rms_norm_eps, "embed", pdt, name="post_attention_layernorm")(x)
         if self.moe:
             y, stats = MoE(c, name="mlp")(h, token_mask)
-            return x + y, stats
-        return x + MLP(c, c.intermediate_size, name="mlp")(h), None
+            return x + y, (stats, cache)
+        return x + MLP(c, c.intermediate_size, name="mlp")(h), (None, cache)
 
 
 class Stack(nn.Module):
     """``num_layers`` blocks: one ``nn.scan`` over stacked weights (compile time independent of
-    depth), or unrolled as ``layer_0 ... layer_{n-1}`` when ``cfg.scan_layers`` is false."""
+    depth), or unrolled as ``layer_0 ... layer_{n-1}`` when ``cfg.scan_layers`` is false. A decode
+    cache is stacked along its leading (layer) axis either way."""
 
     cfg: ModelConfig
     moe: bool
     num_layers: int
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, token_mask):
+    def __call__(self, x, cos, sin, mask, token_mask, cache=None, positions=None):
+        """Returns (x, RouterStats stacked over layers or None, cache)."""
         if self.cfg.scan_layers:
             scanned = nn.scan(
                 Block,
                 variable_axes={"params": 0, BIAS: 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 4,
+                in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            return scanned(self.cfg, self.moe, name="layers")(x, cos, sin, mask, token_mask)
-        stats = []
+            x, (stats, cache) = scanned(self.cfg, self.moe, name="layers")(x, cos, sin, mask, token_mask, cache, positions)
+            return x, stats, cache
+        outs = []
         for i in range(self.num_layers):
-            x, s = Block(self.cfg, self.moe, name=f"layer_{i}")(x, cos, sin, mask, token_mask)
-            stats.append(s)
-        if not self.moe:
-            return x, None
-        return x, jax.tree.map(lambda *a: jnp.stack(a), *stats)
+            layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
+            x, out = Block(self.cfg, self.moe, name=f"layer_{i}")(x, cos, sin, mask, token_mask, layer_cache, positions)
+            outs.append(out)
+        stats, cache = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, stats, cache

@@ -1,11 +1,17 @@
-"""Multi-head Latent Attention, training / prefill form (DeepSeek-V2 §2.1, REFERENCE §2).
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1, REFERENCE §2).
 
     c_q = RMSNorm(W_DQ x)                q = W_UQ c_q   -> [q_nope | q_pe], RoPE on q_pe
     [c_kv | k_pe] = W_DKV x              c_kv <- RMSNorm(c_kv), RoPE on k_pe (one head, shared)
     [k_nope | v] = W_UKV c_kv            score = (q_nope.k_nope + q_pe.k_pe) * scale
+
+Without a cache (training, full forward; ``mla_attention``): k_nope and v expanded per head. With
+one (generation: prefill and every decode step; ``mla_attention_absorbed``): only c_kv and k_pe are
+cached per token (``LatentCache``), W_UK is folded into the query and W_UV applied after the
+attention: q_nope.k_nope = (q_nope W_UK).c_kv, p.v = (p.c_kv) W_UV.
 """
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -13,6 +19,40 @@ from dsjax.config import ModelConfig
 from dsjax.linear import linear
 from dsjax.norm import RMSNorm
 from dsjax.rope import apply_rope, softmax_scale
+
+
+@flax.struct.dataclass
+class LatentCache:
+    """Per token: c_kv (after its norm) and k_pe (after RoPE), shared by all heads; slot = position.
+
+    c_kv [..., B, T, kv_lora_rank], k_pe [..., B, T, qk_rope_head_dim]; leading axis = layer when
+    stacked for a layer stack.
+    """
+
+    c_kv: jax.Array
+    k_pe: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, layers: tuple[int, ...] = ()):
+        """An empty cache of ``max_len`` slots (dtype = cfg.dtype)."""
+        shape = (*layers, batch, max_len)
+        dt = jnp.dtype(cfg.dtype)
+        return cls(jnp.zeros((*shape, cfg.kv_lora_rank), dt), jnp.zeros((*shape, cfg.qk_rope_head_dim), dt))
+
+    def write(self, positions, c_kv, k_pe):
+        """Stores the entries of tokens at ``positions`` [B, S] in their slots (out of range: dropped)."""
+        b = jnp.arange(positions.shape[0])[:, None]
+        slot = jnp.where(positions < 0, self.c_kv.shape[-2], positions)  # negative: dropped, not wrapped
+        return LatentCache(
+            self.c_kv.at[b, slot].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
+            self.k_pe.at[b, slot].set(k_pe.astype(self.k_pe.dtype), mode="drop"),
+        )
+
+
+def _softmax(scores, mask, scale, dtype):
+    """softmax(scores * scale + mask) over keys in fp32; scores [b,h,s,t], mask [b,s,t]."""
+    scores = jnp.where(mask[:, None], scores * scale, jnp.finfo(jnp.float32).min)
+    return jax.nn.softmax(scores, axis=-1).astype(dtype)
 
 
 def mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, scale):
@@ -23,33 +63,62 @@ def mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, scale):
     """
     scores = jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, preferred_element_type=jnp.float32)
     scores += jnp.einsum("bshd,btd->bhst", q_pe, k_pe, preferred_element_type=jnp.float32)
-    scores = jnp.where(mask[:, None], scores * scale, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhst,bthd->bshd", probs, v)
+    return jnp.einsum("bhst,bthd->bshd", _softmax(scores, mask, scale, v.dtype), v)
+
+
+def mla_attention_absorbed(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale):
+    """softmax(((q_nope W_UK).c_kv + q_pe.k_pe) * scale + mask) c_kv W_UV: the same attention,
+    read from the latent cache (one 'KV head' of dim kv_lora + dr for scores, kv_lora for values).
+
+    q_nope [b,s,h,dn], q_pe [b,s,h,dr], c_kv [b,t,r], k_pe [b,t,dr], w_uk [r,h,dn], w_uv [r,h,dv]
+    (the two blocks of kv_b_proj), mask [b,s,t]. Returns [b,s,h,dv].
+    """
+    q_lat = jnp.einsum("bshd,rhd->bshr", q_nope, w_uk)
+    scores = jnp.einsum("bshr,btr->bhst", q_lat, c_kv, preferred_element_type=jnp.float32)
+    scores += jnp.einsum("bshd,btd->bhst", q_pe, k_pe, preferred_element_type=jnp.float32)
+    out_lat = jnp.einsum("bhst,btr->bshr", _softmax(scores, mask, scale, c_kv.dtype), c_kv)
+    return jnp.einsum("bshr,rhd->bshd", out_lat, w_uv)
 
 
 class MLA(nn.Module):
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, x, cos, sin, mask):
+    def setup(self):
         c = self.cfg
-        h, r = c.num_attention_heads, c.kv_lora_rank
-        pdt = jnp.dtype(c.param_dtype)
+        h, pdt = c.num_attention_heads, jnp.dtype(c.param_dtype)
         if c.q_lora_rank is None:
-            q = linear(c, (h, c.qk_head_dim), ("embed", "heads", "qk_dim"), "q_proj")(x)
+            self.q_proj = linear(c, (h, c.qk_head_dim), ("embed", "heads", "qk_dim"), "q_proj")
         else:
-            q = linear(c, c.q_lora_rank, ("embed", "q_lora"), "q_a_proj")(x)
-            q = RMSNorm(c.rms_norm_eps, "q_lora", pdt, name="q_a_layernorm")(q)
-            q = linear(c, (h, c.qk_head_dim), ("q_lora", "heads", "qk_dim"), "q_b_proj")(q)
+            self.q_a_proj = linear(c, c.q_lora_rank, ("embed", "q_lora"), "q_a_proj")
+            self.q_a_layernorm = RMSNorm(c.rms_norm_eps, "q_lora", pdt)
+            self.q_b_proj = linear(c, (h, c.qk_head_dim), ("q_lora", "heads", "qk_dim"), "q_b_proj")
+        self.kv_a_proj_with_mqa = linear(c, c.kv_lora_rank + c.qk_rope_head_dim, ("embed", "kv_lora"), "kv_a_proj_with_mqa")
+        self.kv_a_layernorm = RMSNorm(c.rms_norm_eps, "kv_lora", pdt)
+        self.kv_b_proj = linear(c, (h, c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads", "kv_dim"), "kv_b_proj")
+        self.o_proj = linear(c, c.hidden_size, ("heads", "v_dim", "embed"), "o_proj", axis=(-2, -1))
+
+    def project(self, x, cos, sin):
+        """q = W_UQ RMSNorm(W_DQ x) -> (q_nope, RoPE(q_pe)); W_DKV x -> (RMSNorm(c_kv), RoPE(k_pe))."""
+        c = self.cfg
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv[..., : c.kv_lora_rank], kv[..., c.kv_lora_rank :]
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
-        q_pe = apply_rope(q_pe, cos, sin)
+        return q_nope, apply_rope(q_pe, cos, sin), self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
 
-        kv = linear(c, r + c.qk_rope_head_dim, ("embed", "kv_lora"), "kv_a_proj_with_mqa")(x)
-        c_kv = RMSNorm(c.rms_norm_eps, "kv_lora", pdt, name="kv_a_layernorm")(kv[..., :r])
-        k_pe = apply_rope(kv[..., r:], cos, sin)
-        kv = linear(c, (h, c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads", "kv_dim"), "kv_b_proj")(c_kv)
-        k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
-
-        out = mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, softmax_scale(c))
-        return linear(c, c.hidden_size, ("heads", "v_dim", "embed"), "o_proj", axis=(-2, -1))(out)
+    def __call__(self, x, cos, sin, mask, cache: LatentCache | None = None, positions=None):
+        """Returns (attention output, cache). Without a cache: among the S tokens of x (mask [B, S, S]).
+        With one: the tokens' latents are written at ``positions`` [B, S], then attention runs in
+        absorbed form over all cache slots (mask [B, S, T])."""
+        c = self.cfg
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        if cache is None:
+            kv = self.kv_b_proj(c_kv)
+            k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
+            out = mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, softmax_scale(c))
+        else:
+            cache = cache.write(positions, c_kv, k_pe)
+            w = nn.meta.unbox(self.kv_b_proj.variables["params"]["kernel"]).astype(c.dtype)  # [r, h, dn + dv]
+            w_uk, w_uv = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim :]
+            out = mla_attention_absorbed(q_nope, q_pe, cache.c_kv, cache.k_pe, w_uk, w_uv, mask, softmax_scale(c))
+        return self.o_proj(out), cache

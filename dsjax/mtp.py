@@ -20,13 +20,15 @@ class MTPModule(nn.Module):
     cfg: ModelConfig
 
     @nn.compact
-    def __call__(self, h_prev, emb_next, cos, sin, mask, token_mask):
-        """Returns (h^k for the next depth, normalised h^k for the head, RouterStats)."""
+    def __call__(self, h_prev, emb_next, cos, sin, mask, token_mask, cache=None, positions=None):
+        """Returns (h^k for the next depth, normalised h^k for the head, RouterStats, cache).
+
+        ``cache`` (the block's ``LatentCache``) and ``positions``: decoding, see ``MLA``."""
         c = self.cfg
         pdt = jnp.dtype(c.param_dtype)
         e = RMSNorm(c.rms_norm_eps, "embed", pdt, name="enorm")(emb_next)
         h = RMSNorm(c.rms_norm_eps, "embed", pdt, name="hnorm")(h_prev)
         x = linear(c, c.hidden_size, ("mtp_in", "embed"), "eh_proj")(jnp.concatenate([e, h], axis=-1))
         # The MTP block sits at index num_hidden_layers >= first_k_dense_replace: always MoE.
-        x, stats = Block(c, moe=True, name="block")(x, cos, sin, mask, token_mask)
-        return x, RMSNorm(c.rms_norm_eps, "embed", pdt, name="shared_head_norm")(x), stats
+        x, (stats, cache) = Block(c, moe=True, name="block")(x, cos, sin, mask, token_mask, cache, positions)
+        return x, RMSNorm(c.rms_norm_eps, "embed", pdt, name="shared_head_norm")(x), stats, cache
