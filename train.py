@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
@@ -44,19 +43,15 @@ def evaluate(eval_fn, state, batches, bytes_per_token: float) -> dict[str, float
     return {"val_loss": loss, "val_bpb": loss / math.log(2) / bytes_per_token}
 
 
-def sample(model, variables, tokenizer, prompt: str, num_tokens: int, seq_len: int, seed: int) -> str:
-    """Temperature-1 sampling, one fixed-length jitted forward per token (no cache needed)."""
-    ids = [tokenizer.bos_id, *tokenizer.encode(prompt.encode())]
-    length = min(seq_len, len(ids) + num_tokens)
-    buf = jnp.full((1, length), tokenizer.pad_id, jnp.int32).at[0, : len(ids)].set(jnp.asarray(ids[:length]))
-    forward = jax.jit(lambda v, t: model.apply(v, t).logits[0])
-    rng = jax.random.key(seed)
-    for i in range(len(ids), length):
-        rng, key = jax.random.split(rng)
-        buf = buf.at[0, i].set(jax.random.categorical(key, forward(variables, buf)[i - 1]))
-        if int(buf[0, i]) == tokenizer.eos_id:
-            break
-    return tokenizer.decode(np.asarray(buf[0, 1 : i + 1]))
+def sample(cfg: Config, variables, tokenizer) -> str:
+    """A text sample from the trained model: temperature 0.8, top-k 20, from the latent cache."""
+    from dsjax.generate import generate
+
+    t = cfg.train
+    prompt = [tokenizer.bos_id, *tokenizer.encode(t.sample_prompt.encode()).tolist()]
+    out = generate(cfg.model, variables, [prompt], t.sample_tokens, temperature=0.8, top_k=20,
+                   eos_id=tokenizer.eos_id, rng=jax.random.key(t.seed))  # fmt: skip
+    return t.sample_prompt + tokenizer.decode(np.asarray(out.tokens[0, : int(out.lengths[0])]))
 
 
 def plot(metrics_path: Path, out: Path) -> None:
@@ -175,8 +170,7 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
 
     plot(metrics_path, directory / "loss.png")
     if t.sample_tokens:
-        text = sample(model, {"params": state.params, "selection_bias": state.bias}, tokenizer,
-                      t.sample_prompt, t.sample_tokens, t.seq_len, t.seed)  # fmt: skip
+        text = sample(cfg, {"params": state.params, "selection_bias": state.bias}, tokenizer)
         (directory / "sample.txt").write_text(text)
         print(f"--- sample ({directory / 'sample.txt'}) ---\n{text}\n---")
     return last

@@ -94,7 +94,7 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
-    moe_impl: Literal["auto", "ragged_dot", "blocked"] = "auto"
+    moe_impl: Literal["auto", "ragged_dot", "blocked", "rows"] = "auto"  # dsjax.gmm
 
     def __post_init__(self):
         _check_types(self)

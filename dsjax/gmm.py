@@ -3,6 +3,8 @@
 One dispatch, ``grouped_matmul``, over the implementations:
 - ``ragged_dot``: ``jax.lax.ragged_dot``, XLA's grouped GEMM (native on TPU). On CPU XLA lowers it
   to work over every group, so its cost grows with the number of experts.
+- ``rows``: plain jnp, each row times a gathered copy of its group's matrix; for a handful of rows
+  (decoding) it reads only the experts in use.
 - ``blocked``: plain jnp. Each group is padded to a multiple of a row block, every block then
   belongs to one expert, and one batched matmul multiplies each block by its expert's weight.
   Cost grows with rows (tokens x top-k) plus at most one partial block per expert.
@@ -37,16 +39,28 @@ def gmm_blocked(lhs, rhs, group_sizes):
     return y.reshape(num_blocks * b, n)[dest]
 
 
+def gmm_rows(lhs, rhs, group_sizes):
+    """Each row times its own group's matrix: reads only the groups in use (decode: few rows)."""
+    m, g = lhs.shape[0], rhs.shape[0]
+    row_group = jnp.repeat(jnp.arange(g), group_sizes, total_repeat_length=m)
+    return jnp.einsum("mk,mkn->mn", lhs, rhs[row_group])
+
+
 def gmm_ragged(lhs, rhs, group_sizes):
     return jax.lax.ragged_dot(lhs, rhs, group_sizes.astype(jnp.int32))
 
 
+IMPLS = {"ragged_dot": gmm_ragged, "blocked": gmm_blocked, "rows": gmm_rows}
+
+
 def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto"):
-    """Dispatch: ``auto`` picks ``ragged_dot`` on TPU (native grouped GEMM), ``blocked`` elsewhere."""
+    """Dispatch. ``auto``: ``ragged_dot`` on TPU (native grouped GEMM); elsewhere ``rows`` when there
+    are no more rows than groups (decoding), else ``blocked``."""
     if impl == "auto":
-        impl = "ragged_dot" if jax.default_backend() == "tpu" else "blocked"
-    if impl == "ragged_dot":
-        return gmm_ragged(lhs, rhs, group_sizes)
-    if impl == "blocked":
-        return gmm_blocked(lhs, rhs, group_sizes)
-    raise ValueError(f"grouped_matmul impl={impl!r}: expected auto, ragged_dot or blocked")
+        if jax.default_backend() == "tpu":
+            impl = "ragged_dot"
+        else:
+            impl = "rows" if lhs.shape[0] <= rhs.shape[0] else "blocked"
+    if impl not in IMPLS:
+        raise ValueError(f"grouped_matmul impl={impl!r}: expected auto, {', '.join(IMPLS)}")
+    return IMPLS[impl](lhs, rhs, group_sizes)

@@ -17,7 +17,7 @@ from dsjax.config import ModelConfig
 from dsjax.gmm import block_rows, gmm_blocked, grouped_matmul
 from dsjax.moe import BIAS, MoE, balance_loss, experts_dense, experts_dropless, route
 
-IMPLS = ["blocked", "ragged_dot"]
+IMPLS = ["blocked", "ragged_dot", "rows"]
 
 # jitted entry points: one compilation per shape instead of many eager op dispatches (CPU time)
 route_jit = jax.jit(route, static_argnums=2)
@@ -392,11 +392,12 @@ def test_grouped_matmul_matches_numpy(pattern, impl):
     assert rel_err(out, np_grouped_matmul(lhs, rhs, sizes)) <= 1e-5
 
 
-def test_grouped_matmul_auto_dispatch():
-    sizes = np.array([5, 0, 14], np.int32)
+@pytest.mark.parametrize("sizes", [[5, 0, 14], [0, 1, 0, 2, 0]], ids=["many_rows", "decode_few_rows"])
+def test_grouped_matmul_auto_dispatch(sizes):
+    sizes = np.array(sizes, np.int32)
     rng = np.random.default_rng(3)
-    lhs = rng.standard_normal((19, 4)).astype(np.float32)
-    rhs = rng.standard_normal((3, 4, 2)).astype(np.float32)
+    lhs = rng.standard_normal((int(sizes.sum()), 4)).astype(np.float32)
+    rhs = rng.standard_normal((len(sizes), 4, 2)).astype(np.float32)
     out = grouped_matmul(jnp.asarray(lhs), jnp.asarray(rhs), jnp.asarray(sizes))  # impl="auto"
     assert rel_err(out, np_grouped_matmul(lhs, rhs, sizes)) <= 1e-5
 
