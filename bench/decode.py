@@ -17,9 +17,7 @@ Prints JSON (device, date, jax version, ratios).
 """
 
 import argparse
-import datetime
 import json
-import platform
 import time
 
 import flax.struct
@@ -27,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from common import environment  # bench/common.py
 from dsjax.config import ModelConfig
 from dsjax.generate import generate
 from dsjax.mla import MLA, LatentCache
@@ -188,10 +187,7 @@ def main():
     latent, expanded = v3.kv_lora_rank + v3.qk_rope_head_dim, v3.num_attention_heads * (v3.qk_head_dim + v3.v_head_dim)
     print(json.dumps({
         "benchmark": "decode",
-        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})",
-        "host": platform.processor() or platform.machine(),
-        "date": datetime.date.today().isoformat(),
-        "jax": jax.__version__,
+        **environment(),
         "config": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
                                                 "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "dtype")},
         "cache_bytes_ratio_latent_vs_expanded": round(rows[0]["latent_bytes_per_token_layer"] / rows[0]["expanded_bytes_per_token_layer"], 4),

@@ -8,15 +8,14 @@ Target (core-model issue): ratio <= 1.3 on every backend.
 """
 
 import argparse
-import datetime
 import json
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from common import environment  # bench/common.py
 from dsjax.config import ModelConfig
 from dsjax.model import Transformer
 
@@ -64,10 +63,7 @@ def main():
     base = ms[a.experts[0]]
     print(json.dumps({
         "benchmark": "moe_scaling",
-        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})",
-        "host": platform.processor() or platform.machine(),
-        "date": datetime.date.today().isoformat(),
-        "jax": jax.__version__,
+        **environment(),
         "impl": a.impl,
         "tokens": a.tokens, "top_k": 6,
         "fwd_bwd_ms": {str(e): round(t, 1) for e, t in ms.items()},
