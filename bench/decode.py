@@ -1,7 +1,7 @@
 """Decode cost vs context length: absorbed MLA over the latent cache vs an expanded per-head K/V cache,
 and MTP speculative vs plain decoding.
 
-    python bench/decode.py [--contexts 512 1024 2048 4096 8192 16384 32768] [--repeats 10]
+    python -m bench.decode [--contexts 512 1024 2048 4096 8192 16384 32768] [--repeats 10]
 
 1. Per token, batch 1, at context C (the cache holds C tokens; content does not matter for time):
    one MLA layer's decode step (projections, cache write, attention, o_proj) reading the latent
@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import environment  # bench/common.py
+from bench.common import environment
 from dsjax.config import ModelConfig
 from dsjax.generate import generate
 from dsjax.mla import MLA, LatentCache

@@ -4,7 +4,7 @@ Times one jitted forward+backward (cross-entropy) of the same model with 8 and w
 experts at the same top-k, 4096 tokens, and prints JSON with the ratio to the 8-expert baseline.
 Target (core-model issue): ratio <= 1.3 on every backend.
 
-    python bench/moe_scaling.py [--experts 8 64 256] [--impl auto|blocked|ragged_dot] [--tokens 4096]
+    python -m bench.moe_scaling [--experts 8 64 256] [--impl auto|blocked|ragged_dot] [--tokens 4096]
 """
 
 import argparse
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from common import environment  # bench/common.py
+from bench.common import environment
 from dsjax.config import ModelConfig
 from dsjax.model import Transformer
 
