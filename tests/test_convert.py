@@ -79,7 +79,7 @@ def test_import_export_import_is_bitwise(tmp_path, name, max_shard_bytes):
         assert exported[n].dtype == a.dtype and np.array_equal(exported[n], a), n
 
 
-def random_variables(cfg, seed: int = 0) -> dict:
+def nonzero_variables(cfg, seed: int = 0) -> dict:
     """Every variable of Transformer(cfg), all non-zero (so a dropped one shows), without running init."""
     rng = np.random.default_rng(seed)
     shapes = nn.meta.unbox(abstract_variables(cfg))
@@ -90,7 +90,7 @@ def random_variables(cfg, seed: int = 0) -> dict:
 def tiny_checkpoint(tmp_path_factory):
     """configs/tiny.yaml (1 MTP module) with random variables, saved: (cfg, variables, dir)."""
     cfg = load_config(TINY).model
-    variables = random_variables(cfg)
+    variables = nonzero_variables(cfg)
     path = tmp_path_factory.mktemp("tiny") / "ckpt"
     save_hf(path, cfg, variables)
     return cfg, variables, path
@@ -125,7 +125,7 @@ def test_every_variable_round_trips(tmp_path, overrides):
     """The name table covers every variable of the model, whatever the config (the V2-style selection
     bias, which V2 checkpoints lack, is written because it is non-zero)."""
     cfg = load_config(TINY, overrides).model
-    variables = random_variables(cfg)
+    variables = nonzero_variables(cfg)
     save_hf(tmp_path / "ckpt", cfg, variables, max_shard_bytes=200_000)
     loaded_cfg, loaded = load_hf(tmp_path / "ckpt", scan_layers=cfg.scan_layers)
     assert loaded_cfg == cfg
