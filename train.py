@@ -135,38 +135,41 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
                 tb.add_scalar(k, v, row["step"])
 
     bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True)
-    last, window_tokens, window_start = {}, 0, time.perf_counter()
-    for step in range(start + 1, t.steps + 1):
-        state, m = step_fn(state, next(batches))
-        m = {k: float(v) for k, v in jax.device_get(m).items()}
-        window_tokens += m["tokens"]
-        if not m["ok"]:
-            log({"step": step, "skipped_nonfinite": 1.0, "loss": m["loss"], "grad_norm": m["grad_norm"]})
-            bar.write(f"step {step}: non-finite loss or gradient (loss={m['loss']}, grad_norm={m['grad_norm']}); step skipped")
-            if int(state.nonfinite) >= t.max_nonfinite_steps:
-                latest = mngr.latest_step()
-                where = f"{mngr.directory / str(latest)} (step {latest})" if latest is not None else "none was saved yet"
-                raise TrainingError(f"{t.max_nonfinite_steps} consecutive non-finite steps at step {step}: stopping. "
-                                    f"Last good checkpoint: {where}")  # fmt: skip
-        if step % t.log_every == 0 or step == t.steps:
-            dt = time.perf_counter() - window_start
-            last = {"step": step, **{k: m[k] for k in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_max_mean")},
-                    "tokens_per_s": window_tokens / dt, "skipped_total": int(state.skipped)}  # fmt: skip
-            log(last)
-            bar.set_postfix(loss=f"{m['ce']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}", load=f"{m['load_max_mean']:.2f}")
-            window_tokens, window_start = 0, time.perf_counter()
-        if step % t.eval_every == 0 or step == t.steps:
-            ev = evaluate(eval_fn, state, val_batches, val_split.bytes_per_token)
-            log({"step": step, **ev})
-            last.update(ev)
-            bar.write(f"step {step}: validation loss {ev['val_loss']:.4f}, {ev['val_bpb']:.3f} bits per byte")
-        if step % t.checkpoint_every == 0 or step == t.steps:
-            ckpt.save(mngr, step, state, batches.get_state())
-        bar.update(1)
-    bar.close()
-    mngr.wait_until_finished()
-    mngr.close()
-    tb.close()
+    try:
+        last, window_tokens, window_start = {}, 0, time.perf_counter()
+        for step in range(start + 1, t.steps + 1):
+            state, m = step_fn(state, next(batches))
+            m = {k: float(v) for k, v in jax.device_get(m).items()}
+            window_tokens += m["tokens"]
+            if not m["ok"]:
+                log({"step": step, "skipped_nonfinite": 1.0, "loss": m["loss"], "grad_norm": m["grad_norm"]})
+                bar.write(f"step {step}: non-finite loss or gradient (loss={m['loss']}, grad_norm={m['grad_norm']}); step skipped")
+                if int(state.nonfinite) >= t.max_nonfinite_steps:
+                    mngr.wait_until_finished()  # the last save may still be in flight: finish it first
+                    latest = mngr.latest_step()
+                    where = f"{mngr.directory / str(latest)} (step {latest})" if latest is not None else "none was saved yet"
+                    raise TrainingError(f"{t.max_nonfinite_steps} consecutive non-finite steps at step {step}: stopping. "
+                                        f"Last good checkpoint: {where}")  # fmt: skip
+            if step % t.log_every == 0 or step == t.steps:
+                dt = time.perf_counter() - window_start
+                last = {"step": step, **{k: m[k] for k in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_max_mean")},
+                        "tokens_per_s": window_tokens / dt, "skipped_total": int(state.skipped)}  # fmt: skip
+                log(last)
+                bar.set_postfix(loss=f"{m['ce']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}", load=f"{m['load_max_mean']:.2f}")
+                window_tokens, window_start = 0, time.perf_counter()
+            if step % t.eval_every == 0 or step == t.steps:
+                ev = evaluate(eval_fn, state, val_batches, val_split.bytes_per_token)
+                log({"step": step, **ev})
+                last.update(ev)
+                bar.write(f"step {step}: validation loss {ev['val_loss']:.4f}, {ev['val_bpb']:.3f} bits per byte")
+            if step % t.checkpoint_every == 0 or step == t.steps:
+                ckpt.save(mngr, step, state, batches.get_state())
+            bar.update(1)
+    finally:  # whatever stops the loop, every started checkpoint save completes
+        bar.close()
+        mngr.wait_until_finished()
+        mngr.close()
+        tb.close()
 
     plot(metrics_path, directory / "loss.png")
     if t.sample_tokens:
