@@ -91,17 +91,18 @@ def update_bias(bias, loads, gamma):
         load = load.astype(jnp.float32)
         return b + gamma * jnp.sign(load.mean(-1, keepdims=True) - load)
 
-    new = jax.tree.map(lambda x: x, bias)  # a fresh tree of the same leaves
+    new = jax.tree.map(lambda x: x, bias)  # fresh dicts, same leaves: updated below
+    sites = []  # (the dict holding one e_score_correction_bias, that leaf's loads)
     if loads["main"] is not None:
         stack = new["moe_layers"]
-        layers = [stack["layers"]["mlp"]] if "layers" in stack else [stack[f"layer_{i}"]["mlp"] for i in range(loads["main"].shape[0])]
-        per_layer = [loads["main"]] if "layers" in stack else list(loads["main"])
-        for leaf, load in zip(layers, per_layer):
-            leaf["e_score_correction_bias"] = step(leaf["e_score_correction_bias"], load)
+        if "layers" in stack:  # scanned: one [L, E] leaf
+            sites.append((stack["layers"]["mlp"], loads["main"]))
+        else:
+            sites += [(stack[f"layer_{i}"]["mlp"], load) for i, load in enumerate(loads["main"])]
     if loads["mtp"] is not None:
-        for d in range(loads["mtp"].shape[0]):
-            leaf = new[f"mtp_{d}"]["block"]["mlp"]
-            leaf["e_score_correction_bias"] = step(leaf["e_score_correction_bias"], loads["mtp"][d])
+        sites += [(new[f"mtp_{d}"]["block"]["mlp"], load) for d, load in enumerate(loads["mtp"])]
+    for leaf, load in sites:
+        leaf["e_score_correction_bias"] = step(leaf["e_score_correction_bias"], load)
     return new
 
 
@@ -131,7 +132,9 @@ def make_train_step(cfg: Config, model: nn.Module):
         grad_norm = optax.tree.norm(grads)
         ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        gamma = t.bias_update_rate * (True if t.bias_update_stop_step < 0 else state.step < t.bias_update_stop_step)
+        gamma = t.bias_update_rate
+        if t.bias_update_stop_step >= 0:  # the schedule: gamma, then 0 from the stop step on
+            gamma = jnp.where(state.step < t.bias_update_stop_step, gamma, 0.0)
 
         def keep(new, old):  # a non-finite step changes nothing
             return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)

@@ -60,7 +60,7 @@ def test_lr_schedule_shape():
 def test_weight_decay_mask_excludes_norms():
     cfg = load_config(TINY).model
     params = jax.eval_shape(Transformer(cfg).init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    mask = decay_mask(jax.tree.map(lambda x: x, __import__("flax").linen.meta.unbox(params)))
+    mask = decay_mask(nn.meta.unbox(params))
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
     norms = [k for k in flat if "norm" in k]
     assert norms and not any(flat[k] for k in norms)  # every RMSNorm scale excluded
@@ -83,6 +83,28 @@ def test_bias_update_moves_by_exactly_gamma():
     np.testing.assert_allclose(main, [[-0.01, 0.01, 0.01, 0.01], [0, 0, 0, 0]], atol=1e-7)
     np.testing.assert_allclose(np.asarray(new["mtp_0"]["block"]["mlp"]["e_score_correction_bias"]),
                                [0.51, 0.49, 0.5, 0.5], atol=1e-7)  # fmt: skip
+
+
+def test_bias_update_unrolled_layers_and_unchanged_input():
+    bias = {"moe_layers": {f"layer_{i}": {"mlp": {"e_score_correction_bias": jnp.zeros(3)}} for i in range(2)}}
+    new = update_bias(bias, {"main": jnp.asarray([[9, 0, 0], [0, 0, 9]]), "mtp": None}, 0.5)
+    np.testing.assert_array_equal(np.asarray(new["moe_layers"]["layer_0"]["mlp"]["e_score_correction_bias"]), [-0.5, 0.5, 0.5])
+    np.testing.assert_array_equal(np.asarray(new["moe_layers"]["layer_1"]["mlp"]["e_score_correction_bias"]), [0.5, 0.5, -0.5])
+    assert not np.asarray(bias["moe_layers"]["layer_0"]["mlp"]["e_score_correction_bias"]).any()  # input untouched
+
+
+def test_bias_update_stops_at_the_stop_step(tmp_path):
+    cfg = small_cfg(tmp_path, "train.bias_update_rate=0.01", "train.bias_update_stop_step=1", "train.warmup_steps=0")
+    model = Transformer(cfg.model)
+    state = init_state(cfg, model, jax.random.key(0))
+    train, _ = load_splits(cfg.data, cfg.train.seq_len, ByteTokenizer())
+    it = train_batches(train, cfg.train.batch_size, 0)
+    step = jax.jit(make_train_step(cfg, model))
+    s1, _ = step(state, next(it))  # step 0 < 1: gamma applies
+    s2, _ = step(s1, next(it))  # step 1: gamma is 0
+    moved = jax.tree.leaves(jax.tree.map(lambda a, b: bool((a != b).any()), s1.bias, state.bias))
+    assert all(moved)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), s2.bias, s1.bias)
 
 
 def test_train_step_bias_update_on_an_overloaded_expert(tmp_path):
