@@ -99,10 +99,23 @@ def resolve_paths(cfg: DataConfig) -> list[str]:
     return list(dict.fromkeys(files))  # de-duplicated, order kept
 
 
-def is_validation(path: str, fraction: float) -> bool:
-    """Deterministic split: the first 8 bytes of md5(path) as a fraction of 2^64."""
-    h = int.from_bytes(hashlib.md5(path.encode()).digest()[:8], "little")
+def is_validation(key: str, fraction: float) -> bool:
+    """Deterministic split: the first 8 bytes of md5(key) as a fraction of 2^64.
+
+    `key` is the file's path relative to the data's common root (see `split_keys`), so the split is
+    the same on every machine, wherever the standard library or the user's data lives."""
+    h = int.from_bytes(hashlib.md5(key.encode()).digest()[:8], "little")
     return h / 2**64 < fraction
+
+
+def split_keys(files: list[str]) -> list[str]:
+    """Each file's path relative to the files' common directory (the key `is_validation` hashes)."""
+    if not files:
+        return []
+    root = os.path.commonpath([os.path.abspath(f) for f in files])
+    if len(files) == 1:
+        root = os.path.dirname(root)
+    return [os.path.relpath(os.path.abspath(f), root) for f in files]
 
 
 def read_document(path: str, tokenizer) -> np.ndarray:
@@ -159,9 +172,9 @@ def load_splits(cfg: DataConfig, seq_len: int, tokenizer) -> tuple[PackedSplit, 
     files = resolve_paths(cfg)
     docs: dict[bool, list[np.ndarray]] = {False: [], True: []}
     nbytes = {False: 0, True: 0}
-    for path in files:
+    for path, key in zip(files, split_keys(files)):
         ids = read_document(path, tokenizer)
-        val = is_validation(path, cfg.validation_fraction)
+        val = is_validation(key, cfg.validation_fraction)
         docs[val].append(ids)
         nbytes[val] += os.path.getsize(path) if not path.endswith(".npy") else len(ids)
     source = "the standard library" if not cfg.paths else f"data.paths={list(cfg.paths)}"

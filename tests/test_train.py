@@ -19,6 +19,7 @@ from dsjax.data import (
     DataError,
     HFTokenizer,
     is_validation,
+    split_keys,
     load_splits,
     make_tokenizer,
     stdlib_files,
@@ -240,9 +241,14 @@ def test_stdlib_corpus_has_no_tests_or_site_packages():
 
 def test_split_is_deterministic_and_disjoint():
     files = stdlib_files()
-    val = [f for f in files if is_validation(f, 0.05)]
+    keys = split_keys(files)
+    assert "json/decoder.py" in keys  # relative to the stdlib root: the same split on every machine
+    val = [k for k in keys if is_validation(k, 0.05)]
     assert 0 < len(val) < 0.15 * len(files)
-    assert val == [f for f in files if is_validation(f, 0.05)]
+    assert val == [k for k in keys if is_validation(k, 0.05)]
+    # md5("a.txt") etc. are fixed: none of the three files below is held out at 1%.
+    assert not any(is_validation(k, 0.01) for k in split_keys(["/x/a.txt", "/x/b.txt", "/x/c.txt"]))
+    assert split_keys(["/x/y/a.txt"]) == ["a.txt"]
 
 
 def test_packed_windows_keep_documents_apart(tmp_path):
