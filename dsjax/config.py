@@ -1,7 +1,7 @@
 """Typed, validated model configuration.
 
 Field names follow Hugging Face's ``DeepseekV3Config`` so hub ``config.json`` files map one to one;
-``scoring_func``, ``dtype``, ``param_dtype``, ``scan_layers`` and ``moe_impl`` are ours.
+``scoring_func`` and the fields in ``OURS`` (dtypes, layer scan, kernel choices, remat, fp8) are ours.
 
     cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=4"])   # Config(model, train, data)
     model_cfg = ModelConfig.from_hf("path/to/config.json")
@@ -95,6 +95,10 @@ class ModelConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
     moe_impl: Literal["auto", "ragged_dot", "blocked", "rows"] = "auto"  # dsjax.gmm
+    remat: Literal["none", "full", "save_projections"] = "none"  # activation checkpointing per layer
+    attention_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # dsjax.attention
+    fp8: bool = False  # V3's FP8 recipe for the projections it quantizes (REFERENCE §7)
+    fp8_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # pallas_kernels.fp8 dispatch
 
     def __post_init__(self):
         _check_types(self)
@@ -137,11 +141,13 @@ class ModelConfig:
         return d
 
 
+# Fields that are ours (HF configs do not carry them).
+OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl")
 # Fields that keep their name and meaning in HF configs (everything but ours and rope_scaling).
 _HF_FIELDS = tuple(
     f.name
     for f in dataclasses.fields(ModelConfig)
-    if f.name not in ("rope_scaling", "dtype", "param_dtype", "scan_layers", "moe_impl")
+    if f.name not in OURS
 )
 
 

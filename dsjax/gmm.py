@@ -53,9 +53,11 @@ def gmm_ragged(lhs, rhs, group_sizes):
 IMPLS = {"ragged_dot": gmm_ragged, "blocked": gmm_blocked, "rows": gmm_rows}
 
 
-def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto"):
+def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", fp8: str | None = None):
     """Dispatch. ``auto``: ``ragged_dot`` on TPU (native grouped GEMM); elsewhere ``rows`` when there
     are no more rows than groups (decoding), else ``blocked``."""
+    if fp8 is not None:
+        raise NotImplementedError("grouped_matmul: FP8 grouped GEMM not built yet (issue 6)")
     if impl == "auto":
         if jax.default_backend() == "tpu":
             impl = "ragged_dot"

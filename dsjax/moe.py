@@ -64,15 +64,17 @@ def balance_loss(scores, idx, token_mask, num_experts: int):
     return jnp.sum(jnp.where(has_tokens, (f * p).sum(-1), 0.0)) / jnp.maximum(has_tokens.sum(), 1)
 
 
-def experts_dropless(x, idx, w, w_gate, w_up, w_down, impl: str = "auto"):
-    """sum_k w_k SwiGLU_{idx_k}(x) for x [T, H], computing only the chosen (token, expert) pairs."""
+def experts_dropless(x, idx, w, w_gate, w_up, w_down, impl: str = "auto", fp8: str | None = None):
+    """sum_k w_k SwiGLU_{idx_k}(x) for x [T, H], computing only the chosen (token, expert) pairs.
+
+    ``fp8``: None for plain matmuls, else the FP8 GEMM implementation (``ModelConfig.fp8_impl``)."""
     t, k = idx.shape
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # token copies grouped by expert
     sizes = jnp.bincount(flat, length=w_gate.shape[0])
     xs = x[order // k]
-    h = nn.silu(grouped_matmul(xs, w_gate, sizes, impl)) * grouped_matmul(xs, w_up, sizes, impl)
-    ys = grouped_matmul(h, w_down, sizes, impl)
+    h = nn.silu(grouped_matmul(xs, w_gate, sizes, impl, fp8)) * grouped_matmul(xs, w_up, sizes, impl, fp8)
+    ys = grouped_matmul(h, w_down, sizes, impl, fp8)
     ys = ys[jnp.argsort(order)].reshape(t, k, -1)  # back to (token, k) order: no scatter needed
     return jnp.einsum("tkh,tk->th", ys, w.astype(ys.dtype))
 
@@ -105,7 +107,7 @@ class MoE(nn.Module):
         logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32), precision="highest")
         scores = jax.nn.sigmoid(logits) if c.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
         idx, w = route(scores.reshape(b * s, e), bias, c)
-        y = experts_dropless(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c.moe_impl)
+        y = experts_dropless(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c.moe_impl, c.fp8_impl if c.fp8 else None)
         y = y.reshape(b, s, hdim)
         if c.n_shared_experts:
             y = y + MLP(c, c.n_shared_experts * i, name="shared_experts")(x)

@@ -16,7 +16,7 @@ from dsjax.config import ConfigError, ModelConfig, RopeScaling, apply_overrides,
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FIXTURES = sorted(p for p in (ROOT / "tests" / "fixtures").iterdir() if (p / "config.json").is_file())
-OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl")  # fields HF configs do not carry
+OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl")  # not in HF configs
 YARN = {"factor": 4.0, "original_max_position_embeddings": 128}
 
 
