@@ -1,5 +1,7 @@
-"""Pallas kernels (FP8 block-scaled GEMM, latent attention) with their jnp references.
+"""Pallas kernels with their jnp references, each family behind one dispatch function.
 
-Empty until the FP8 and attention-kernel issues land; every kernel will sit behind one dispatch
-function that falls back to its jnp reference on CPU.
+- ``quant``: e4m3 quantizers (1x128 / 128x1 tiles, 128x128 blocks), plain jnp.
+- ``fp8_gemm``: block-scaled FP8 GEMM (``fp8_gemm``): jnp reference, Mosaic TPU, Triton GPU.
+- ``fp8_gmm``: the grouped versions for routed experts (``fp8_gmm``, ``fp8_gmm_wgrad``).
+Latent attention kernels are still to come.
 """

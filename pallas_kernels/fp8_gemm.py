@@ -1,0 +1,217 @@
+"""Block-scaled FP8 GEMM with fp32 promotion per 128-deep K block (V3 report §3.3.2, REFERENCE §7).
+
+    C = sum_kb (A_kb B_kb) a_s[:, kb] b_s[kb, :]     (A_kb B_kb: e4m3 x e4m3 -> fp32, 128-deep)
+
+A [M, K] e4m3 with a_s [M, K/128] (1x128 tiles); B [K, N] e4m3 with b_s [K/128, N/128] (128x128
+blocks) or [K/128, N] (128x1 tiles: the wgrad operand). Each 128-deep partial sum starts in a fresh
+fp32 accumulator and is scaled there ("promotion"), so no rounding of a long fp8 accumulation.
+
+Implementations side by side, one dispatch (``fp8_gemm``):
+- ``fp8_gemm_reference``: plain jnp, a scan over K blocks; the CPU fallback (``xla``).
+- ``fp8_gemm_tpu``: Mosaic TPU kernel, grid (M, N, K) tiles, fp32 VMEM accumulator. Tiles are
+  loaded as e4m3 (half the HBM bytes of bf16) and fed to the MXU as bf16 (exact for e4m3; v5e/v5p
+  have no fp8 MXU and v6e runs fp8 at the bf16 rate).
+- ``fp8_gemm_gpu``: Triton-backend Pallas kernel: e4m3 operands straight into ``tl.dot`` (wgmma on
+  Hopper), fp32 partial per K block, promoted in registers.
+``impl``: ``auto`` (pallas on TPU/GPU, xla on CPU), ``pallas``, ``interpret`` (the backend's
+kernel in Pallas interpret mode; the TPU kernel on CPU), ``xla``. ``DSJAX_FP8_IMPL`` overrides it.
+"""
+
+import os
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.quant import E4M3, TILE, pad_to
+
+IMPLS = ("auto", "pallas", "interpret", "xla")
+OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
+
+
+def promote(acc, a, b, a_s, b_s, mxu_dtype=jnp.float32):
+    """acc + (a b) a_s b_s: one 128-deep K block's fp32 partial sum, scaled by both operands."""
+    if mxu_dtype is not None:
+        a, b = a.astype(mxu_dtype), b.astype(mxu_dtype)
+    return acc + jnp.matmul(a, b, preferred_element_type=jnp.float32) * a_s * b_s
+
+
+def column_scales(b_scale, n: int):
+    """B's scales per (K block, column): 128x128 block scales repeated over their 128 columns."""
+    if b_scale.shape[-1] == n:
+        return b_scale
+    return jnp.repeat(b_scale, TILE, axis=-1)[..., :n]
+
+
+# --- plain jnp reference (the CPU fallback) -------------------------------------------------------
+
+
+def fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16):
+    m, k = a.shape
+    n = b.shape[1]
+    kb = k // TILE
+    blocks = (
+        a.reshape(m, kb, TILE).transpose(1, 0, 2),  # [Kb, M, 128]
+        b.reshape(kb, TILE, n),
+        a_scale.T[:, :, None],  # [Kb, M, 1]
+        column_scales(b_scale, n)[:, None, :],  # [Kb, 1, N]
+    )
+    acc, _ = jax.lax.scan(lambda acc, blk: (promote(acc, *blk), None), jnp.zeros((m, n), jnp.float32), blocks)
+    return acc.astype(out_dtype)
+
+
+# --- Mosaic TPU kernel ----------------------------------------------------------------------------
+
+
+def tpu_tile_body(a_ref, as_ref, b_ref, bs_ref, o_ref, acc_ref):
+    """One (tm, tn) output tile, one tk-deep step of the K grid axis = tk / 128 promotions."""
+    k = pl.program_id(2)
+
+    @pl.when(k == 0)
+    def _():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+
+    acc = acc_ref[...]
+    for j in range(as_ref.shape[0]):  # static: the 128-deep blocks inside this K step
+        ks = pl.ds(j * TILE, TILE)
+        acc = promote(acc, a_ref[:, ks], b_ref[ks, :], as_ref[j], bs_ref[j], jnp.bfloat16)
+    acc_ref[...] = acc
+
+    @pl.when(k == pl.num_programs(2) - 1)
+    def _():
+        o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def k_step(kb: int) -> int:
+    """128-deep blocks per K grid step: 4, 2 or 1, whichever divides K / 128."""
+    return next(s for s in (4, 2, 1) if kb % s == 0)
+
+
+def fp8_gemm_tpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False, tm=256, tn=256):
+    m, k = a.shape
+    n = b.shape[1]
+    s = k_step(k // TILE)
+    tm, tn = min(tm, -(-m // 32) * 32), min(tn, -(-n // TILE) * TILE)  # e4m3 tiles are (32, 128)
+    a, a_scale = pad_to(a, 0, tm), pad_to(a_scale, 0, tm)
+    bs = pad_to(column_scales(b_scale, n), 1, tn)
+    b = pad_to(b, 1, tn)
+    mp, np_ = a.shape[0], b.shape[1]
+    out = pl.pallas_call(
+        tpu_tile_body,
+        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        grid=(mp // tm, np_ // tn, k // (s * TILE)),
+        in_specs=[
+            pl.BlockSpec((tm, s * TILE), lambda i, j, kk: (i, kk)),
+            pl.BlockSpec((s, tm, 1), lambda i, j, kk: (kk, i, 0)),  # a_s as [Kb, M, 1]: a column per block
+            pl.BlockSpec((s * TILE, tn), lambda i, j, kk: (kk, j)),
+            pl.BlockSpec((s, 1, tn), lambda i, j, kk: (kk, 0, j)),  # b_s as [Kb, 1, N]: a row per block
+        ],
+        out_specs=pl.BlockSpec((tm, tn), lambda i, j, kk: (i, j)),
+        scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
+        compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+    )(a, a_scale.T[:, :, None], b, bs[:, None, :])
+    return out[:m, :n]
+
+
+# --- GPU kernel (Triton backend) ------------------------------------------------------------------
+
+
+def gpu_k_loop(a_ref, as_ref, b_at, bs_at, o_ref):
+    """One (tm, tn) output tile: a loop over K blocks, each promoted into the fp32 accumulator.
+    ``b_at(ks)`` / ``bs_at(kb)`` load B's [128, tn] block and its scale row for K block kb."""
+
+    def step(kb, acc):
+        ks = pl.ds(pl.multiple_of(kb * TILE, TILE), TILE)
+        return promote(acc, a_ref[:, ks], b_at(ks), as_ref[:, pl.ds(kb, 1)], bs_at(pl.ds(kb, 1)), None)
+
+    acc = jax.lax.fori_loop(0, as_ref.shape[1], step, jnp.zeros(o_ref.shape, jnp.float32))
+    o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def _gpu_body(a_ref, as_ref, b_ref, bs_ref, o_ref):
+    gpu_k_loop(a_ref, as_ref, lambda ks: b_ref[ks, :], lambda kb: bs_ref[kb, :], o_ref)
+
+
+GPU_PARAMS = pltriton.CompilerParams(num_warps=8, num_stages=4)  # untuned (no GPU to tune on)
+
+
+def fp8_gemm_gpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False, tm=128, tn=128):
+    m, k = a.shape
+    n = b.shape[1]
+    kb = k // TILE
+    tm, tn = min(tm, max(16, pl.next_power_of_2(m))), min(tn, max(16, pl.next_power_of_2(n)))
+    a, a_scale = pad_to(a, 0, tm), pad_to(a_scale, 0, tm)
+    bs = pad_to(column_scales(b_scale, n), 1, tn)
+    b = pad_to(b, 1, tn)
+    mp, np_ = a.shape[0], b.shape[1]
+    out = pl.pallas_call(
+        _gpu_body,
+        out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        grid=(mp // tm, np_ // tn),
+        in_specs=[
+            pl.BlockSpec((tm, k), lambda i, j: (i, 0)),
+            pl.BlockSpec((tm, kb), lambda i, j: (i, 0)),
+            pl.BlockSpec((k, tn), lambda i, j: (0, j)),
+            pl.BlockSpec((kb, tn), lambda i, j: (0, j)),
+        ],
+        out_specs=pl.BlockSpec((tm, tn), lambda i, j: (i, j)),
+        compiler_params=GPU_PARAMS,
+        interpret=interpret,
+    )(a, a_scale, b, bs)
+    return out[:m, :n]
+
+
+# --- dispatch -------------------------------------------------------------------------------------
+
+
+def resolve_impl(impl: str = "auto", platform: str | None = None) -> str:
+    """``DSJAX_FP8_IMPL`` over ``impl``; ``auto`` -> pallas on TPU / GPU, xla elsewhere."""
+    impl = os.environ.get("DSJAX_FP8_IMPL") or impl
+    if impl not in IMPLS:
+        raise ValueError(f"fp8 impl={impl!r}: expected one of {', '.join(IMPLS)} (config fp8_impl or DSJAX_FP8_IMPL)")
+    platform = platform or jax.default_backend()
+    if impl == "auto":
+        impl = "pallas" if platform in ("tpu", "gpu") else "xla"
+    if impl == "pallas" and platform not in ("tpu", "gpu"):
+        raise ValueError(f"fp8 impl='pallas' needs a TPU or GPU, backend is {platform!r}: use 'interpret' or 'xla'")
+    return impl
+
+
+def kernel_for(platform: str):
+    """The Pallas kernel family for a platform: GPU -> Triton kernel, TPU (and interpret on CPU) -> Mosaic TPU."""
+    return "gpu" if platform in ("gpu", "cuda", "rocm") else "tpu"
+
+
+def check_operands(a, a_scale, b, b_scale, out_dtype):
+    if a.dtype != E4M3 or b.dtype != E4M3:
+        raise TypeError(f"fp8_gemm: operands must be float8_e4m3fn, got a {a.dtype}, b {b.dtype}")
+    if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[0]:
+        raise ValueError(f"fp8_gemm: need a [M, K] and b [K, N], got {a.shape} and {b.shape}")
+    m, k = a.shape
+    n = b.shape[1]
+    if k % TILE:
+        raise ValueError(f"fp8_gemm: K={k} must be a multiple of {TILE} (quantize pads it)")
+    if a_scale.dtype != jnp.float32 or b_scale.dtype != jnp.float32:
+        raise TypeError(f"fp8_gemm: scales must be float32, got {a_scale.dtype}, {b_scale.dtype}")
+    if a_scale.shape != (m, k // TILE):
+        raise ValueError(f"fp8_gemm: a_scale {a_scale.shape} != (M, K/128) = {(m, k // TILE)}")
+    if b_scale.shape not in ((k // TILE, -(-n // TILE)), (k // TILE, n)):
+        raise ValueError(f"fp8_gemm: b_scale {b_scale.shape} is neither (K/128, N/128) nor (K/128, N) for b {b.shape}")
+    if jnp.dtype(out_dtype) not in OUT_DTYPES:
+        raise TypeError(f"fp8_gemm: out_dtype must be bfloat16 or float32, got {jnp.dtype(out_dtype)}")
+
+
+def fp8_gemm(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, impl: str = "auto", platform: str | None = None):
+    """C [M, N] = A B with block scales (module docstring). ``platform`` defaults to
+    ``jax.default_backend()`` (set it to lower for another platform, e.g. ``"tpu"`` on CPU)."""
+    check_operands(a, a_scale, b, b_scale, out_dtype)
+    platform = platform or jax.default_backend()
+    impl = resolve_impl(impl, platform)
+    if impl == "xla":
+        return fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype)
+    kernel = fp8_gemm_gpu if kernel_for(platform) == "gpu" else fp8_gemm_tpu
+    return kernel(a, a_scale, b, b_scale, out_dtype, interpret=impl == "interpret")
+
