@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.attention import resolve_impl
 from dsjax.config import ModelConfig
 from dsjax.model import Transformer, init_cache
 
@@ -216,8 +217,9 @@ def generate(cfg: ModelConfig, variables, prompts, max_new_tokens: int, *, tempe
     prompt, lens = _pad(prompts)
     b, s = prompt.shape
     size = s + max_new_tokens + d
+    slots = -(-size // 128) * 128 if resolve_impl(cfg.attention_impl) == "pallas" else size  # whole kernel blocks
     state = DecodeState(
-        cache=init_cache(cfg, b, size, with_mtp=speculative),
+        cache=init_cache(cfg, b, slots, with_mtp=speculative),
         tokens=jnp.zeros((b, size), jnp.int32).at[:, :s].set(prompt),
         lengths=jnp.asarray(lens - 1),
         end=jnp.asarray(lens + max_new_tokens),

@@ -7,7 +7,8 @@
 Without a cache (training, full forward; ``mla_attention``): k_nope and v expanded per head. With
 one (generation: prefill and every decode step; ``mla_attention_absorbed``): only c_kv and k_pe are
 cached per token (``LatentCache``), W_UK is folded into the query and W_UV applied after the
-attention: q_nope.k_nope = (q_nope W_UK).c_kv, p.v = (p.c_kv) W_UV.
+attention: q_nope.k_nope = (q_nope W_UK).c_kv, p.v = (p.c_kv) W_UV. The attention itself (jnp
+references and their Pallas kernels, chosen by ``cfg.attention_impl``) is in ``dsjax.attention``.
 """
 
 import flax.linen as nn
@@ -15,6 +16,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from dsjax.attention import AttentionMask, latent_attention, mla_attention
 from dsjax.config import ModelConfig
 from dsjax.linear import linear
 from dsjax.norm import RMSNorm
@@ -49,34 +51,14 @@ class LatentCache:
         )
 
 
-def _softmax(scores, mask, scale, dtype):
-    """softmax(scores * scale + mask) over keys in fp32; scores [b,h,s,t], mask [b,s,t]."""
-    scores = jnp.where(mask[:, None], scores * scale, jnp.finfo(jnp.float32).min)
-    return jax.nn.softmax(scores, axis=-1).astype(dtype)
-
-
-def mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, scale):
-    """softmax((q_nope.k_nope + q_pe.k_pe) * scale + mask) v, softmax in fp32.
-
-    q_nope [b,s,h,dn], q_pe [b,s,h,dr], k_nope [b,t,h,dn], k_pe [b,t,dr] (shared by all heads),
-    v [b,t,h,dv], mask [b,s,t] bool (True = may attend). Returns [b,s,h,dv].
-    """
-    scores = jnp.einsum("bshd,bthd->bhst", q_nope, k_nope, preferred_element_type=jnp.float32)
-    scores += jnp.einsum("bshd,btd->bhst", q_pe, k_pe, preferred_element_type=jnp.float32)
-    return jnp.einsum("bhst,bthd->bshd", _softmax(scores, mask, scale, v.dtype), v)
-
-
-def mla_attention_absorbed(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale):
+def mla_attention_absorbed(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale, impl: str = "xla"):
     """softmax(((q_nope W_UK).c_kv + q_pe.k_pe) * scale + mask) c_kv W_UV: the same attention,
     read from the latent cache (one 'KV head' of dim kv_lora + dr for scores, kv_lora for values).
 
     q_nope [b,s,h,dn], q_pe [b,s,h,dr], c_kv [b,t,r], k_pe [b,t,dr], w_uk [r,h,dn], w_uv [r,h,dv]
-    (the two blocks of kv_b_proj), mask [b,s,t]. Returns [b,s,h,dv].
-    """
+    (the two blocks of kv_b_proj), mask [b,s,t] or an AttentionMask. Returns [b,s,h,dv]."""
     q_lat = jnp.einsum("bshd,rhd->bshr", q_nope, w_uk)
-    scores = jnp.einsum("bshr,btr->bhst", q_lat, c_kv, preferred_element_type=jnp.float32)
-    scores += jnp.einsum("bshd,btd->bhst", q_pe, k_pe, preferred_element_type=jnp.float32)
-    out_lat = jnp.einsum("bhst,btr->bshr", _softmax(scores, mask, scale, c_kv.dtype), c_kv)
+    out_lat = latent_attention(q_lat, q_pe, c_kv, k_pe, mask, scale, impl)
     return jnp.einsum("bshr,rhd->bshd", out_lat, w_uv)
 
 
@@ -106,19 +88,20 @@ class MLA(nn.Module):
         q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
         return q_nope, apply_rope(q_pe, cos, sin), self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
 
-    def __call__(self, x, cos, sin, mask, cache: LatentCache | None = None, positions=None):
-        """Returns (attention output, cache). Without a cache: among the S tokens of x (mask [B, S, S]).
-        With one: the tokens' latents are written at ``positions`` [B, S], then attention runs in
-        absorbed form over all cache slots (mask [B, S, T])."""
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache: LatentCache | None = None, positions=None):
+        """Returns (attention output, cache). Without a cache: among the S tokens of x (mask
+        ``AttentionMask.causal``). With one: the tokens' latents are written at ``positions`` [B, S],
+        then attention runs in absorbed form over all cache slots (``AttentionMask.cache``). A dense
+        [B, S, T] bool mask also works with ``attention_impl`` xla. Kernels: ``dsjax.attention``."""
         c = self.cfg
         q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         if cache is None:
             kv = self.kv_b_proj(c_kv)
             k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
-            out = mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, softmax_scale(c))
+            out = mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, softmax_scale(c), c.attention_impl)
         else:
             cache = cache.write(positions, c_kv, k_pe)
             w = nn.meta.unbox(self.kv_b_proj.variables["params"]["kernel"]).astype(c.dtype)  # [r, h, dn + dv]
             w_uk, w_uv = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim :]
-            out = mla_attention_absorbed(q_nope, q_pe, cache.c_kv, cache.k_pe, w_uk, w_uv, mask, softmax_scale(c))
+            out = mla_attention_absorbed(q_nope, q_pe, cache.c_kv, cache.k_pe, w_uk, w_uv, mask, softmax_scale(c), c.attention_impl)
         return self.o_proj(out), cache

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dsjax.attention import AttentionMask
 from dsjax.block import Stack
 from dsjax.config import ModelConfig
 from dsjax.linear import linear
@@ -46,11 +47,10 @@ def segment_positions(segment_ids):
     return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
 
 
-def attention_mask(segment_ids):
-    """[B, S, S] bool: causal, and only within the same segment (packed documents stay apart)."""
-    s = segment_ids.shape[-1]
-    causal = jnp.tril(jnp.ones((s, s), bool))
-    return causal & (segment_ids[:, :, None] == segment_ids[:, None, :])
+def attention_mask(segment_ids) -> AttentionMask:
+    """Causal, and only within the same segment (packed documents stay apart); ``.dense(S)`` is the
+    [B, S, S] bool."""
+    return AttentionMask.causal(segment_ids)
 
 
 def shift_left(tokens, k: int):
@@ -68,12 +68,12 @@ class Transformer(nn.Module):
             embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), ("vocab", "embed")),
         )  # fmt: skip
         if not c.tie_word_embeddings:
-            self.lm_head = linear(c, c.vocab_size, ("embed", "vocab"), "lm_head")
+            self.lm_head = linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", quantize=False)  # V3: head stays bf16
         if c.first_k_dense_replace:
             self.dense_layers = Stack(c, False, c.first_k_dense_replace)
         if c.num_moe_layers:
             self.moe_layers = Stack(c, True, c.num_moe_layers)
-        self.norm = RMSNorm(c.rms_norm_eps, "embed", jnp.dtype(c.param_dtype))
+        self.norm = RMSNorm(c.rms_norm_eps, "norm", jnp.dtype(c.param_dtype))
         self.mtp = [MTPModule(c) for _ in range(c.num_nextn_predict_layers)]  # mtp_0, mtp_1, ...
 
     def __call__(self, tokens, segment_ids=None, positions=None) -> ModelOutput:
@@ -120,7 +120,7 @@ class Transformer(nn.Module):
         """The main model on tokens [B, S] at ``positions`` [B, S], with a decode cache (``init_cache``):
         their latents are written at their positions, then each attends to every slot <= its own
         position (absorbed MLA). Returns (h^0, RMSNorm(h^0) for ``logits``, cache)."""
-        cos, sin, mask = _decode_inputs(self.cfg, positions, cache)
+        cos, sin, mask = _decode_inputs(self.cfg, positions)
         h, _, cache = self._trunk(tokens, cos, sin, mask, jnp.ones(tokens.shape, bool), cache, positions)
         return h, self.norm(h), cache
 
@@ -128,7 +128,7 @@ class Transformer(nn.Module):
         """MTP module k = depth + 1 at ``positions``: h'_i = W_eh [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]
         with ``tokens`` = t_{i+k} and ``h_prev`` = h^{k-1}, then its block over its cache.
         Returns (h^k, shared_head_norm(h^k) for ``logits``, cache)."""
-        cos, sin, mask = _decode_inputs(self.cfg, positions, cache)
+        cos, sin, mask = _decode_inputs(self.cfg, positions)
         name = f"mtp_{depth}"
         h, normed, _, kv = self.mtp[depth](
             h_prev, self.embed_tokens(tokens), cos, sin, mask, jnp.ones(tokens.shape, bool), cache[name], positions
@@ -136,11 +136,10 @@ class Transformer(nn.Module):
         return h, normed, {**cache, name: kv}
 
 
-def _decode_inputs(cfg: ModelConfig, positions, cache):
-    """RoPE angles of the positions, and [B, S, T] bool: cache slot j visible to position p iff j <= p."""
-    max_len = next(iter(cache.values())).c_kv.shape[-2]
+def _decode_inputs(cfg: ModelConfig, positions):
+    """RoPE angles of the positions, and the mask: cache slot j visible to position p iff j <= p."""
     cos, sin = rope_angles(cfg, positions)
-    return cos, sin, jnp.arange(max_len) <= positions[..., None]
+    return cos, sin, AttentionMask.cache(positions)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, with_mtp: bool = False) -> dict:
