@@ -73,19 +73,26 @@ def latent_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
     return jnp.einsum("bhst,btr->bshr", _softmax(scores, _dense(mask, c_kv.shape[1]), scale, c_kv.dtype), c_kv)
 
 
+def platform() -> str:
+    """The platform being compiled for: an abstract mesh's device (compile-only lowering for another
+    machine, ``jax.sharding.use_abstract_mesh``) or else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
 def resolve_impl(impl: str) -> str:
-    """"xla", "pallas" or "interpret" for this backend; ValueError naming a bad choice."""
+    """"xla", "pallas" or "interpret" for this platform; ValueError naming a bad choice."""
     if impl not in IMPLS:
         raise ValueError(f"attention_impl must be one of {IMPLS}, got {impl!r}")
     if impl == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu") else "xla"
-    if impl == "pallas" and jax.default_backend() not in ("tpu", "gpu"):
-        raise ValueError(f"attention_impl='pallas' needs a TPU or GPU, this is {jax.default_backend()!r}: use 'interpret' or 'xla'")
+        return "pallas" if platform() in ("tpu", "gpu") else "xla"
+    if impl == "pallas" and platform() not in ("tpu", "gpu"):
+        raise ValueError(f"attention_impl='pallas' needs a TPU or GPU, this is {platform()!r}: use 'interpret' or 'xla'")
     return impl
 
 
 def _backend(impl: str) -> str:
-    return "interpret" if impl == "interpret" else jax.default_backend()
+    return "interpret" if impl == "interpret" else platform()
 
 
 def _kernel_mask(mask, field: str, kernel: str):

@@ -5,6 +5,7 @@ without them."""
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,7 +16,7 @@ from dsjax.attention import (
     AttentionMask, latent_attention, latent_attention_reference, mla_attention, mla_attention_reference, resolve_impl,
 )  # fmt: skip
 from dsjax.config import load_config
-from dsjax.model import Transformer, init_cache, random_variables
+from dsjax.model import Transformer, abstract_variables, init_cache, random_variables
 from pallas_kernels.flash_mla import flash_mla
 from pallas_kernels.mla_decode import mla_decode
 
@@ -157,7 +158,7 @@ def lowered_kernels(fn, args, backend):
     """Lowers fn(*args) for the backend's compiler (Pallas -> Mosaic MLIR / Triton IR in the
     StableHLO), without the device; returns how many kernel custom calls it holds."""
     platform, device, call = TARGETS[backend]
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)):
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):  # no axes: no sharding
         return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text().count(f"@{call}(")
 
 
@@ -176,6 +177,24 @@ def test_kernels_lower_for_tpu_and_gpu(backend):
     assert lowered_kernels(train, train_args, backend) == 3  # forward, dQ, dK/dV
     decode_args = (sds(b, 128, 512), sds(b, 128, 64), sds(b, t, 512), sds(b, t, 64), sds(b, 128, dt=jnp.int32))
     assert lowered_kernels(lambda *a: mla_decode(*a, 0.1, backend=backend), decode_args, backend) == 1
+
+
+def test_model_lowers_for_tpu_with_the_kernels():
+    """attention_impl auto, compiled for a TPU from this CPU host (the compile-only path): training
+    uses the flash kernels (forward, dQ, dK/dV per layer stack), decoding the latent decode kernel."""
+    cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=2"]).model  # 1 dense + 1 MoE stack
+    model, variables = Transformer(cfg), nn.meta.unbox(abstract_variables(cfg))
+    tokens, step = jax.ShapeDtypeStruct((2, 300), jnp.int32), jax.ShapeDtypeStruct((2, 1), jnp.int32)
+
+    def grad(v, t):
+        return jax.grad(lambda p: model.apply({**v, "params": p}, t).logits.sum())(v["params"])
+
+    def decode(v, t, pos, cache):
+        return model.apply(v, t, pos, cache, method="decode")
+
+    assert lowered_kernels(grad, (variables, tokens), "tpu") == 2 * 3
+    cache = jax.eval_shape(lambda: init_cache(cfg, 2, 256))
+    assert lowered_kernels(decode, (variables, step, step, cache), "tpu") == 2
 
 
 # -- the model with the kernels ------------------------------------------------------------------
