@@ -8,10 +8,17 @@ One dispatch, ``grouped_matmul``, over the implementations:
 - ``blocked``: plain jnp. Each group is padded to a multiple of a row block, every block then
   belongs to one expert, and one batched matmul multiplies each block by its expert's weight.
   Cost grows with rows (tokens x top-k) plus at most one partial block per expert.
+- ``fp8`` given: ``gmm_fp8``, V3's FP8 recipe on the 128-row-block layout (``pallas_kernels.fp8_gmm``),
+  whatever ``impl`` says.
 """
+
+import functools
 
 import jax
 import jax.numpy as jnp
+
+from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
+from pallas_kernels.quant import TILE, quantize_blocks, quantize_tiles
 
 
 def block_rows(m: int, num_groups: int) -> int:
@@ -22,21 +29,60 @@ def block_rows(m: int, num_groups: int) -> int:
     return b
 
 
-def gmm_blocked(lhs, rhs, group_sizes):
-    """lhs [m, k] sorted by group, rhs [g, k, n], group_sizes [g] (sum = m) -> [m, n]."""
-    m, k = lhs.shape
-    g, _, n = rhs.shape
-    b = block_rows(m, g)
+def blocked_layout(group_sizes, m: int, b: int):
+    """Each group padded to whole b-row blocks: (row -> padded position [m], number of blocks, each
+    block's group [blocks], sorted; trailing all-padding blocks count as the last group)."""
+    g = group_sizes.shape[0]
     num_blocks = -(-m // b) + g  # sum_g ceil(size_g / b) can never exceed this
     padded = -(-group_sizes // b) * b
     pad_end = jnp.cumsum(padded)
     row_group = jnp.repeat(jnp.arange(g), group_sizes, total_repeat_length=m)
     rank_in_group = jnp.arange(m) - (jnp.cumsum(group_sizes) - group_sizes)[row_group]
-    dest = (pad_end - padded)[row_group] + rank_in_group  # row position in the padded layout
-    x = jnp.zeros((num_blocks * b, k), lhs.dtype).at[dest].set(lhs, unique_indices=True)
+    dest = (pad_end - padded)[row_group] + rank_in_group
     block_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(num_blocks) * b, side="right"), g - 1)
+    return dest, num_blocks, block_group
+
+
+def gmm_blocked(lhs, rhs, group_sizes):
+    """lhs [m, k] sorted by group, rhs [g, k, n], group_sizes [g] (sum = m) -> [m, n]."""
+    m, k = lhs.shape
+    g, _, n = rhs.shape
+    b = block_rows(m, g)
+    dest, num_blocks, block_group = blocked_layout(group_sizes, m, b)
+    x = jnp.zeros((num_blocks * b, k), lhs.dtype).at[dest].set(lhs, unique_indices=True)
     y = jnp.einsum("bmk,bkn->bmn", x.reshape(num_blocks, b, k), rhs[block_group])
     return y.reshape(num_blocks * b, n)[dest]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gmm_fp8(lhs, rhs, group_sizes, impl: str = "auto"):
+    """FP8 grouped matmul, V3's recipe per expert (``dsjax.fp8``): groups padded to 128-row blocks;
+    forward / dgrad: 1x128 tiles x 128x128 blocks (``fp8_gmm``), wgrad: 128x1 tiles (``fp8_gmm_wgrad``)."""
+    return _gmm_fp8_fwd(lhs, rhs, group_sizes, impl)[0]
+
+
+def _gmm_fp8_fwd(lhs, rhs, group_sizes, impl):
+    dest, num_blocks, block_group = blocked_layout(group_sizes, lhs.shape[0], TILE)
+    x = jnp.zeros((num_blocks * TILE, lhs.shape[1]), lhs.dtype).at[dest].set(lhs, unique_indices=True)
+    qx, sx = quantize_tiles(x)
+    qw, sw = quantize_blocks(rhs)
+    y = fp8_gmm(qx, sx, qw, sw, block_group, lhs.dtype, impl)[dest, : rhs.shape[2]]
+    return y, (x, rhs, dest, block_group)
+
+
+def _gmm_fp8_bwd(impl, res, dy):
+    x, rhs, dest, block_group = res
+    g = jnp.zeros((x.shape[0], dy.shape[1]), dy.dtype).at[dest].set(dy, unique_indices=True)
+    qw, sw = quantize_blocks(rhs)
+    qg, sg = quantize_tiles(g)
+    dx = fp8_gmm(qg, sg, qw.swapaxes(1, 2), sw.swapaxes(1, 2), block_group, x.dtype, impl)[dest, : x.shape[1]]
+    qxt, sxt = quantize_tiles(x, 0)
+    qgt, sgt = quantize_tiles(g, 0)
+    dw = fp8_gmm_wgrad(qxt, sxt, qgt, sgt, block_group, rhs.shape[0], impl)[:, : rhs.shape[1], : rhs.shape[2]]
+    return dx, dw.astype(rhs.dtype), None
+
+
+gmm_fp8.defvjp(_gmm_fp8_fwd, _gmm_fp8_bwd)
 
 
 def gmm_rows(lhs, rhs, group_sizes):
@@ -56,8 +102,8 @@ IMPLS = {"ragged_dot": gmm_ragged, "blocked": gmm_blocked, "rows": gmm_rows}
 def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", fp8: str | None = None):
     """Dispatch. ``auto``: ``ragged_dot`` on TPU (native grouped GEMM); elsewhere ``rows`` when there
     are no more rows than groups (decoding), else ``blocked``."""
-    if fp8 is not None:
-        raise NotImplementedError("grouped_matmul: FP8 grouped GEMM not built yet (issue 6)")
+    if fp8 is not None:  # fp8: the FP8 GEMM implementation (ModelConfig.fp8_impl)
+        return gmm_fp8(lhs, rhs, group_sizes, fp8)
     if impl == "auto":
         if jax.default_backend() == "tpu":
             impl = "ragged_dot"

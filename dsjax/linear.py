@@ -4,12 +4,16 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
+from dsjax.fp8 import fp8_dense_general
 
 
-def linear(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1) -> nn.DenseGeneral:
-    """A bias-free projection whose kernel is [*in, *out], normal(initializer_range) initialised."""
+def linear(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1, quantize: bool = True) -> nn.DenseGeneral:
+    """A bias-free projection whose kernel is [*in, *out], normal(initializer_range) initialised.
+
+    With ``cfg.fp8`` and ``quantize`` its GEMMs run in FP8 (``dsjax.fp8``); V3 keeps the output
+    head (and MTP's eh_proj) unquantized: pass ``quantize=False`` there. The parameter is the same."""
     init = nn.initializers.normal(cfg.initializer_range)
-    return nn.DenseGeneral(
+    kwargs = dict(
         features=features,
         axis=axis,
         use_bias=False,
@@ -18,3 +22,6 @@ def linear(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1
         kernel_init=nn.with_logical_partitioning(init, axes),
         name=name,
     )
+    if cfg.fp8 and quantize:
+        return fp8_dense_general(cfg.fp8_impl, **kwargs)
+    return nn.DenseGeneral(**kwargs)
