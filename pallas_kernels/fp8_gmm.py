@@ -195,11 +195,11 @@ def fp8_gmm_wgrad_gpu(a, a_scale, b, b_scale, block_group, num_groups: int, inte
 # --- dispatch --------------------------------------------------------------------------------------
 
 
-def _check(a, b, block_group, scales, expect, out_dtype=jnp.float32):
+def _check(a, b, block_group, scales, expect, out_dtype=jnp.float32, tiled_k=True):
     if a.dtype != E4M3 or b.dtype != E4M3:
         raise TypeError(f"fp8_gmm: operands must be float8_e4m3fn, got a {a.dtype}, b {b.dtype}")
-    if a.ndim != 2 or a.shape[0] % TILE or a.shape[1] % TILE:
-        raise ValueError(f"fp8_gmm: a {a.shape} must be [128 x blocks, K] with K a multiple of {TILE}")
+    if a.ndim != 2 or a.shape[0] % TILE or (tiled_k and a.shape[1] % TILE):
+        raise ValueError(f"fp8_gmm: a {a.shape} must be [128 x blocks, K]" + f" with K a multiple of {TILE}" * tiled_k)
     if block_group.shape != (a.shape[0] // TILE,) or not jnp.issubdtype(block_group.dtype, jnp.integer):
         raise ValueError(f"fp8_gmm: block_group {block_group.shape} {block_group.dtype} must be int [{a.shape[0] // TILE}]")
     for name, s, shapes in zip(("a_scale", "b_scale"), scales, expect):
@@ -231,7 +231,7 @@ def fp8_gmm_wgrad(a, a_scale, b, b_scale, block_group, num_groups: int, impl="au
     if b.ndim != 2 or b.shape[0] != r:
         raise ValueError(f"fp8_gmm_wgrad: b {b.shape} must be [R={r}, N]")
     expect = [((r // TILE, k),), ((r // TILE, b.shape[1]),)]
-    _check(a, b, block_group, (a_scale, b_scale), expect)
+    _check(a, b, block_group, (a_scale, b_scale), expect, tiled_k=False)
     platform = platform or jax.default_backend()
     impl = resolve_impl(impl, platform)
     if impl == "xla":

@@ -19,7 +19,10 @@ TILE = 128
 def scale_from_amax(amax, pow2: bool = False):
     """s = max(amax, 1e-4) / 448; ``pow2`` rounds s up to a power of two (UE8M0 scales, V3.1)."""
     s = jnp.maximum(amax.astype(jnp.float32), AMAX_MIN) / E4M3_MAX
-    return jnp.exp2(jnp.ceil(jnp.log2(s))) if pow2 else s
+    if not pow2:
+        return s
+    m, e = jnp.frexp(s)  # s = m 2^e, m in [0.5, 1): the next power of two is 2^e, or s itself
+    return jnp.ldexp(jnp.ones_like(s), jnp.where(m == 0.5, e - 1, e))
 
 
 def to_e4m3(x, s):
