@@ -3,6 +3,8 @@
     python train.py                                   # configs/tiny.yaml on the standard library
     python train.py --config configs/small.yaml data.paths='[my/*.txt]' train.steps=5000
     python train.py --resume                          # continue runs/<name>/ from its newest checkpoint
+    python train.py mesh.fsdp=4 mesh.expert=2         # any mesh of the devices (dsjax.sharding)
+    python train.py --distributed ...                 # one process per host: jax.distributed
 
 A run directory runs/<name>/ gets: config.yaml, checkpoints/ (orbax), metrics.jsonl, tb/
 (TensorBoard events), loss.png and sample.txt.
@@ -23,10 +25,11 @@ import numpy as np
 from tqdm import tqdm
 
 from dsjax import checkpoint as ckpt
+from dsjax import sharding
 from dsjax.config import Config, ConfigError, load_config
 from dsjax.data import DataError, eval_batches, load_splits, make_tokenizer, train_batches
 from dsjax.model import Transformer, count_params
-from dsjax.trainer import init_state, make_eval_step, make_train_step
+from dsjax.trainer import init_state, make_eval_step, make_train_step, state_shardings
 
 
 class TrainingError(RuntimeError):
@@ -99,78 +102,95 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"model.vocab_size={cfg.model.vocab_size}: the tokenizer has {tokenizer.vocab_size} tokens")
     train_split, val_split = load_splits(cfg.data, t.seq_len, tokenizer)
+    mesh = sharding.make_mesh(cfg.mesh)
+    sharding.check(mesh, cfg.model, t.batch_size // t.microbatches)  # before anything compiles
+    main_process = jax.process_index() == 0
     directory, restoring = prepare_run(cfg, resume)
     model = model or Transformer(cfg.model)
 
     batches = train_batches(train_split, t.batch_size, t.seed)
     val_batches = eval_batches(val_split, t.batch_size, t.eval_batches)
-    init = jax.jit(lambda: init_state(cfg, model, jax.random.key(t.seed)))
+    state_sh, batch_sh = state_shardings(cfg, model, mesh), sharding.batch_sharding(mesh)
+    init = jax.jit(lambda: init_state(cfg, model, jax.random.key(t.seed)), out_shardings=state_sh)
     mngr = ckpt.manager(directory, t.keep_checkpoints)
     metrics_path = directory / "metrics.jsonl"
     start = 0
     if restoring:
-        state, data_state = ckpt.restore(mngr, jax.eval_shape(init))
+        abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), jax.eval_shape(init), state_sh)
+        state, data_state = ckpt.restore(mngr, abstract)
         batches.set_state(data_state)
         start = mngr.latest_step()
         kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] if metrics_path.exists() else []
-        metrics_path.write_text("".join(line + "\n" for line in kept))  # steps after it are redone
+        if main_process:
+            metrics_path.write_text("".join(line + "\n" for line in kept))  # steps after it are redone
     else:
-        state = init()
-        metrics_path.write_text("")
+        with jax.set_mesh(mesh):
+            state = init()
+        if main_process:
+            metrics_path.write_text("")
 
-    step_fn = jax.jit(make_train_step(cfg, model), donate_argnums=0)
-    eval_fn = jax.jit(make_eval_step(cfg, model))
+    step_fn = jax.jit(make_train_step(cfg, model), in_shardings=(state_sh, batch_sh),
+                      out_shardings=(state_sh, None), donate_argnums=0)  # fmt: skip
+    eval_fn = jax.jit(make_eval_step(cfg, model), in_shardings=(state_sh.params, state_sh.bias, batch_sh))
+    put = lambda batch: sharding.put(batch, jax.tree.map(lambda _: batch_sh, batch))  # noqa: E731
     from tensorboardX import SummaryWriter
 
-    tb = SummaryWriter(str(directory / "tb"))
+    tb = SummaryWriter(str(directory / "tb"), write_to_disk=main_process)
     counts = count_params(cfg.model)
+    mesh_desc = " x ".join(f"{a} {n}" for a, n in mesh.shape.items())
     print(f"{directory}: {counts['total']:,} parameters, {counts['activated']:,} activated per token; "
-          f"{len(train_split):,} training sequences of {t.seq_len} tokens ({jax.default_backend()})")  # fmt: skip
+          f"{len(train_split):,} training sequences of {t.seq_len} tokens; mesh {mesh_desc} "
+          f"({mesh.size} {jax.default_backend()} device(s), {jax.process_count()} process(es))")  # fmt: skip
 
     def log(row: dict) -> None:
+        if not main_process:
+            return
         with metrics_path.open("a") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in row.items():
             if k != "step":
                 tb.add_scalar(k, v, row["step"])
 
-    bar = tqdm(total=t.steps, initial=start, disable=not progress, dynamic_ncols=True)
-    try:
-        last, window_tokens, window_start = {}, 0, time.perf_counter()
-        for step in range(start + 1, t.steps + 1):
-            state, m = step_fn(state, next(batches))
-            m = {k: float(v) for k, v in jax.device_get(m).items()}
-            window_tokens += m["tokens"]
-            if not m["ok"]:
-                log({"step": step, "skipped_nonfinite": 1.0, "loss": m["loss"], "grad_norm": m["grad_norm"]})
-                bar.write(f"step {step}: non-finite loss or gradient (loss={m['loss']}, grad_norm={m['grad_norm']}); step skipped")
-                if int(state.nonfinite) >= t.max_nonfinite_steps:
-                    mngr.wait_until_finished()  # the last save may still be in flight: finish it first
-                    latest = mngr.latest_step()
-                    where = f"{mngr.directory / str(latest)} (step {latest})" if latest is not None else "none was saved yet"
-                    raise TrainingError(f"{t.max_nonfinite_steps} consecutive non-finite steps at step {step}: stopping. "
-                                        f"Last good checkpoint: {where}")  # fmt: skip
-            if step % t.log_every == 0 or step == t.steps:
-                dt = time.perf_counter() - window_start
-                last = {"step": step, **{k: m[k] for k in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_max_mean")},
-                        "tokens_per_s": window_tokens / dt, "skipped_total": int(state.skipped)}  # fmt: skip
-                log(last)
-                bar.set_postfix(loss=f"{m['ce']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}", load=f"{m['load_max_mean']:.2f}")
-                window_tokens, window_start = 0, time.perf_counter()
-            if step % t.eval_every == 0 or step == t.steps:
-                ev = evaluate(eval_fn, state, val_batches, val_split.bytes_per_token)
-                log({"step": step, **ev})
-                last.update(ev)
-                bar.write(f"step {step}: validation loss {ev['val_loss']:.4f}, {ev['val_bpb']:.3f} bits per byte")
-            if step % t.checkpoint_every == 0 or step == t.steps:
-                ckpt.save(mngr, step, state, batches.get_state())
-            bar.update(1)
-    finally:  # whatever stops the loop, every started checkpoint save completes
-        bar.close()
-        mngr.wait_until_finished()
-        mngr.close()
-        tb.close()
+    bar = tqdm(total=t.steps, initial=start, disable=not (progress and main_process), dynamic_ncols=True)
+    with jax.set_mesh(mesh):  # the MoE layers run expert parallelism over this mesh
+        try:
+            last, window_tokens, window_start = {}, 0, time.perf_counter()
+            for step in range(start + 1, t.steps + 1):
+                state, m = step_fn(state, put(next(batches)))
+                m = {k: float(v) for k, v in jax.device_get(m).items()}
+                window_tokens += m["tokens"]
+                if not m["ok"]:
+                    log({"step": step, "skipped_nonfinite": 1.0, "loss": m["loss"], "grad_norm": m["grad_norm"]})
+                    bar.write(f"step {step}: non-finite loss or gradient (loss={m['loss']}, grad_norm={m['grad_norm']}); step skipped")
+                    if int(state.nonfinite) >= t.max_nonfinite_steps:
+                        mngr.wait_until_finished()  # the last save may still be in flight: finish it first
+                        latest = mngr.latest_step()
+                        where = f"{mngr.directory / str(latest)} (step {latest})" if latest is not None else "none was saved yet"
+                        raise TrainingError(f"{t.max_nonfinite_steps} consecutive non-finite steps at step {step}: stopping. "
+                                            f"Last good checkpoint: {where}")  # fmt: skip
+                if step % t.log_every == 0 or step == t.steps:
+                    dt = time.perf_counter() - window_start
+                    last = {"step": step, **{k: m[k] for k in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_max_mean", "dropped")},
+                            "tokens_per_s": window_tokens / dt, "skipped_total": int(state.skipped)}  # fmt: skip
+                    log(last)
+                    bar.set_postfix(loss=f"{m['ce']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}", load=f"{m['load_max_mean']:.2f}")
+                    window_tokens, window_start = 0, time.perf_counter()
+                if step % t.eval_every == 0 or step == t.steps:
+                    ev = evaluate(eval_fn, state, map(put, val_batches), val_split.bytes_per_token)
+                    log({"step": step, **ev})
+                    last.update(ev)
+                    bar.write(f"step {step}: validation loss {ev['val_loss']:.4f}, {ev['val_bpb']:.3f} bits per byte")
+                if step % t.checkpoint_every == 0 or step == t.steps:
+                    ckpt.save(mngr, step, state, batches.get_state())
+                bar.update(1)
+        finally:  # whatever stops the loop, every started checkpoint save completes
+            bar.close()
+            mngr.wait_until_finished()
+            mngr.close()
+            tb.close()
 
+    if not main_process:
+        return last
     plot(metrics_path, directory / "loss.png")
     if t.sample_tokens:
         text = sample(cfg, {"params": state.params, "selection_bias": state.bias}, tokenizer)
@@ -183,8 +203,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--resume", action="store_true", help="continue the run's newest checkpoint")
+    ap.add_argument("--distributed", action="store_true",
+                    help="multi-host: call jax.distributed.initialize() (cluster settings auto-detected)")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
     a = ap.parse_args(argv)
+    if a.distributed:
+        jax.distributed.initialize()
     try:
         cfg = load_config(a.config, a.overrides)
         last = train(cfg, resume=a.resume)

@@ -9,6 +9,13 @@ from dsjax.mla import MLA
 from dsjax.mlp import MLP
 from dsjax.moe import BIAS, MoE
 from dsjax.norm import RMSNorm
+from dsjax.sharding import constrain
+
+# Activation checkpointing per layer (ModelConfig.remat): what the backward pass may keep.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,  # keep only the layer's input
+    "save_projections": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # x W outputs
+}
 
 
 class Block(nn.Module):
@@ -22,10 +29,11 @@ class Block(nn.Module):
         ``cache`` (a ``LatentCache``) and ``positions``: decoding, see ``MLA``."""
         c = self.cfg
         pdt = jnp.dtype(c.param_dtype)
-        h = RMSNorm(c.rms_norm_eps, "embed", pdt, name="input_layernorm")(x)
+        x = constrain(x, ("batch", None, None))  # sequences stay split over the batch axes
+        h = RMSNorm(c.rms_norm_eps, "norm", pdt, name="input_layernorm")(x)
         y, cache = MLA(c, name="self_attn")(h, cos, sin, mask, cache, positions)
         x = x + y
-        h = RMSNorm(c.rms_norm_eps, "embed", pdt, name="post_attention_layernorm")(x)
+        h = RMSNorm(c.rms_norm_eps, "norm", pdt, name="post_attention_layernorm")(x)
         if self.moe:
             y, stats = MoE(c, name="mlp")(h, token_mask)
             return x + y, (stats, cache)
@@ -44,9 +52,12 @@ class Stack(nn.Module):
     @nn.compact
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, positions=None):
         """Returns (x, RouterStats stacked over layers or None, cache)."""
+        block = Block
+        if self.cfg.remat != "none":
+            block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
         if self.cfg.scan_layers:
             scanned = nn.scan(
-                Block,
+                block,
                 variable_axes={"params": 0, BIAS: 0},
                 split_rngs={"params": True},
                 in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
@@ -58,7 +69,7 @@ class Stack(nn.Module):
         outs = []
         for i in range(self.num_layers):
             layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
-            x, out = Block(self.cfg, self.moe, name=f"layer_{i}")(x, cos, sin, mask, token_mask, layer_cache, positions)
+            x, out = block(self.cfg, self.moe, name=f"layer_{i}")(x, cos, sin, mask, token_mask, layer_cache, positions)
             outs.append(out)
         stats, cache = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         return x, stats, cache

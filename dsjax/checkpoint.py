@@ -57,6 +57,8 @@ def restore_model(directory: str | Path, step: int | None = None) -> tuple[Model
     directory = Path(directory)
     cfg = load_config(directory / "config.yaml")
     abstract = jax.eval_shape(lambda: init_state(cfg, Transformer(cfg.model), jax.random.key(0)))
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh trained it: one device here
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract)
     with manager(directory, cfg.train.keep_checkpoints) as mngr:
         state, _ = restore(mngr, abstract, step)
     return cfg.model, {"params": state.params, "selection_bias": state.bias}

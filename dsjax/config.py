@@ -99,6 +99,10 @@ class ModelConfig:
     attention_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # dsjax.attention
     fp8: bool = False  # V3's FP8 recipe for the projections it quantizes (REFERENCE §7)
     fp8_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # pallas_kernels.fp8 dispatch
+    # Expert parallelism (dsjax.moe, mesh.expert > 1): how token copies travel to their experts'
+    # devices, and the receive buffer per device pair (0 = dropless: room for every copy).
+    expert_dispatch: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"
+    expert_capacity_factor: float = 0.0
 
     def __post_init__(self):
         _check_types(self)
@@ -142,7 +146,8 @@ class ModelConfig:
 
 
 # Fields that are ours (HF configs do not carry them).
-OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl")
+OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl",
+        "expert_dispatch", "expert_capacity_factor")
 # Fields that keep their name and meaning in HF configs (everything but ours and rope_scaling).
 _HF_FIELDS = tuple(
     f.name
@@ -224,12 +229,32 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Device mesh sizes (dsjax.sharding); one of them may be -1: the rest of the devices."""
+
+    data: int = -1
+    fsdp: int = 1
+    expert: int = 1
+    tensor: int = 1
+
+    def __post_init__(self):
+        _check_types(self, "mesh.")
+        sizes = dataclasses.asdict(self)
+        for name, n in sizes.items():
+            if n == 0 or n < -1:
+                raise ConfigError(f"mesh.{name}={n}: must be a positive integer, or -1 for the remaining devices")
+        if list(sizes.values()).count(-1) > 1:
+            raise ConfigError(f"mesh: at most one axis may be -1 (the rest of the devices), got {sizes}")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run: the sections of a configs/*.yaml file."""
 
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
 
     def __post_init__(self):
         _check_types(self)
@@ -257,6 +282,8 @@ def _validate(c: ModelConfig) -> None:
     rule(0 <= c.first_k_dense_replace <= c.num_hidden_layers, "first_k_dense_replace",
          f"must be between 0 and num_hidden_layers={c.num_hidden_layers}")
     rule(c.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
+    rule(c.expert_capacity_factor == 0 or c.expert_capacity_factor >= 1, "expert_capacity_factor",
+         "must be 0 (dropless) or >= 1 (receive room for that many times the even share of token copies)")
     rule(c.initializer_range > 0, "initializer_range", "must be > 0")
     rule(c.rope_theta > 1, "rope_theta", "must be > 1")
     rule(c.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")

@@ -5,17 +5,24 @@
 
 The per-expert selection bias b lives in the non-trainable ``selection_bias`` collection; it
 changes which experts are picked, never their weights. Dispatch is dropless: the token copies are
-sorted by expert and run through grouped matmuls (``dsjax.gmm``).
+sorted by expert and run through grouped matmuls (``dsjax.gmm``). Under a mesh (``jax.set_mesh``)
+the experts run inside ``shard_map`` (``experts_parallel``): routed experts split over ``expert``,
+their hidden dim over ``tensor``, their weights gathered over ``fsdp``; token copies travel to
+their experts' devices by all-to-all and back.
 """
+
+import math
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
 from dsjax.gmm import grouped_matmul
 from dsjax.mlp import MLP
+from dsjax.sharding import BATCH, platform
 
 BIAS = "selection_bias"  # variable collection of the aux-loss-free balancing bias
 
@@ -26,6 +33,7 @@ class RouterStats:
 
     expert_counts: jax.Array  # [..., E] int32: token copies routed to each expert (padding excluded)
     balance_loss: jax.Array  # [...] sequence-wise balance loss sum_i f_i P_i, mean over sequences
+    dropped: jax.Array  # [...] fraction of token copies dropped by a full expert buffer (0 when dropless)
 
 
 def route(scores, bias, cfg: ModelConfig):
@@ -79,6 +87,124 @@ def experts_dropless(x, idx, w, w_gate, w_up, w_down, impl: str = "auto", fp8: s
     return jnp.einsum("tkh,tk->th", ys, w.astype(ys.dtype))
 
 
+def _swiglu_local(xs, eid, w_gate, w_up, w_down, impl, fp8):
+    """Rows ``xs`` [m, H] with local expert ids ``eid`` [m] (== num experts: an empty slot) -> [m, H].
+
+    Rows are grouped by expert for the grouped matmuls; empty slots form one extra group whose
+    weights are zero (ragged_dot instead leaves rows past the groups out, computing nothing)."""
+    e = w_gate.shape[0]
+    order = jnp.argsort(eid, stable=True)
+    sizes = jnp.bincount(eid, length=e + 1)
+    ragged = impl == "ragged_dot" or (impl == "auto" and platform() == "tpu")
+    if ragged:
+        sizes = sizes[:e]
+    else:
+        w_gate, w_up, w_down = (jnp.concatenate([w, jnp.zeros_like(w[:1])]) for w in (w_gate, w_up, w_down))
+    xs = xs[order]
+    h = nn.silu(grouped_matmul(xs, w_gate, sizes, impl, fp8)) * grouped_matmul(xs, w_up, sizes, impl, fp8)
+    return grouped_matmul(h, w_down, sizes, impl, fp8)[jnp.argsort(order)]
+
+
+def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
+    """``experts_dropless`` over the mesh: x [T, H] (tokens split over data x fsdp x expert),
+    w_gate/w_up [E, H, I] and w_down [E, I, H] split (expert, fsdp, tensor) / (expert, tensor, fsdp).
+
+    Each device sorts its token copies by destination (expert // experts per device), sends them
+    with an all-to-all over ``expert``, runs its experts on what it received and sends the results
+    back; the partial sums over the tensor-split hidden dim are added with a psum.
+    Returns (y [T, H], fraction of token copies dropped; 0 unless ``expert_capacity_factor``)."""
+    impl, fp8 = cfg.moe_impl, (cfg.fp8_impl if cfg.fp8 else None)
+    n_ep = mesh.shape["expert"]
+    dispatch = cfg.expert_dispatch
+    if dispatch == "auto":
+        dispatch = "all_to_all" if platform() == "cpu" else "ragged_all_to_all"
+
+    def local(x, idx, w, w_gate, w_up, w_down):
+        w_gate, w_up = (jax.lax.all_gather(a, "fsdp", axis=1, tiled=True) for a in (w_gate, w_up))
+        w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)
+        t, k = idx.shape
+        e_local = w_gate.shape[0]
+        flat = idx.reshape(-1)
+        order = jnp.argsort(flat, stable=True)  # copies by expert, hence by destination device
+        rows, eid = x[order // k], flat[order]
+        if n_ep == 1:
+            ys, kept = _swiglu_local(rows, eid, w_gate, w_up, w_down, impl, fp8), jnp.ones(t * k, bool)
+        elif dispatch == "all_to_all":
+            ys, kept = _a2a_fixed(rows, eid, e_local, n_ep, cfg.expert_capacity_factor,
+                                  lambda r, i: _swiglu_local(r, i, w_gate, w_up, w_down, impl, fp8))  # fmt: skip
+        else:
+            ys, kept = _a2a_ragged(rows, eid, e_local, n_ep, cfg.expert_capacity_factor,
+                                   lambda r, i: _swiglu_local(r, i, w_gate, w_up, w_down, impl, fp8))  # fmt: skip
+        ys = jnp.where(kept[:, None], ys, 0)[jnp.argsort(order)].reshape(t, k, -1)
+        y = jax.lax.psum(jnp.einsum("tkh,tk->th", ys, w.astype(ys.dtype)), "tensor")
+        dropped = jax.lax.pmean(1.0 - kept.mean(), BATCH)
+        return y, dropped
+
+    tok = P(BATCH)
+    fn = jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=(tok, tok, tok, P("expert", "fsdp", "tensor"), P("expert", "fsdp", "tensor"), P("expert", "tensor", "fsdp")),
+        out_specs=(tok, P()),
+        check_vma=False,
+    )
+    return fn(x, idx, w, w_gate, w_up, w_down)
+
+
+def _capacity(t: int, k: int, n_ep: int, factor: float) -> int:
+    """Receive rows per device pair: all t*k copies when dropless, else factor x the even share."""
+    return t * k if factor == 0 else min(t * k, math.ceil(factor * t * k / n_ep))
+
+
+def _a2a_fixed(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn):
+    """Exchange through fixed [n_ep, cap] buffers with ``all_to_all`` (every backend, CPU included).
+
+    rows [m, H] sorted by global expert id ``eid``; returns (results in the same order, kept [m])."""
+    m, hdim = rows.shape
+    cap = _capacity(m, 1, n_ep, factor)
+    dest = eid // e_local
+    sizes = jnp.bincount(dest, length=n_ep)
+    rank = jnp.arange(m) - (jnp.cumsum(sizes) - sizes)[dest]  # slot within the destination's chunk
+    kept = rank < cap
+    slot = jnp.where(kept, rank, cap)  # out of range: dropped by mode="drop"
+    send = jnp.zeros((n_ep, cap, hdim), rows.dtype).at[dest, slot].set(rows, mode="drop")
+    send_id = jnp.full((n_ep, cap), e_local, jnp.int32).at[dest, slot].set(eid % e_local, mode="drop")
+    recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [source, cap, H]
+    recv_id = jax.lax.all_to_all(send_id, "expert", 0, 0, tiled=True)
+    out = expert_fn(recv.reshape(n_ep * cap, hdim), recv_id.reshape(-1)).reshape(n_ep, cap, hdim)
+    back = jax.lax.all_to_all(out, "expert", 0, 0, tiled=True)  # [destination, cap, H], our rows
+    return back[dest, jnp.minimum(slot, cap - 1)], kept
+
+
+def _a2a_ragged(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn):
+    """The same exchange with ``ragged_all_to_all`` (GPU/TPU): only the rows in use travel."""
+    m, hdim = rows.shape
+    dest = eid // e_local
+    sizes = jnp.bincount(dest, length=n_ep).astype(jnp.int32)  # rows to each device
+    cap = _capacity(m, 1, n_ep, factor)
+    send_sizes = jnp.minimum(sizes, cap)  # beyond the capacity: dropped
+    starts = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
+    kept = jnp.arange(m) - starts[dest] < cap
+    table = jax.lax.all_gather(send_sizes, "expert")  # [source, destination]
+    me = jax.lax.axis_index("expert")
+    before = jnp.cumsum(table, axis=0) - table  # rows that earlier sources put in each destination
+    out_offsets, recv_sizes = before[me], table[:, me]
+    recv_offsets = (jnp.cumsum(recv_sizes) - recv_sizes).astype(jnp.int32)
+    room = n_ep * cap
+
+    def send(operand, fill, in_off, in_sizes, out_off, out_sizes, n_out):
+        buf = jnp.full((n_out, *operand.shape[1:]), fill, operand.dtype)
+        return jax.lax.ragged_all_to_all(operand, buf, in_off, in_sizes, out_off, out_sizes, axis_name="expert")
+
+    recv = send(rows, 0, starts, send_sizes, out_offsets, recv_sizes, room)
+    recv_id = send((eid % e_local).astype(jnp.int32), e_local, starts, send_sizes, out_offsets, recv_sizes, room)
+    out = expert_fn(recv, recv_id)
+    # Back: my received chunk from source s returns to s's sorted rows at its start for me.
+    starts_all = jax.lax.all_gather(starts, "expert")  # [source, destination]
+    back = send(out, 0, recv_offsets, recv_sizes, starts_all[:, me], send_sizes, m)
+    return back, kept
+
+
 def experts_dense(x, idx, w, w_gate, w_up, w_down):
     """Reference: every expert on every token, combined with a dense [T, E] weight matrix."""
     gates = jnp.zeros((x.shape[0], w_gate.shape[0]), w.dtype).at[jnp.arange(x.shape[0])[:, None], idx].add(w)
@@ -107,12 +233,17 @@ class MoE(nn.Module):
         logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32), precision="highest")
         scores = jax.nn.sigmoid(logits) if c.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
         idx, w = route(scores.reshape(b * s, e), bias, c)
-        y = experts_dropless(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c.moe_impl, c.fp8_impl if c.fp8 else None)
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:
+            y = experts_dropless(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c.moe_impl, c.fp8_impl if c.fp8 else None)
+            dropped = jnp.zeros((), jnp.float32)
+        else:
+            y, dropped = experts_parallel(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c, mesh)
         y = y.reshape(b, s, hdim)
         if c.n_shared_experts:
             y = y + MLP(c, c.n_shared_experts * i, name="shared_experts")(x)
 
         idx = idx.reshape(b, s, -1)
         counts = jnp.bincount(jnp.where(token_mask[..., None], idx, e).reshape(-1), length=e + 1)[:e]
-        stats = RouterStats(counts.astype(jnp.int32), balance_loss(scores, idx, token_mask, e))
+        stats = RouterStats(counts.astype(jnp.int32), balance_loss(scores, idx, token_mask, e), dropped)
         return y, stats

@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from dsjax import sharding
 from dsjax.config import Config
-from dsjax.model import Transformer
 from dsjax.moe import BIAS
 from dsjax.optim import lr_schedule, make_optimizer
 
@@ -36,6 +36,25 @@ def init_state(cfg: Config, model: nn.Module, rng) -> TrainState:
     params = variables["params"]
     zero = jnp.zeros((), jnp.int32)
     return TrainState(zero, params, make_optimizer(cfg.train).init(params), variables.get(BIAS, {}), zero, zero)
+
+
+def state_shardings(cfg: Config, model: nn.Module, mesh) -> TrainState:
+    """NamedShardings of the TrainState: params by their logical axes (sharding.RULES), optimizer
+    moments like their params, everything else replicated."""
+    tokens = jax.ShapeDtypeStruct((1, cfg.train.seq_len), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    params_sh = sharding.shardings(mesh, boxed["params"])
+    abstract = jax.eval_shape(lambda: init_state(cfg, model, jax.random.key(0)))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_sh = sharding.like(abstract.opt_state, abstract.params, params_sh, replicated)
+    rest = jax.tree.map(lambda _: replicated, abstract.bias)
+    return TrainState(replicated, params_sh, opt_sh, rest, replicated, replicated)
+
+
+def init_state_sharded(cfg: Config, model: nn.Module, mesh, rng) -> TrainState:
+    """``init_state`` compiled with out_shardings: every array is created directly on its devices,
+    never whole on one host."""
+    return jax.jit(lambda r: init_state(cfg, model, r), out_shardings=state_shardings(cfg, model, mesh))(rng)
 
 
 def valid_targets(segment_ids, shift: int):
@@ -68,6 +87,7 @@ def loss_sums(model, params, bias, batch, depth: int):
         "ce": shifted_ce(out.logits, tok, seg, 1),
         "mtp": jnp.asarray(mtp, jnp.float32).reshape(depth),
         "balance": sum((jnp.sum(r.balance_loss) for r in routers), jnp.zeros(())),
+        "dropped": sum((jnp.mean(r.dropped) for r in routers), jnp.zeros(())) / max(len(routers), 1),
     }
     loads = {"main": out.router.expert_counts if out.router else None,
              "mtp": out.mtp_router.expert_counts if out.mtp_router else None}  # fmt: skip
@@ -113,7 +133,9 @@ def make_train_step(cfg: Config, model: nn.Module):
 
     def step(state: TrainState, batch):
         counts = target_counts(batch, depth)  # over the whole batch: microbatch gradients add up
-        mb = jax.tree.map(lambda a: a.reshape(micro, a.shape[0] // micro, *a.shape[1:]), batch)
+        # Microbatch j = sequences j, j + micro, ...: each stays split over the batch axes of the mesh.
+        mb = jax.tree.map(lambda a: sharding.constrain(a.reshape(a.shape[0] // micro, micro, *a.shape[1:]).swapaxes(0, 1),
+                                                       (None, "batch")), batch)  # fmt: skip
 
         def micro_loss(params, one):
             sums, loads = loss_sums(model, params, state.bias, one, depth)
@@ -151,6 +173,7 @@ def make_train_step(cfg: Config, model: nn.Module):
         metrics = dict(
             loss=loss, **parts, grad_norm=grad_norm, lr=lr(state.step), ok=ok, tokens=counts[0],
             load_max_mean=jnp.mean(main.max(-1) / jnp.maximum(main.mean(-1), 1e-9)),
+            dropped=sums["dropped"] / micro,
         )  # fmt: skip
         return new_state, metrics
 

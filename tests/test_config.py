@@ -16,7 +16,8 @@ from dsjax.config import ConfigError, ModelConfig, RopeScaling, apply_overrides,
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FIXTURES = sorted(p for p in (ROOT / "tests" / "fixtures").iterdir() if (p / "config.json").is_file())
-OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl")  # not in HF configs
+OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl",
+        "expert_dispatch", "expert_capacity_factor")  # not in HF configs
 YARN = {"factor": 4.0, "original_max_position_embeddings": 128}
 
 
@@ -294,7 +295,7 @@ def test_unknown_section_close_match(tmp_path):
 
 def test_unknown_section_no_close_match(tmp_path):
     text = yaml.safe_dump({"model": base(), "optimizer": {"lr": 1e-3}})
-    with pytest.raises(ConfigError, match=re.escape("unknown section 'optimizer'; valid keys: data, model, train")):
+    with pytest.raises(ConfigError, match=re.escape("unknown section 'optimizer'; valid keys: data, mesh, model, train")):
         load_config(write_yaml(tmp_path, text))
 
 

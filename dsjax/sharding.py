@@ -1,0 +1,135 @@
+"""Device meshes and the one table of logical-axis rules.
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning`` in the modules); RULES
+maps them onto the mesh axes ``data`` / ``fsdp`` / ``expert`` / ``tensor``:
+
+    batch      -> (data, fsdp, expert)   every batch-sharding axis splits the sequences
+    embed      -> fsdp                   parameters (and optimizer state) sharded over fsdp
+    heads, mlp, expert_mlp, vocab -> tensor
+    experts    -> expert                 routed experts live on their expert-parallel device
+    (q_lora, kv_lora, *_dim, norm, layers, mtp_in: replicated)
+
+The modules never name a mesh axis; ``dsjax.moe`` reads the mesh set with ``jax.set_mesh`` to
+run expert parallelism inside ``shard_map``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+
+from dsjax.config import ConfigError, MeshConfig, ModelConfig
+
+AXES = ("data", "fsdp", "expert", "tensor")
+BATCH = ("data", "fsdp", "expert")
+
+RULES = (
+    ("batch", BATCH),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("expert_mlp", "tensor"),
+    ("experts", "expert"),
+)
+
+
+def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
+    """Axis sizes with -1 resolved; their product must be the device count."""
+    sizes = dataclasses.asdict(cfg)
+    fixed = math.prod(n for n in sizes.values() if n != -1)
+    rest = [a for a, n in sizes.items() if n == -1]
+    if rest:
+        if num_devices % fixed:
+            raise ConfigError(f"mesh {sizes}: the fixed axes ({fixed} devices) do not divide the {num_devices} devices")
+        sizes[rest[0]] = num_devices // fixed
+    if math.prod(sizes.values()) != num_devices:
+        raise ConfigError(f"mesh {sizes}: needs {math.prod(sizes.values())} devices, but there are {num_devices}")
+    return sizes
+
+
+def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp, expert, tensor) mesh over ``devices`` (default: all), topology-aware."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = mesh_shape(cfg, len(devices))
+    shape = tuple(sizes[a] for a in AXES)
+    return jax.make_mesh(shape, AXES, devices=devices, axis_types=(AxisType.Auto,) * len(AXES))
+
+
+def check(mesh: jax.sharding.Mesh, model: ModelConfig, batch_size: int | None = None) -> None:
+    """Errors, before anything compiles, for sizes the mesh cannot split evenly."""
+    n = mesh.shape
+    rules = [
+        (model.num_attention_heads, n["tensor"], "model.num_attention_heads", "mesh.tensor"),
+        (model.intermediate_size, n["tensor"], "model.intermediate_size", "mesh.tensor"),
+        (model.moe_intermediate_size, n["tensor"], "model.moe_intermediate_size", "mesh.tensor"),
+        (model.vocab_size, n["tensor"], "model.vocab_size", "mesh.tensor"),
+        (model.hidden_size, n["fsdp"], "model.hidden_size", "mesh.fsdp"),
+        (model.n_routed_experts, n["expert"], "model.n_routed_experts", "mesh.expert"),
+    ]
+    if batch_size is not None:
+        shards = math.prod(n[a] for a in BATCH)
+        rules.append((batch_size, shards, "sequences per microbatch (train.batch_size / train.microbatches)",
+                      f"the batch-sharding axes data x fsdp x expert = {shards}"))  # fmt: skip
+    for size, parts, what, axis in rules:
+        if size % parts:
+            raise ConfigError(f"{what}={size} is not divisible by {axis}={parts}")
+
+
+def spec(logical: tuple[str | None, ...]) -> P:
+    """Logical axis names -> a PartitionSpec over the mesh axes (RULES)."""
+    return nn.logical_to_mesh_axes(logical, RULES)
+
+
+def shardings(mesh: jax.sharding.Mesh, boxed_tree):
+    """NamedShardings for a tree of (abstract) values boxed with logical names; unboxed leaves replicate."""
+    specs = nn.get_partition_spec(boxed_tree)
+    return jax.tree.map(lambda s: NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(s), RULES)), specs,
+                        is_leaf=lambda s: isinstance(s, P))  # fmt: skip
+
+
+def like(tree, template, template_shardings, default):
+    """Shardings for ``tree`` (e.g. optimizer state): every subtree shaped like ``template`` (the
+    params) gets ``template_shardings``; every other leaf ``default``."""
+    structure = jax.tree.structure(template)
+
+    def pick(sub):
+        return template_shardings if jax.tree.structure(sub) == structure else default
+
+    return jax.tree.map(pick, tree, is_leaf=lambda sub: jax.tree.structure(sub) == structure)
+
+
+def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """[batch, ...] arrays: sequences split over data x fsdp x expert."""
+    return NamedSharding(mesh, P(BATCH))
+
+
+def platform() -> str:
+    """The platform being compiled for: the mesh's devices' (also when compiling ahead of time for
+    another machine, e.g. a TPU topology from a CPU host), else the default backend."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    return device.platform if device is not None else jax.default_backend()
+
+
+def constrain(x, logical: tuple[str | None, ...]):
+    """``with_sharding_constraint`` by logical names under the mesh set with ``jax.set_mesh``; a
+    no-op without one (plain single-device use)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical)))
+
+
+def put(tree, shardings_tree):
+    """Host values -> global arrays with the given shardings (every process passes the whole value)."""
+
+    def one(x, s):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, s, lambda idx: x[idx])
+
+    return jax.tree.map(one, tree, shardings_tree)

@@ -1,0 +1,230 @@
+"""dsjax.sharding + expert parallelism: on 8 simulated CPU devices every mesh computes what one
+device computes (loss, gradients, a whole train step with its bias update); expert weights are
+split over the expert axis; tokens travel by all-to-all; bad meshes fail before compiling."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dsjax import sharding
+from dsjax.config import ConfigError, MeshConfig, load_config
+from dsjax.model import Transformer
+from dsjax.trainer import init_state, loss_sums, make_train_step, state_shardings, update_bias
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+# vocab 264: divisible by the tensor axis (the byte tokenizer needs >= 259)
+SMALL = ["train.batch_size=8", "train.seq_len=32", "model.num_hidden_layers=2", "model.vocab_size=264"]
+MESHES = [(8, 1, 1, 1), (2, 2, 2, 1), (1, 2, 2, 2), (1, 1, 8, 1)]
+
+
+def test_devices():
+    assert jax.device_count() == 8  # tests/conftest.py
+
+
+def test_mesh_shape_resolves_the_rest_and_rejects_bad_sizes():
+    assert sharding.mesh_shape(MeshConfig(), 8) == {"data": 8, "fsdp": 1, "expert": 1, "tensor": 1}
+    assert sharding.mesh_shape(MeshConfig(data=2, fsdp=-1, expert=2), 8)["fsdp"] == 2
+    with pytest.raises(ConfigError, match="fixed axes .3 devices. do not divide the 8 devices"):
+        sharding.mesh_shape(MeshConfig(data=-1, expert=3), 8)
+    with pytest.raises(ConfigError, match="needs 4 devices, but there are 8"):
+        sharding.mesh_shape(MeshConfig(data=2, fsdp=2), 8)
+    with pytest.raises(ConfigError, match="at most one axis may be -1"):
+        load_config(TINY, ["mesh.fsdp=-1"])  # data is -1 already
+    with pytest.raises(ConfigError, match="mesh.tensor=0: must be a positive integer"):
+        load_config(TINY, ["mesh.tensor=0"])
+
+
+@pytest.mark.parametrize(
+    "override, mesh, message",
+    [
+        ([], (1, 1, 1, 8), "model.num_attention_heads=4 is not divisible by mesh.tensor=8"),
+        ([], (1, 1, 8, 1), None),
+        (["model.n_routed_experts=12", "model.n_group=2"], (1, 1, 8, 1), "model.n_routed_experts=12 is not divisible by mesh.expert=8"),
+        (["model.vocab_size=259"], (4, 1, 1, 2), "model.vocab_size=259 is not divisible by mesh.tensor=2"),
+        ([], (8, 1, 1, 1), "sequences per microbatch .* is not divisible by the batch-sharding axes data x fsdp x expert = 8"),
+    ],
+)
+def test_invalid_meshes_fail_before_compiling(override, mesh, message):
+    cfg = load_config(TINY, [*SMALL, *override])
+    m = sharding.make_mesh(MeshConfig(*mesh))
+    if message is None:
+        sharding.check(m, cfg.model, 8)
+    else:
+        with pytest.raises(ConfigError, match=message):
+            sharding.check(m, cfg.model, 4 if "sequences" in message else 8)
+
+
+def test_train_py_rejects_a_bad_mesh_before_compiling(tmp_path):
+    from train import main
+
+    args = ["--config", str(TINY), f"train.output_dir={tmp_path}", "mesh.tensor=8"]
+    assert main(args) == 2  # ConfigError: named, no traceback, nothing trained
+    assert not any(tmp_path.iterdir())
+
+
+def imbalanced_batch(cfg):
+    """Rows 0-3 repeat one token (every copy to the same experts); rows 4-7 are random: each shard
+    of the batch sees a different expert load."""
+    rng = np.random.default_rng(0)
+    b, s = cfg.train.batch_size, cfg.train.seq_len
+    tokens = rng.integers(0, 259, (b, s)).astype(np.int32)
+    tokens[: b // 2] = 7
+    seg = np.ones((b, s), np.int32)
+    seg[1, s // 2 :] = 2  # a packed second document
+    pos = np.where(seg == 2, np.arange(s) - s // 2, np.arange(s)).astype(np.int32)
+    return {"tokens": tokens, "segment_ids": seg, "positions": pos}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """One device, no mesh: loss, gradients, loads and one train step (the independent reference)."""
+    cfg = load_config(TINY, SMALL)
+    model = Transformer(cfg.model)
+    state = init_state(cfg, model, jax.random.key(0))
+    batch = imbalanced_batch(cfg)
+    return cfg, model, state, batch, jax.jit(run(cfg, model))(state, batch)
+
+
+def run(cfg, model):
+    step = make_train_step(cfg, model)
+
+    def both(state, batch):
+        def f(p):
+            sums, loads = loss_sums(model, p, state.bias, batch, cfg.model.num_nextn_predict_layers)
+            n = batch["tokens"].size
+            return (sums["ce"] + sums["mtp"].sum()) / n + sums["balance"], loads
+
+        (loss, loads), grads = jax.value_and_grad(f, has_aux=True)(state.params)
+        new, metrics = step(state, batch)
+        return loss, grads, loads, new, metrics
+
+    return both
+
+
+def max_diff(a, b):
+    return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
+def test_every_mesh_computes_what_one_device_computes(reference, shape):
+    cfg, model, state, batch, (loss, grads, loads, new, metrics) = reference
+    mesh = sharding.make_mesh(MeshConfig(*shape))
+    sh, batch_sh = state_shardings(cfg, model, mesh), sharding.batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+        fn = jax.jit(run(cfg, model), in_shardings=(sh, batch_sh))
+        compiled = fn.trace(jax.device_put(state, sh), jax.device_put(batch, batch_sh)).lower().compile()
+        out = compiled(jax.device_put(state, sh), jax.device_put(batch, batch_sh))
+    s_loss, s_grads, s_loads, s_new, s_metrics = out
+    assert abs(float(s_loss) - float(loss)) <= 1e-5
+    assert max_diff(s_grads, grads) <= 1e-5
+    np.testing.assert_array_equal(s_loads["main"], loads["main"])  # global loads, exactly
+    assert max_diff(s_new.params, new.params) <= 1e-5
+    np.testing.assert_array_equal(np.asarray(s_new.bias["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"]),
+                                  np.asarray(new.bias["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"]))  # fmt: skip
+    assert float(s_metrics["dropped"]) == 0.0  # dropless
+
+    # Routed-expert weights: each device holds 1/expert of them (times 1/fsdp, 1/tensor).
+    w = s_new.params["moe_layers"]["layers"]["mlp"]["w_gate"]
+    n = mesh.shape
+    per_device = {s.data.nbytes for s in w.addressable_shards}
+    assert per_device == {w.nbytes // (n["expert"] * n["fsdp"] * n["tensor"])}
+    hlo = compiled.as_text()
+    assert ("all-to-all" in hlo) == (n["expert"] > 1)
+
+
+def test_bias_update_uses_the_global_load_not_a_shards(reference):
+    """The sharded steps above match the update from the whole batch's loads (exactly); one shard's
+    own rows (the last one: random tokens) would push the bias elsewhere."""
+    cfg, model, state, batch, (_, _, loads, new, _) = reference
+    bias = state.bias
+    whole = update_bias(bias, loads, 1e-3)
+    assert max_diff(whole, new.bias) == 0
+    shard = {k: v[-1:] for k, v in batch.items()}
+    _, shard_loads = loss_sums(model, state.params, bias, shard, 1)
+    local = update_bias(bias, shard_loads, 1e-3)
+    assert max_diff(local, whole) > 0  # a shard's own loads would give another update
+
+
+@pytest.mark.slow
+def test_capacity_factor_drops_and_reports(reference):
+    cfg, model, state, batch, (loss, *_rest) = reference
+    mesh = sharding.make_mesh(MeshConfig(1, 1, 8, 1))
+    sh, batch_sh = state_shardings(cfg, model, mesh), sharding.batch_sharding(mesh)
+
+    def dropped(factor):
+        c = load_config(TINY, [*SMALL, f"model.expert_capacity_factor={factor}"])
+        m = Transformer(c.model)
+        with jax.set_mesh(mesh):
+            sums, _ = jax.jit(lambda s, b: loss_sums(m, s.params, s.bias, b, 1), in_shardings=(sh, batch_sh))(state, batch)
+        return float(sums["dropped"]), float(sums["ce"])
+
+    tight, roomy = dropped(1.0), dropped(8.0)
+    assert tight[0] > 0.05  # rows 0-3 send every copy to the same two experts
+    assert roomy[0] == 0.0  # 8 x the even share = room for everything (expert=8)
+    assert tight[1] != roomy[1]
+
+
+def test_remat_policies_give_the_same_gradients():
+    cfg = load_config(TINY, SMALL)
+    batch = imbalanced_batch(cfg)
+    grads = {}
+    for policy in ("none", "full", "save_projections"):
+        c = load_config(TINY, [*SMALL, f"model.remat={policy}"])
+        model = Transformer(c.model)
+        state = init_state(c, model, jax.random.key(0))
+        f = lambda p: loss_sums(model, p, state.bias, batch, 1)[0]["ce"]  # noqa: E731
+        if policy != "none":
+            assert "remat" in str(jax.make_jaxpr(jax.grad(f))(state.params))  # checkpointing is in the program
+        grads[policy] = jax.jit(jax.grad(f))(state.params)
+    assert max_diff(grads["full"], grads["none"]) <= 1e-5
+    assert max_diff(grads["save_projections"], grads["none"]) <= 1e-5
+
+
+@pytest.mark.slow
+def test_train_py_on_a_mesh(tmp_path):
+    """train.py with a 2x2x2x1 mesh: trains, checkpoints sharded state, resumes, and restores the
+    model on one device for inference."""
+    from dsjax.checkpoint import restore_model
+    from train import main
+
+    args = ["--config", str(TINY), f"train.output_dir={tmp_path}", "train.run_name=mesh", *SMALL,
+            "train.steps=2", "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=1",
+            "train.sample_tokens=4", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"]  # fmt: skip
+    assert main(args) == 0
+    rows = [json.loads(line) for line in (tmp_path / "mesh" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["val_loss"])
+    assert main([*args, "train.steps=3", "--resume"]) == 0  # restores the sharded checkpoint, goes on
+    assert json.loads((tmp_path / "mesh" / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 3
+    cfg, variables = restore_model(tmp_path / "mesh")
+    w = variables["params"]["moe_layers"]["layers"]["mlp"]["w_gate"]
+    assert len(w.sharding.device_set) == 1
+
+
+@pytest.mark.slow
+def test_aot_planner_compiles_for_a_tpu_topology():
+    """python -m dsjax.aot: the tiny step compiled for a v5e 2x2 slice (libtpu's compiler on this
+    CPU host), per-chip memory fields printed."""
+    pytest.importorskip("libtpu", reason="libtpu has no wheel for this platform (the test extra installs it on Linux)")
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    cmd = [sys.executable, "-m", "dsjax.aot", "--config", str(TINY), "--topology", "v5e:2x2", "--json",
+           "mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "train.batch_size=4", "train.seq_len=64",
+           "model.vocab_size=260"]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["chips"] == 4 and r["device_kind"] == "TPU v5 lite" and r["hbm_gib"] == 16
+    for field in ("arguments_gib", "temporaries_gib", "total_gib"):
+        assert 0 < r[field] < 16
+    assert r["total_gib"] >= r["arguments_gib"] + r["temporaries_gib"]
+    assert r["fits"] and r["compiled_flops_per_chip"] > 0
+    assert "per chip: arguments" in out.stdout and "of 16 GiB HBM: fits" in out.stdout
