@@ -13,6 +13,9 @@ on CPU. Kernels: ``pallas_kernels.flash_mla`` (forward + backward), ``pallas_ker
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
+
+from dsjax.sharding import BATCH, platform
 
 IMPLS = ("auto", "xla", "pallas", "interpret")
 
@@ -73,13 +76,6 @@ def latent_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
     return jnp.einsum("bhst,btr->bshr", _softmax(scores, _dense(mask, c_kv.shape[1]), scale, c_kv.dtype), c_kv)
 
 
-def platform() -> str:
-    """The platform being compiled for: an abstract mesh's device (compile-only lowering for another
-    machine, ``jax.sharding.use_abstract_mesh``) or else the default backend."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    return device.platform if device is not None else jax.default_backend()
-
-
 def resolve_impl(impl: str) -> str:
     """"xla", "pallas" or "interpret" for this platform; ValueError naming a bad choice."""
     if impl not in IMPLS:
@@ -103,6 +99,15 @@ def _kernel_mask(mask, field: str, kernel: str):
     return getattr(mask, field)
 
 
+def _per_shard(kernel, in_specs, out_specs):
+    """Under a mesh (``jax.set_mesh``), run the kernel on each device's shard (sequences split over
+    the batch axes, heads over ``tensor``): XLA cannot partition a Pallas call by itself."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return kernel
+    return jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
+
+
 def mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, scale, impl: str = "xla"):
     """``mla_attention_reference`` (impl "xla") or the flash kernel (causal mask within segments)."""
     impl = resolve_impl(impl)
@@ -111,7 +116,9 @@ def mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, scale, impl: str = "xla")
     from pallas_kernels.flash_mla import flash_mla
 
     seg = _kernel_mask(mask, "segment_ids", "the flash MLA kernel")
-    return flash_mla(q_nope, q_pe, k_nope, k_pe, v, seg, scale, backend=_backend(impl))
+    heads, tok = P(BATCH, None, "tensor", None), P(BATCH, None, None)
+    return _per_shard(lambda *a: flash_mla(*a, scale, backend=_backend(impl)),
+                      (heads, heads, heads, tok, heads, P(BATCH, None)), heads)(q_nope, q_pe, k_nope, k_pe, v, seg)  # fmt: skip
 
 
 def latent_attention(q_lat, q_pe, c_kv, k_pe, mask, scale, impl: str = "xla"):
@@ -126,6 +133,7 @@ def latent_attention(q_lat, q_pe, c_kv, k_pe, mask, scale, impl: str = "xla"):
     if positions.shape != (b, s):
         raise ValueError(f"latent_attention: mask positions have shape {positions.shape}, expected {(b, s)}")
     lengths = jnp.broadcast_to(jnp.clip(positions + 1, 0, c_kv.shape[1])[:, :, None], (b, s, h))  # a row per head
-    out = mla_decode(q_lat.reshape(b, s * h, r), q_pe.reshape(b, s * h, -1), c_kv, k_pe, lengths.reshape(b, s * h),
-                     scale, backend=_backend(impl))  # fmt: skip
+    rows, tok = P(BATCH, None, None), P(BATCH, None, None)
+    out = _per_shard(lambda *a: mla_decode(*a, scale, backend=_backend(impl)), (rows, rows, tok, tok, P(BATCH, None)), rows)(
+        q_lat.reshape(b, s * h, r), q_pe.reshape(b, s * h, -1), c_kv, k_pe, lengths.reshape(b, s * h))
     return out.reshape(b, s, h, r)
