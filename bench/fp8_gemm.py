@@ -1,0 +1,77 @@
+"""Block-scaled FP8 GEMM throughput (TFLOP/s) at DeepSeek-V3 shapes, next to XLA's dots.
+
+Rows per (N, K): ``pallas`` (this backend's kernel, TPU / GPU only), ``xla`` (the jnp reference:
+a scan over K blocks), and XLA's own ``bf16_dot`` and ``fp8_per_tensor_dot`` (e4m3 operands, one
+scale each: what XLA can fuse into an FP8 GEMM itself) on the same device. Operands are quantized
+before timing (GEMM only); output bf16. M = 4096, (N, K) as in V3 (REFERENCE §7: DeepGEMM reaches
+1520 TFLOP/s at 4096 x 7168 x 16384 on H800).
+
+    python -m bench.fp8_gemm [--quick] [--impls pallas xla bf16_dot fp8_per_tensor_dot] [--repeats 10]
+"""
+
+import argparse
+import json
+import time
+
+import jax
+import jax.numpy as jnp
+
+from bench.common import environment
+from pallas_kernels.fp8_gemm import fp8_gemm
+from pallas_kernels.quant import E4M3, quantize_blocks, quantize_tiles, scale_from_amax, to_e4m3
+
+DEEPSEEK_NK = [(7168, 16384), (4096, 7168), (7168, 2048), (2112, 7168)]
+QUICK_NK = [(512, 1024), (256, 512)]  # CPU: exercise the script, not the hardware
+
+
+def gemms(x, w):
+    """name -> (jitted GEMM, its operands) for x [M, K], w [K, N]."""
+    qa, sa = quantize_tiles(x)
+    qb, sb = quantize_blocks(w)
+    ta, tb = scale_from_amax(jnp.abs(x).max()), scale_from_amax(jnp.abs(w).max())
+    pa, pb = to_e4m3(x, ta), to_e4m3(w, tb)
+    per_tensor = lambda a, b, sa, sb: (jnp.dot(a, b, preferred_element_type=jnp.float32) * (sa * sb)).astype(jnp.bfloat16)  # noqa: E731
+    return {
+        "pallas": (jax.jit(lambda *o: fp8_gemm(*o, impl="pallas")), (qa, sa, qb, sb)),
+        "interpret": (jax.jit(lambda *o: fp8_gemm(*o, impl="interpret")), (qa, sa, qb, sb)),
+        "xla": (jax.jit(lambda *o: fp8_gemm(*o, impl="xla")), (qa, sa, qb, sb)),
+        "bf16_dot": (jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))),
+        "fp8_per_tensor_dot": (jax.jit(per_tensor), (pa.astype(E4M3), pb.astype(E4M3), ta, tb)),
+    }
+
+
+def time_it(f, args, repeats: int) -> float:
+    jax.block_until_ready(f(*args))  # compile + warm up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small shapes (M=256) for a CPU")
+    ap.add_argument("--impls", nargs="+", default=None, help="default: pallas on TPU/GPU, xla, bf16_dot, fp8_per_tensor_dot")
+    ap.add_argument("--m", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=10)
+    a = ap.parse_args(argv)
+    on_accel = jax.default_backend() in ("tpu", "gpu")
+    impls = a.impls or (["pallas"] if on_accel else []) + ["xla", "bf16_dot", "fp8_per_tensor_dot"]
+    m = a.m or (256 if a.quick else 4096)
+    rows = []
+    for n, k in QUICK_NK if a.quick else DEEPSEEK_NK:
+        kx, kw = jax.random.split(jax.random.key(n + k))
+        x, w = jax.random.normal(kx, (m, k)), jax.random.normal(kw, (k, n)) * 0.02
+        fns = gemms(x, w)
+        row = {"m": m, "n": n, "k": k}
+        for name in impls:
+            t = time_it(*fns[name], a.repeats)
+            row[name] = {"ms": round(1e3 * t, 3), "tflops": round(2 * m * n * k / t / 1e12, 3)}
+        rows.append(row)
+    print(json.dumps({"benchmark": "fp8_gemm", **environment(), "out_dtype": "bfloat16", "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
