@@ -1,0 +1,383 @@
+"""FP8 recipe (issue 6): quantizers vs e4m3 bounds, GEMM kernels vs a numpy dequantize-then-matmul
+reference, TPU / CUDA lowering, FP8 linear and grouped GEMM gradients vs the unquantized ones, and
+the model with ``fp8: true``."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import dsjax.fp8 as fp8_mod
+import dsjax.gmm as gmm_mod
+from dsjax.config import load_config
+from dsjax.gmm import gmm_blocked, gmm_fp8
+from dsjax.linear import linear
+from dsjax.model import Transformer
+from pallas_kernels import fp8_gemm as fg
+from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_gpu, fp8_gemm_reference, fp8_gemm_tpu
+from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
+from pallas_kernels.quant import quantize_blocks, quantize_tiles
+
+E4M3_MAX, HALF_ULP, SUBNORMAL_STEP = 448.0, 2.0**-4, 2.0**-9  # e4m3: 3 mantissa bits, min subnormal 2^-9
+
+
+def np_scales(amax):
+    return np.maximum(amax, 1e-4) / 448.0
+
+
+def tiles_view(x, axis):
+    """numpy restatement: [.., K] padded to 128 and cut into [..., K/128, 128] along ``axis``."""
+    x = np.moveaxis(np.asarray(x, np.float64), axis, -1)
+    x = np.concatenate([x, np.zeros((*x.shape[:-1], -x.shape[-1] % 128))], -1)
+    return x.reshape(*x.shape[:-1], -1, 128)
+
+
+def assert_within_e4m3(x_tiles, q_tiles, s):
+    """|q s - x| <= max(2^-4 |x|, 2^-10 s): half an ulp (normal) or half a subnormal step."""
+    deq = q_tiles * s[..., None]
+    bound = np.maximum(HALF_ULP * np.abs(x_tiles), SUBNORMAL_STEP / 2 * s[..., None]) * (1 + 1e-6)
+    assert np.all(np.abs(deq - x_tiles) <= bound)
+
+
+def varied(shape, seed=0):
+    """Normal values times a per-row magnitude spanning 1e-6 .. 1e6."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 6, (shape[0],) + (1,) * (len(shape) - 1))).astype(np.float32)
+
+
+# --- quantizers -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("shape", [(256, 384), (70, 200)])
+def test_quantize_tiles_round_trip(shape, axis):
+    x = varied(shape) if axis == -1 else varied(shape[::-1]).T
+    q, s = quantize_tiles(jnp.asarray(x), axis)
+    xt, qt = tiles_view(x, axis), tiles_view(np.asarray(q.astype(jnp.float32))[tuple(slice(0, d) for d in x.shape)], axis)
+    st = np.moveaxis(np.asarray(s, np.float64), axis, -1)
+    np.testing.assert_allclose(st, np_scales(np.abs(xt).max(-1)), rtol=1e-6)
+    assert_within_e4m3(xt, qt, st)
+    assert np.abs(q.astype(jnp.float32)).max() == E4M3_MAX  # each tile's amax lands on 448
+
+
+def test_quantize_padding_is_exact_zero():
+    x = np.full((3, 200), -2.0, np.float32)
+    q, s = quantize_tiles(jnp.asarray(x))
+    assert q.shape == (3, 256) and s.shape == (3, 2)
+    assert np.all(np.asarray(q[:, 200:].astype(jnp.float32)) == 0.0)
+    np.testing.assert_allclose(np.asarray(q[:, :200].astype(jnp.float32)) * np.repeat(np.asarray(s), 128, 1)[:, :200], x, rtol=1e-6)
+    w = np.full((130, 200), 3.0, np.float32)
+    qw, sw = quantize_blocks(jnp.asarray(w))
+    assert qw.shape == (256, 256) and sw.shape == (2, 2)
+    deq = np.asarray(qw.astype(jnp.float32)) * np.repeat(np.repeat(np.asarray(sw), 128, 0), 128, 1)
+    np.testing.assert_allclose(deq[:130, :200], w, rtol=1e-6)
+    assert np.all(deq[130:] == 0) and np.all(deq[:, 200:] == 0)
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_blocks_round_trip(pow2):
+    w = varied((4, 256, 384), seed=1)  # leading expert dim
+    q, s = quantize_blocks(jnp.asarray(w), pow2)
+    assert q.shape == w.shape and s.shape == (4, 2, 3)
+    b = w.reshape(4, 2, 128, 3, 128).transpose(0, 1, 3, 2, 4).reshape(4, 2, 3, -1).astype(np.float64)
+    qb = np.asarray(q.astype(jnp.float32)).reshape(4, 2, 128, 3, 128).transpose(0, 1, 3, 2, 4).reshape(4, 2, 3, -1)
+    s = np.asarray(s, np.float64)
+    if pow2:  # a power of two >= amax / 448, less than twice it
+        assert np.all(np.log2(s) == np.round(np.log2(s)))
+        assert np.all((s >= np_scales(np.abs(b).max(-1))) & (s < 2 * np_scales(np.abs(b).max(-1))))
+    else:
+        np.testing.assert_allclose(s, np_scales(np.abs(b).max(-1)), rtol=1e-6)
+    assert_within_e4m3(b, qb, s)
+
+
+def test_quantize_extreme_tiles_are_finite():
+    x = np.zeros((2, 512), np.float32)
+    x[:, :128] = 3e38  # huge
+    x[:, 128:256] = 1e-30  # tiny (below the amax clamp)
+    x[0, 384:] = np.where(np.arange(128) % 2, 3e38, 1e-38)  # both in one tile
+    for pow2 in (False, True):
+        q, s = quantize_tiles(jnp.asarray(x), pow2=pow2)
+        qf, s = np.asarray(q.astype(jnp.float32)), np.asarray(s)
+        assert np.all(np.isfinite(qf)) and np.all(np.isfinite(s)) and np.all(s > 0)
+        assert np.all(qf[:, 256:384] == 0)  # the zero tile
+        deq = qf * np.repeat(s, 128, 1)
+        assert np.all(np.abs(deq[:, :128] - 3e38) <= 3e38 * HALF_ULP)
+        assert np.all(np.abs(deq[:, 128:256]) <= SUBNORMAL_STEP / 2 * s[:, 1:2])  # flushed towards 0
+        qw, sw = quantize_blocks(jnp.asarray(x.T), pow2)
+        assert np.all(np.isfinite(np.asarray(qw.astype(jnp.float32)))) and np.all(np.isfinite(np.asarray(sw)))
+
+
+# --- GEMM kernels vs numpy dequantize-then-matmul ------------------------------------------------------
+
+
+def dequantized(q, s, tiles_axis=None):
+    """numpy: q times its scale repeated over tiles (tiles_axis) or over 128x128 blocks (None)."""
+    q, s = np.asarray(q.astype(jnp.float32), np.float64), np.asarray(s, np.float64)
+    if tiles_axis is not None:
+        return q * np.repeat(s, 128, tiles_axis)[: q.shape[0], : q.shape[1]]
+    return q * np.repeat(np.repeat(s, 128, -2), 128, -1)[..., : q.shape[-2], : q.shape[-1]]
+
+
+KERNELS = {
+    "reference": lambda *a: fp8_gemm_reference(*a),
+    "tpu_interpret": lambda *a: fp8_gemm_tpu(*a, interpret=True),
+    "gpu_interpret": lambda *a: fp8_gemm_gpu(*a, interpret=True),
+}
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("mkn", [(256, 512, 256), (100, 300, 200)], ids=["aligned", "ragged"])
+@pytest.mark.parametrize("b_tiles", ["blocks", "columns"])
+def test_fp8_gemm_matches_dequantized_matmul(kernel, mkn, b_tiles):
+    m, k, n = mkn
+    rng = np.random.default_rng(m + k + n)
+    x = rng.standard_normal((m, k)) * rng.uniform(0.01, 100, (m, 1))
+    w = rng.standard_normal((k, n)) * rng.uniform(0.01, 100, (1, n))
+    qa, sa = quantize_tiles(jnp.asarray(x, jnp.float32))
+    if b_tiles == "blocks":
+        qb, sb = quantize_blocks(jnp.asarray(w, jnp.float32))
+        b = dequantized(qb, sb)
+    else:  # 128x1 tiles along K (the wgrad operand)
+        qb, sb = quantize_tiles(jnp.asarray(w, jnp.float32), 0)
+        b = dequantized(qb, sb, 0)
+    ref = dequantized(qa, sa, 1) @ b
+    for out_dtype, tol in ((jnp.bfloat16, 1e-2), (jnp.float32, 1e-5)):
+        y = np.asarray(KERNELS[kernel](qa, sa, qb, sb, out_dtype).astype(jnp.float32), np.float64)
+        assert y.shape == ref.shape
+        assert np.abs(y - ref).max() <= tol * np.abs(ref).max()
+        assert np.all(np.abs(y - ref) <= tol * np.abs(ref) + 2 * tol * np.abs(ref).mean())  # elementwise too
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_fp8_grouped_gemms_match_dequantized(impl):
+    rng = np.random.default_rng(3)
+    block_group = np.array([0, 0, 1, 3, 3, 3, 3])  # expert 2 has no rows
+    r, k, n, g = 128 * len(block_group), 256, 200, 4
+    x, w, dy = rng.standard_normal((r, k)), rng.standard_normal((g, k, n)), rng.standard_normal((r, n))
+    qa, sa = quantize_tiles(jnp.asarray(x, jnp.float32))
+    qb, sb = quantize_blocks(jnp.asarray(w, jnp.float32))
+    a, b = dequantized(qa, sa, 1), dequantized(qb, sb)[:, :, :n]
+    ref = np.concatenate([a[i * 128 : (i + 1) * 128] @ b[e] for i, e in enumerate(block_group)])
+    for platform in ("tpu", "gpu"):  # interpret: each kernel family's kernel on CPU
+        y = np.asarray(fp8_gmm(qa, sa, qb, sb, jnp.asarray(block_group), jnp.float32, impl, platform))[:, :n]
+        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+        qxt, sxt = quantize_tiles(jnp.asarray(x, jnp.float32), 0)
+        qgt, sgt = quantize_tiles(jnp.asarray(dy, jnp.float32), 0)
+        xt, gt = dequantized(qxt, sxt, 0), dequantized(qgt, sgt, 0)
+        ref_w = np.zeros((g, k, n))
+        for i, e in enumerate(block_group):
+            ref_w[e] += xt[i * 128 : (i + 1) * 128].T @ gt[i * 128 : (i + 1) * 128]
+        dw = np.asarray(fp8_gmm_wgrad(qxt, sxt, qgt, sgt, jnp.asarray(block_group), g, impl, platform))
+        assert np.all(dw[2] == 0)
+        assert np.abs(dw - ref_w).max() <= 1e-5 * np.abs(ref_w).max()
+
+
+# --- dispatch and bad input ----------------------------------------------------------------------
+
+
+def _operands(m=64, k=256, n=128):
+    qa, sa = quantize_tiles(jnp.ones((m, k)))
+    qb, sb = quantize_blocks(jnp.ones((k, n)))
+    return qa, sa, qb, sb
+
+
+def test_dispatch_picks_by_backend_and_env(monkeypatch):
+    calls = []
+    monkeypatch.setattr(fg, "fp8_gemm_reference", lambda *a: calls.append("xla"))
+    monkeypatch.setattr(fg, "fp8_gemm_tpu", lambda *a, interpret: calls.append(("tpu", interpret)))
+    monkeypatch.setattr(fg, "fp8_gemm_gpu", lambda *a, interpret: calls.append(("gpu", interpret)))
+    ops = _operands()
+    fp8_gemm(*ops)  # auto on CPU
+    fp8_gemm(*ops, impl="auto", platform="tpu")
+    fp8_gemm(*ops, impl="auto", platform="gpu")
+    fp8_gemm(*ops, impl="interpret")
+    monkeypatch.setenv("DSJAX_FP8_IMPL", "xla")
+    fp8_gemm(*ops, impl="pallas", platform="gpu")  # the env var wins over the config
+    assert calls == ["xla", ("tpu", False), ("gpu", False), ("tpu", True), "xla"]
+    monkeypatch.setenv("DSJAX_FP8_IMPL", "tritonn")
+    with pytest.raises(ValueError, match="'tritonn'.*DSJAX_FP8_IMPL"):
+        fp8_gemm(*ops)
+
+
+def test_bad_input_raises_clear_errors():
+    qa, sa, qb, sb = _operands()
+    with pytest.raises(ValueError, match="impl='mosaic'"):
+        fp8_gemm(qa, sa, qb, sb, impl="mosaic")
+    with pytest.raises(ValueError, match="needs a TPU or GPU"):
+        fp8_gemm(qa, sa, qb, sb, impl="pallas")  # this is a CPU
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        fp8_gemm(qa.astype(jnp.bfloat16), sa, qb, sb)
+    with pytest.raises(ValueError, match=r"b \[K, N\]"):
+        fp8_gemm(qa, sa, qb[:128], sb)
+    with pytest.raises(ValueError, match="a_scale"):
+        fp8_gemm(qa, sa[:, :1], qb, sb)
+    with pytest.raises(ValueError, match="b_scale"):
+        fp8_gemm(qa, sa, qb, sb[:, :0])
+    with pytest.raises(TypeError, match="out_dtype"):
+        fp8_gemm(qa, sa, qb, sb, jnp.float16)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        fp8_gemm(qa[:, :100], sa[:, :1], qb[:100], sb[:1])
+    with pytest.raises(ValueError, match="block_group"):
+        fp8_gmm(qa[:0], sa[:0], qb[None], sb[None], jnp.zeros(3, jnp.int32))
+    with pytest.raises(ValueError, match=r"fp8_matmul: need x \[M, K\]"):
+        fp8_mod.fp8_matmul(jnp.ones((4, 8)), jnp.ones((9, 8)))
+
+
+# --- lowering for TPU and CUDA without the hardware ------------------------------------------------
+
+
+def _lower(f, args, platform):
+    return jax.jit(f).trace(*args).lower(lowering_platforms=(platform,)).as_text()
+
+
+def test_tpu_kernels_lower_for_tpu():
+    qa, sa = quantize_tiles(jnp.zeros((512, 1024)))
+    qb, sb = quantize_blocks(jnp.zeros((1024, 576)))
+    assert "tpu_custom_call" in _lower(lambda *a: fp8_gemm(*a, impl="pallas", platform="tpu"), (qa, sa, qb, sb), "tpu")
+    bg = jnp.array([0, 1, 1, 3])
+    qg, sg = quantize_blocks(jnp.zeros((4, 1024, 576)))
+    assert "tpu_custom_call" in _lower(lambda *a: fp8_gmm(*a, impl="pallas", platform="tpu"), (qa, sa, qg, sg, bg), "tpu")
+    qt, st = quantize_tiles(jnp.zeros((512, 1024)), 0)
+    qd, sd = quantize_tiles(jnp.zeros((512, 576)), 0)
+    text = _lower(lambda *a: fp8_gmm_wgrad(*a, 4, impl="pallas", platform="tpu"), (qt, st, qd, sd, bg), "tpu")
+    assert "tpu_custom_call" in text
+
+
+TPU_COMPILE = """
+import sys, jax, jax.numpy as jnp
+from jax.experimental import topologies
+from jax.sharding import SingleDeviceSharding
+from pallas_kernels.fp8_gemm import fp8_gemm
+from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
+from pallas_kernels.quant import quantize_blocks, quantize_tiles
+dev = topologies.get_topology_desc(platform="tpu", topology_name=sys.argv[1]).devices[0]
+on = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(dev))
+a, b, g = jnp.zeros((512, 1024)), jnp.zeros((1024, 576)), jnp.zeros((4, 1024, 576))
+bg = jax.ShapeDtypeStruct((4,), jnp.int32)
+for f, args in [
+    (lambda *o: fp8_gemm(*o, impl="pallas", platform="tpu"), (*jax.eval_shape(quantize_tiles, a), *jax.eval_shape(quantize_blocks, b))),
+    (lambda *o: fp8_gmm(*o, impl="pallas", platform="tpu"), (*jax.eval_shape(quantize_tiles, a), *jax.eval_shape(quantize_blocks, g), bg)),
+    (lambda *o: fp8_gmm_wgrad(*o, 4, impl="pallas", platform="tpu"),
+     (*jax.eval_shape(lambda x: quantize_tiles(x, 0), a), *jax.eval_shape(lambda x: quantize_tiles(x, 0), a[:, :576]), bg)),
+]:
+    jax.jit(f).trace(*map(on, args)).lower().compile()
+    print("compiled")
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1"])
+def test_tpu_kernels_compile_for_tpu(topology):
+    """Beyond lowering: libtpu's compiler (Mosaic included) accepts the kernels, on this CPU host."""
+    pytest.importorskip("libtpu", reason="libtpu has no wheel for this platform (the test extra installs it on Linux)")
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    out = subprocess.run([sys.executable, "-c", TPU_COMPILE, topology], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).parents[1], timeout=600)  # fmt: skip
+    assert out.returncode == 0 and out.stdout.split() == ["compiled"] * 3, out.stderr[-3000:]
+
+
+def test_gpu_kernels_lower_for_cuda():
+    """No GPU here: the Triton lowering needs a GPU's compute capability, given by an abstract H100."""
+    from jax.sharding import AbstractDevice, AbstractMesh
+
+    h100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H100", None, "gpu"))
+    qa, sa = quantize_tiles(jnp.zeros((512, 1024)))
+    qb, sb = quantize_blocks(jnp.zeros((1024, 576)))
+    bg = jnp.array([0, 1, 1, 3])
+    qg, sg = quantize_blocks(jnp.zeros((4, 1024, 576)))
+    qt, st = quantize_tiles(jnp.zeros((512, 1024)), 0)
+    qd, sd = quantize_tiles(jnp.zeros((512, 576)), 0)
+    with jax.sharding.use_abstract_mesh(h100):
+        for f, args in [
+            (lambda *a: fp8_gemm(*a, impl="pallas", platform="gpu"), (qa, sa, qb, sb)),
+            (lambda *a: fp8_gmm(*a, impl="pallas", platform="gpu"), (qa, sa, qg, sg, bg)),
+            (lambda *a: fp8_gmm_wgrad(*a, 4, impl="pallas", platform="gpu"), (qt, st, qd, sd, bg)),
+        ]:
+            text = _lower(f, args, "cuda")
+            assert "__gpu$xla.gpu.triton" in text and "f8E4M3FN" in text
+
+
+# --- FP8 linear, grouped GEMM and model ----------------------------------------------------------------
+
+
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+
+@pytest.mark.parametrize("impl", ["xla", "interpret"])
+def test_fp8_linear_gradients_close_to_bf16(impl):
+    kx, kw, kg = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, (300, 200), jnp.bfloat16)
+    w = 0.05 * jax.random.normal(kw, (200, 180))
+    dy = jax.random.normal(kg, (300, 180), jnp.bfloat16)
+    y, vjp = jax.vjp(lambda x, w: fp8_mod.fp8_matmul(x, w, impl), x, w)
+    dx, dw = vjp(dy)
+    yr, vjpr = jax.vjp(lambda x, w: jnp.dot(x, w.astype(jnp.bfloat16), preferred_element_type=jnp.float32), x, w)
+    dxr, dwr = vjpr(dy.astype(jnp.float32))
+    assert (y.dtype, dx.dtype, dw.dtype) == (jnp.bfloat16, jnp.bfloat16, jnp.float32)
+    for a, b in ((y, yr), (dx, dxr), (dw, dwr)):
+        assert a.shape == b.shape and cosine(a, b) >= 0.99
+
+
+def test_fp8_grouped_matmul_gradients_close():
+    kx, kw, kg = jax.random.split(jax.random.key(1), 3)
+    sizes = jnp.array([50, 0, 130, 120])
+    x, w = jax.random.normal(kx, (300, 200)), 0.05 * jax.random.normal(kw, (4, 200, 180))
+    dy = jax.random.normal(kg, (300, 180))
+    y, vjp = jax.vjp(lambda x, w: gmm_mod.grouped_matmul(x, w, sizes, "auto", "xla"), x, w)
+    yr, vjpr = jax.vjp(lambda x, w: gmm_blocked(x, w, sizes), x, w)
+    (dx, dw), (dxr, dwr) = vjp(dy), vjpr(dy)
+    for a, b in ((y, yr), (dx, dxr), (dw, dwr)):
+        assert cosine(a, b) >= 0.99
+    assert np.all(np.asarray(dw[1]) == 0)  # the empty expert
+    np.testing.assert_allclose(gmm_fp8(x, w, sizes, "interpret"), y, rtol=1e-5, atol=1e-5)
+
+
+def test_fp8_dense_general_multi_axis_same_params():
+    """o_proj-like (axis=(-2, -1)) and q_proj-like (features=(h, d)) kernels: same parameters, FP8 output close."""
+    base = load_config("configs/tiny.yaml").model
+    x = jax.random.normal(jax.random.key(2), (2, 5, 4, 32))
+    for features, axis, inp in ((128, (-2, -1), x), ((4, 48), -1, x.reshape(2, 5, 128))):
+        outs = {}
+        for fp8 in (False, True):
+            layer = linear(dataclasses.replace(base, fp8=fp8), features, ("a", "b", "c"), "proj", axis=axis)
+            v = layer.init(jax.random.key(0), inp)
+            outs[fp8] = (v, layer.apply(v, inp))
+        (v0, y0), (v1, y1) = outs[False], outs[True]
+        assert jax.tree.map(lambda a: (a.shape, a.dtype), v0) == jax.tree.map(lambda a: (a.shape, a.dtype), v1)
+        assert v1["params"]["kernel"].names == ("a", "b", "c")  # logical axes kept
+        np.testing.assert_array_equal(v0["params"]["kernel"].value, v1["params"]["kernel"].value)
+        assert y1.shape == y0.shape and cosine(y1, y0) >= 0.99
+
+
+@pytest.mark.slow
+def test_model_fp8_grad_and_unquantized_head(monkeypatch):
+    """jax.grad through the whole model with fp8: true; exactly the projections V3 quantizes go FP8."""
+    cfg = dataclasses.replace(load_config("configs/tiny.yaml", ["model.num_hidden_layers=2"]).model, fp8=True)
+    tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
+    quantized = set()
+    real_matmul, real_gmm = fp8_mod.fp8_matmul, gmm_mod.gmm_fp8
+    monkeypatch.setattr(fp8_mod, "fp8_matmul", lambda x, w, impl: quantized.add(w.shape) or real_matmul(x, w, impl))
+    monkeypatch.setattr(gmm_mod, "gmm_fp8", lambda x, w, s, impl: quantized.add(w.shape) or real_gmm(x, w, s, impl))
+    model = Transformer(cfg)
+    v = model.init(jax.random.key(0), tokens)
+
+    def loss(p):
+        out = model.apply({**v, "params": p}, tokens)
+        return -jax.nn.log_softmax(out.logits).mean() - jax.nn.log_softmax(out.mtp_logits).mean()
+
+    grads = jax.jit(jax.grad(loss))(v["params"])
+    h, e, i, heads = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.num_attention_heads
+    attention = {(h, cfg.q_lora_rank), (cfg.q_lora_rank, heads * cfg.qk_head_dim), (h, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+                 (cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)), (heads * cfg.v_head_dim, h)}  # fmt: skip
+    mlps = {(h, cfg.intermediate_size), (cfg.intermediate_size, h), (h, i), (i, h)}  # dense, shared expert
+    assert quantized == attention | mlps | {(e, h, i), (e, i, h)}  # no lm_head (h, vocab), no eh_proj (2h, h)
+    assert jax.tree.structure(grads) == jax.tree.structure(v["params"])
+    assert all(np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads))
