@@ -2,6 +2,7 @@
 committed files are what notebooks/build.py generates, carrying the outputs of a full run."""
 
 import importlib.util
+import os
 from pathlib import Path
 
 import nbclient
@@ -41,6 +42,9 @@ def test_committed_notebook_matches_build_and_has_full_outputs(path):
 def test_notebook_runs_in_quick_mode(path, monkeypatch):
     """Executes the notebook as a user would (kernel cwd = notebooks/), QUICK=1; any cell error fails."""
     monkeypatch.setenv("QUICK", "1")
+    # the kernel inherits this process's environment: drop conftest's 8 simulated devices (a user has one)
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
     client.execute()
