@@ -58,15 +58,14 @@ def sample(cfg: Config, variables, tokenizer) -> str:
 
 
 def plot(metrics_path: Path, out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """loss.png from metrics.jsonl (a bare Figure: no pyplot, the caller's matplotlib backend untouched)."""
+    from matplotlib.figure import Figure
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     train = [(r["step"], r["ce"]) for r in rows if "ce" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     if train:
         ax.plot(*zip(*train), lw=1, label="train next-token loss")
     if val:
@@ -76,7 +75,6 @@ def plot(metrics_path: Path, out: Path) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    plt.close(fig)
 
 
 def prepare_run(cfg: Config, resume: bool) -> tuple[Path, bool]:
@@ -206,7 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--distributed", action="store_true",
                     help="multi-host: call jax.distributed.initialize() (cluster settings auto-detected)")  # fmt: skip
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     if a.distributed:
         jax.distributed.initialize()
     try:

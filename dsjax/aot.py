@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import sys
 import time
 
@@ -32,16 +33,6 @@ HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6
 GIB = 2**30
 
 
-def for_tpu(cfg: Config) -> Config:
-    """'auto' kernel choices resolved for TPU (this host's default backend is the CPU)."""
-    m = cfg.model
-    pick = {
-        "moe_impl": "ragged_dot" if m.moe_impl == "auto" else m.moe_impl,
-        "expert_dispatch": "ragged_all_to_all" if m.expert_dispatch == "auto" else m.expert_dispatch,
-    }
-    return dataclasses.replace(cfg, model=m.replace(**pick))
-
-
 def plan(cfg: Config, topology: str) -> dict:
     """Compiles the train step for ``topology`` (e.g. 'v5e:2x2', 'v5p:8x8x8'); returns the figures."""
     from jax.experimental import topologies
@@ -51,7 +42,6 @@ def plan(cfg: Config, topology: str) -> dict:
     except Exception as e:  # no libtpu, or a name it does not know
         raise ConfigError(f"--topology {topology!r}: {e} (the TPU compiler comes with pip install -e '.[tpu]')") from None
     devices = topo.devices
-    cfg = for_tpu(cfg)
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check(mesh, cfg.model, t.batch_size // t.microbatches)
@@ -65,7 +55,18 @@ def plan(cfg: Config, topology: str) -> dict:
     with jax.set_mesh(mesh):
         step = jax.jit(make_train_step(cfg, model), in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, None), donate_argnums=0)  # fmt: skip
-        compiled = step.trace(state, batch).lower().compile()
+        lowered = step.trace(state, batch).lower()
+        try:
+            compiled = lowered.compile()
+        except jax.errors.JaxRuntimeError as e:  # the TPU compiler refuses programs that cannot fit
+            oom = re.search(r"HLO temporaries \(([\d.]+)G\) exceeds available HBM \(([\d.]+)G\)", str(e))
+            if not oom:
+                raise
+            compiled = None
+    if compiled is None:
+        return {**head(topology, devices, mesh, cfg), "fits": False, "temporaries_gib": float(oom[1]),
+                "hbm_gib": float(oom[2]), "compile_s": time.perf_counter() - start,
+                "note": "the TPU compiler stopped: temporaries alone exceed HBM"}  # fmt: skip
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -75,8 +76,7 @@ def plan(cfg: Config, topology: str) -> dict:
     total = args + temp + out_new + mem.generated_code_size_in_bytes
     tokens_per_step = t.batch_size * t.seq_len
     return {
-        "topology": topology, "device_kind": kind, "chips": len(devices), "mesh": dict(mesh.shape),
-        "batch_size": t.batch_size, "seq_len": t.seq_len, "microbatches": t.microbatches, "remat": cfg.model.remat,
+        **head(topology, devices, mesh, cfg),
         "arguments_gib": args / GIB, "temporaries_gib": temp / GIB, "outputs_not_aliased_gib": out_new / GIB,
         "code_gib": mem.generated_code_size_in_bytes / GIB, "total_gib": total / GIB,
         "hbm_gib": HBM_GIB.get(kind), "fits": HBM_GIB.get(kind) is not None and total <= HBM_GIB[kind] * GIB,
@@ -86,13 +86,23 @@ def plan(cfg: Config, topology: str) -> dict:
     }  # fmt: skip
 
 
+def head(topology, devices, mesh, cfg: Config) -> dict:
+    t = cfg.train
+    return {"topology": topology, "device_kind": devices[0].device_kind, "chips": len(devices), "mesh": dict(mesh.shape),
+            "batch_size": t.batch_size, "seq_len": t.seq_len, "microbatches": t.microbatches, "remat": cfg.model.remat,
+            "expert_capacity_factor": cfg.model.expert_capacity_factor}  # fmt: skip
+
+
 def table(r: dict) -> str:
     mesh = " x ".join(f"{a}={n}" for a, n in r["mesh"].items())
     hbm = f"{r['hbm_gib']} GiB" if r["hbm_gib"] else "unknown"
     verdict = "fits" if r["fits"] else "does NOT fit"
+    title = (f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {mesh}, batch {r['batch_size']} x {r['seq_len']}"
+             f" ({r['microbatches']} microbatch(es)), remat {r['remat']}, capacity factor {r['expert_capacity_factor'] or 'dropless'}")  # fmt: skip
+    if "note" in r:
+        return f"{title}\n  per chip: temporaries {r['temporaries_gib']:.2f} GiB of {hbm} HBM: {verdict} ({r['note']})"
     return "\n".join([
-        f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {mesh}, batch {r['batch_size']} x {r['seq_len']}"
-        f" ({r['microbatches']} microbatch(es)), remat {r['remat']}",
+        title,
         f"  per chip: arguments {r['arguments_gib']:8.2f} GiB   (parameters, optimizer state, batch)",
         f"            temporaries {r['temporaries_gib']:6.2f} GiB   (activations, gradients, buffers)",
         f"            outputs {r['outputs_not_aliased_gib']:10.2f} GiB   (not aliased to donated inputs)",
@@ -108,7 +118,7 @@ def main(argv=None) -> int:
     ap.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x2, v5p:8x8x8, v6e:16x16")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON line too")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. mesh.expert=8 model.remat=full")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     try:
         r = plan(load_config(a.config, a.overrides), a.topology)
     except ConfigError as e:

@@ -225,7 +225,7 @@ def generate(cfg: ModelConfig, variables, prompts, max_new_tokens: int, *, tempe
         end=jnp.asarray(lens + max_new_tokens),
         eos=jnp.int32(-1 if eos_id is None else eos_id),
         done=jnp.zeros((b,), bool),
-        rng=jax.random.key(0) if rng is None else rng,
+        rng=jax.random.key(0) if rng is None else jnp.copy(rng),  # the state is donated: not the caller's key
         hidden=jnp.zeros((b, max(d - 1, 0), cfg.hidden_size), jnp.dtype(cfg.dtype)),
         drafted=jnp.zeros((), jnp.int32),
         accepted=jnp.zeros((), jnp.int32),

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
+from pallas_kernels.platform import target_platform
 from pallas_kernels.quant import TILE, quantize_blocks, quantize_tiles
 
 
@@ -105,7 +106,7 @@ def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", fp8: str | None = 
     if fp8 is not None:  # fp8: the FP8 GEMM implementation (ModelConfig.fp8_impl)
         return gmm_fp8(lhs, rhs, group_sizes, fp8)
     if impl == "auto":
-        if jax.default_backend() == "tpu":
+        if target_platform() == "tpu":
             impl = "ragged_dot"
         else:
             impl = "rows" if lhs.shape[0] <= rhs.shape[0] else "blocked"

@@ -27,6 +27,7 @@ from dsjax.mla import LatentCache
 from dsjax.moe import RouterStats
 from dsjax.mtp import MTPModule
 from dsjax.norm import RMSNorm
+from dsjax.sharding import constrain
 from dsjax.rope import rope_angles
 
 
@@ -76,6 +77,13 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(c.rms_norm_eps, "norm", jnp.dtype(c.param_dtype))
         self.mtp = [MTPModule(c) for _ in range(c.num_nextn_predict_layers)]  # mtp_0, mtp_1, ...
 
+    def _embed(self, tokens):
+        """Embedding lookup, split like the activations: the table (FSDP-sharded like every weight) is
+        gathered for the lookup, so rows come out split over the batch (a lookup split over the hidden
+        dim could only be turned into that by replicating it)."""
+        table = constrain(self.embed_tokens.embedding.astype(self.cfg.dtype), ("vocab", None))
+        return constrain(jnp.take(table, tokens, axis=0), ("batch", None, None))
+
     def __call__(self, tokens, segment_ids=None, positions=None) -> ModelOutput:
         """tokens [B, S] int; segment_ids [B, S] int (0 = padding; default one segment);
         positions [B, S] int (default: index within the segment)."""
@@ -92,7 +100,7 @@ class Transformer(nn.Module):
 
         mtp_logits, mtp_stats = [], []
         for k, mtp in enumerate(self.mtp, 1):
-            x, normed, stats, _ = mtp(x, self.embed_tokens(shift_left(tokens, k)), cos, sin, mask, token_mask)
+            x, normed, stats, _ = mtp(x, self._embed(shift_left(tokens, k)), cos, sin, mask, token_mask)
             mtp_logits.append(self.logits(normed))
             mtp_stats.append(stats)
         return ModelOutput(
@@ -104,7 +112,7 @@ class Transformer(nn.Module):
 
     def _trunk(self, tokens, cos, sin, mask, token_mask, cache=None, positions=None):
         """h^0 = the blocks applied to Emb(tokens), before the final norm. Returns (h^0, router, cache)."""
-        x, router, cache = self.embed_tokens(tokens), None, dict(cache or {})
+        x, router, cache = self._embed(tokens), None, dict(cache or {})
         if self.cfg.first_k_dense_replace:
             x, _, cache["dense_layers"] = self.dense_layers(x, cos, sin, mask, token_mask, cache.get("dense_layers"), positions)
         if self.cfg.num_moe_layers:
@@ -131,7 +139,7 @@ class Transformer(nn.Module):
         cos, sin, mask = _decode_inputs(self.cfg, positions)
         name = f"mtp_{depth}"
         h, normed, _, kv = self.mtp[depth](
-            h_prev, self.embed_tokens(tokens), cos, sin, mask, jnp.ones(tokens.shape, bool), cache[name], positions
+            h_prev, self._embed(tokens), cos, sin, mask, jnp.ones(tokens.shape, bool), cache[name], positions
         )
         return h, normed, {**cache, name: kv}
 

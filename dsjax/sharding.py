@@ -5,9 +5,10 @@ maps them onto the mesh axes ``data`` / ``fsdp`` / ``expert`` / ``tensor``:
 
     batch      -> (data, fsdp, expert)   every batch-sharding axis splits the sequences
     embed      -> fsdp                   parameters (and optimizer state) sharded over fsdp
+    q_lora, kv_lora -> fsdp              (where embed has not taken fsdp: q_b_proj, kv_b_proj)
     heads, mlp, expert_mlp, vocab -> tensor
     experts    -> expert                 routed experts live on their expert-parallel device
-    (q_lora, kv_lora, *_dim, norm, layers, mtp_in: replicated)
+    (*_dim, norm, layers, mtp_in: replicated)
 
 The modules never name a mesh axis; ``dsjax.moe`` reads the mesh set with ``jax.set_mesh`` to
 run expert parallelism inside ``shard_map``.
@@ -24,13 +25,16 @@ import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
 from dsjax.config import ConfigError, MeshConfig, ModelConfig
+from pallas_kernels.platform import target_platform as platform  # noqa: F401  (re-exported)
 
 AXES = ("data", "fsdp", "expert", "tensor")
 BATCH = ("data", "fsdp", "expert")
 
-RULES = (
+RULES = (  # in order; an axis whose mesh axis is taken in that array falls through to the next rule
     ("batch", BATCH),
     ("embed", "fsdp"),
+    ("q_lora", "fsdp"),  # q_b_proj / kv_b_proj: their input dim is the LoRA rank, not embed
+    ("kv_lora", "fsdp"),
     ("vocab", "tensor"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
@@ -58,7 +62,13 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(cfg, len(devices))
     shape = tuple(sizes[a] for a in AXES)
-    return jax.make_mesh(shape, AXES, devices=devices, axis_types=(AxisType.Auto,) * len(AXES))
+    try:
+        return jax.make_mesh(shape, AXES, devices=devices, axis_types=(AxisType.Auto,) * len(AXES))
+    except NotImplementedError:  # an axis size that is no product of the torus' axes: split one
+        from jax.experimental import mesh_utils
+
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return jax.sharding.Mesh(grid, AXES, axis_types=(AxisType.Auto,) * len(AXES))
 
 
 def check(mesh: jax.sharding.Mesh, model: ModelConfig, batch_size: int | None = None) -> None:
@@ -107,13 +117,6 @@ def like(tree, template, template_shardings, default):
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     """[batch, ...] arrays: sequences split over data x fsdp x expert."""
     return NamedSharding(mesh, P(BATCH))
-
-
-def platform() -> str:
-    """The platform being compiled for: the mesh's devices' (also when compiling ahead of time for
-    another machine, e.g. a TPU topology from a CPU host), else the default backend."""
-    device = jax.sharding.get_abstract_mesh().abstract_device
-    return device.platform if device is not None else jax.default_backend()
 
 
 def constrain(x, logical: tuple[str | None, ...]):

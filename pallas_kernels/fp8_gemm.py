@@ -25,6 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
+from pallas_kernels.platform import target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
 IMPLS = ("auto", "pallas", "interpret", "xla")
@@ -172,9 +173,15 @@ def resolve_impl(impl: str = "auto", platform: str | None = None) -> str:
     impl = os.environ.get("DSJAX_FP8_IMPL") or impl
     if impl not in IMPLS:
         raise ValueError(f"fp8 impl={impl!r}: expected one of {', '.join(IMPLS)} (config fp8_impl or DSJAX_FP8_IMPL)")
-    platform = platform or jax.default_backend()
+    mesh = jax.sharding.get_abstract_mesh()
+    platform = platform or target_platform()
+    # XLA cannot partition a Pallas call: over mesh axes it partitions itself (not inside shard_map),
+    # the kernels would need a shard_map of their own, which they do not have yet.
+    auto_partitioned = any(n > 1 and t != jax.sharding.AxisType.Manual for n, t in zip(mesh.axis_sizes, mesh.axis_types))
+    if auto_partitioned and impl in ("pallas", "interpret"):
+        raise ValueError(f"fp8 impl={impl!r}: the FP8 Pallas kernels do not run under a multi-device mesh yet; use 'xla' or 'auto'")
     if impl == "auto":
-        impl = "pallas" if platform in ("tpu", "gpu") else "xla"
+        impl = "pallas" if platform in ("tpu", "gpu") and not auto_partitioned else "xla"
     if impl == "pallas" and platform not in ("tpu", "gpu"):
         raise ValueError(f"fp8 impl='pallas' needs a TPU or GPU, backend is {platform!r}: use 'interpret' or 'xla'")
     return impl
@@ -208,7 +215,7 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, impl: str = "auto",
     """C [M, N] = A B with block scales (module docstring). ``platform`` defaults to
     ``jax.default_backend()`` (set it to lower for another platform, e.g. ``"tpu"`` on CPU)."""
     check_operands(a, a_scale, b, b_scale, out_dtype)
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     impl = resolve_impl(impl, platform)
     if impl == "xla":
         return fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype)

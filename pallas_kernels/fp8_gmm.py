@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.fp8_gemm import GPU_PARAMS, OUT_DTYPES, k_step, tpu_tile_body, column_scales, gpu_k_loop, kernel_for, promote, resolve_impl
+from pallas_kernels.platform import target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
 # --- plain jnp references --------------------------------------------------------------------------
@@ -217,7 +218,7 @@ def fp8_gmm(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, impl="a
     g, _, n = b.shape
     expect = [((r, k // TILE),), ((g, k // TILE, -(-n // TILE)), (g, k // TILE, n))]
     _check(a, b, block_group, (a_scale, b_scale), expect, out_dtype)
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     impl = resolve_impl(impl, platform)
     if impl == "xla":
         return fp8_gmm_reference(a, a_scale, b, b_scale, block_group, out_dtype)
@@ -232,7 +233,7 @@ def fp8_gmm_wgrad(a, a_scale, b, b_scale, block_group, num_groups: int, impl="au
         raise ValueError(f"fp8_gmm_wgrad: b {b.shape} must be [R={r}, N]")
     expect = [((r // TILE, k),), ((r // TILE, b.shape[1]),)]
     _check(a, b, block_group, (a_scale, b_scale), expect, tiled_k=False)
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     impl = resolve_impl(impl, platform)
     if impl == "xla":
         return fp8_gmm_wgrad_reference(a, a_scale, b, b_scale, block_group, num_groups)

@@ -157,8 +157,9 @@ def test_sampling(tiny):
 
     np.testing.assert_array_equal(run(temperature=1.0, top_k=1, rng=jax.random.key(1)), greedy)
     np.testing.assert_array_equal(run(temperature=1.0, top_p=1e-6, rng=jax.random.key(1)), greedy)
-    a = run(temperature=2.0, top_k=5, rng=jax.random.key(7))
-    np.testing.assert_array_equal(run(temperature=2.0, top_k=5, rng=jax.random.key(7)), a)
+    key = jax.random.key(7)
+    a = run(temperature=2.0, top_k=5, rng=key)
+    np.testing.assert_array_equal(run(temperature=2.0, top_k=5, rng=key), a)  # the caller's key is not consumed
     assert (run(temperature=2.0, top_k=5, rng=jax.random.key(8)) != a).any()
     assert (a != greedy).any()
     # Every sampled token is among the 5 most likely after its prefix (full forward over the result).
