@@ -76,7 +76,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("overrides", nargs="*")
-    a = ap.parse_args(argv)
+    a = ap.parse_intermixed_args(argv)
     cfg = load_config(a.config, a.overrides)
     m = cfg.model
     result = {
