@@ -44,7 +44,7 @@ RULES = (  # in order; an axis whose mesh axis is taken in that array falls thro
 
 
 def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
-    """Axis sizes with -1 resolved; their product must be the device count."""
+    """Axis sizes with -1 resolved (to the devices left); their product may not exceed the device count."""
     sizes = dataclasses.asdict(cfg)
     fixed = math.prod(n for n in sizes.values() if n != -1)
     rest = [a for a, n in sizes.items() if n == -1]
@@ -52,9 +52,9 @@ def mesh_shape(cfg: MeshConfig, num_devices: int) -> dict[str, int]:
         if num_devices % fixed:
             raise ConfigError(f"mesh {sizes}: the fixed axes ({fixed} devices) do not divide the {num_devices} devices")
         sizes[rest[0]] = num_devices // fixed
-    if math.prod(sizes.values()) != num_devices:
+    if math.prod(sizes.values()) > num_devices:
         raise ConfigError(f"mesh {sizes}: needs {math.prod(sizes.values())} devices, but there are {num_devices}")
-    return sizes
+    return sizes  # fewer than all devices (no -1 axis): the mesh takes the first ones
 
 
 def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
@@ -62,6 +62,7 @@ def make_mesh(cfg: MeshConfig, devices=None) -> jax.sharding.Mesh:
     devices = list(jax.devices() if devices is None else devices)
     sizes = mesh_shape(cfg, len(devices))
     shape = tuple(sizes[a] for a in AXES)
+    devices = devices[: math.prod(shape)]
     try:
         return jax.make_mesh(shape, AXES, devices=devices, axis_types=(AxisType.Auto,) * len(AXES))
     except NotImplementedError:  # an axis size that is no product of the torus' axes: split one

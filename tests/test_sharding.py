@@ -34,8 +34,9 @@ def test_mesh_shape_resolves_the_rest_and_rejects_bad_sizes():
     assert sharding.mesh_shape(MeshConfig(data=2, fsdp=-1, expert=2), 8)["fsdp"] == 2
     with pytest.raises(ConfigError, match="fixed axes .3 devices. do not divide the 8 devices"):
         sharding.mesh_shape(MeshConfig(data=-1, expert=3), 8)
-    with pytest.raises(ConfigError, match="needs 4 devices, but there are 8"):
-        sharding.mesh_shape(MeshConfig(data=2, fsdp=2), 8)
+    assert sharding.make_mesh(MeshConfig(data=2, fsdp=2)).devices.size == 4  # no -1: the first 4 devices
+    with pytest.raises(ConfigError, match="needs 16 devices, but there are 8"):
+        sharding.mesh_shape(MeshConfig(data=2, fsdp=8), 8)
     with pytest.raises(ConfigError, match="at most one axis may be -1"):
         load_config(TINY, ["mesh.fsdp=-1"])  # data is -1 already
     with pytest.raises(ConfigError, match="mesh.tensor=0: must be a positive integer"):

@@ -37,6 +37,7 @@ SMALL_RUN = [  # a fast variant of the tiny config for tests
     "model.v_head_dim=16", "model.moe_intermediate_size=32",
     "train.seq_len=32", "train.batch_size=4", "train.warmup_steps=2", "train.decay_steps=20",
     "train.log_every=1", "train.eval_every=4", "train.eval_batches=2", "train.sample_tokens=0",
+    "mesh.data=1",  # one device (tests/conftest.py simulates 8; tests/test_sharding.py uses them)
 ]  # fmt: skip
 
 
