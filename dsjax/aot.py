@@ -13,7 +13,6 @@ buffers), total against the chip's HBM -- and the compiled FLOPs per chip per st
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import re
 import sys

@@ -151,9 +151,9 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
     return fn(x, idx, w, w_gate, w_up, w_down)
 
 
-def _capacity(t: int, k: int, n_ep: int, factor: float) -> int:
-    """Receive rows per device pair: all t*k copies when dropless, else factor x the even share."""
-    return t * k if factor == 0 else min(t * k, math.ceil(factor * t * k / n_ep))
+def _capacity(m: int, n_ep: int, factor: float) -> int:
+    """Receive rows per device pair for m token copies: all m when dropless, else factor x the even share."""
+    return m if factor == 0 else min(m, math.ceil(factor * m / n_ep))
 
 
 def _a2a_fixed(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn):
@@ -161,7 +161,7 @@ def _a2a_fixed(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn):
 
     rows [m, H] sorted by global expert id ``eid``; returns (results in the same order, kept [m])."""
     m, hdim = rows.shape
-    cap = _capacity(m, 1, n_ep, factor)
+    cap = _capacity(m, n_ep, factor)
     dest = eid // e_local
     sizes = jnp.bincount(dest, length=n_ep)
     rank = jnp.arange(m) - (jnp.cumsum(sizes) - sizes)[dest]  # slot within the destination's chunk
@@ -181,7 +181,7 @@ def _a2a_ragged(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn):
     m, hdim = rows.shape
     dest = eid // e_local
     sizes = jnp.bincount(dest, length=n_ep).astype(jnp.int32)  # rows to each device
-    cap = _capacity(m, 1, n_ep, factor)
+    cap = _capacity(m, n_ep, factor)
     send_sizes = jnp.minimum(sizes, cap)  # beyond the capacity: dropped
     starts = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
     kept = jnp.arange(m) - starts[dest] < cap
