@@ -99,6 +99,9 @@ class ModelConfig:
     attention_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # dsjax.attention
     fp8: bool = False  # V3's FP8 recipe for the projections it quantizes (REFERENCE §7)
     fp8_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # pallas_kernels.fp8 dispatch
+    # FP8 inference: the projections V3 quantizes hold e4m3 weights + 128x128 block scales, as the
+    # FP8 hub release stores them (dsjax.fp8.Fp8Linear; load_hf(path, fp8_weights=True)).
+    fp8_weights: bool = False
     # Expert parallelism (dsjax.moe, mesh.expert > 1): how token copies travel to their experts'
     # devices, and the receive buffer per device pair (0 = dropless: room for every copy).
     expert_dispatch: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"
@@ -142,12 +145,15 @@ class ModelConfig:
             rope_interleave=True,
             attention_bias=False,
         )
+        if self.fp8_weights:  # the FP8 release's block-scaled e4m3 weights (dsjax.convert writes them)
+            d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": [128, 128]}  # fmt: skip
         return d
 
 
 # Fields that are ours (HF configs do not carry them).
 OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl",
-        "expert_dispatch", "expert_capacity_factor")
+        "fp8_weights", "expert_dispatch", "expert_capacity_factor")
 # Fields that keep their name and meaning in HF configs (everything but ours and rope_scaling).
 _HF_FIELDS = tuple(
     f.name
@@ -258,6 +264,9 @@ class Config:
 
     def __post_init__(self):
         _check_types(self)
+        if self.model.fp8_weights:
+            raise ConfigError("model.fp8_weights=True: e4m3 weights are for inference and cannot be trained; "
+                              "train with model.fp8=true (fp32 master weights, FP8 GEMMs)")
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -285,6 +294,8 @@ def _validate(c: ModelConfig) -> None:
     rule(c.expert_capacity_factor == 0 or c.expert_capacity_factor >= 1, "expert_capacity_factor",
          "must be 0 (dropless) or >= 1 (receive room for that many times the even share of token copies)")
     rule(c.initializer_range > 0, "initializer_range", "must be > 0")
+    rule(not (c.fp8 and c.fp8_weights), "fp8_weights",
+         "stores e4m3 weights for inference, while fp8=True trains fp32 masters with FP8 GEMMs: set one of them")
     rule(c.rope_theta > 1, "rope_theta", "must be > 1")
     rule(c.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
     rule(c.n_routed_experts % c.n_group == 0, "n_routed_experts",

@@ -1,12 +1,13 @@
 """Hub-format checkpoints (HF safetensors names, REFERENCE §6) <-> dsjax variables.
 
     cfg, variables = load_hf("path/to/DeepSeek-V3")        # config.json + *.safetensors -> Transformer(cfg)
+    cfg, variables = load_hf(path, fp8_weights=True)        # FP8 inference: e4m3 weights + block scales kept
     save_hf("out/", cfg, variables)                          # the same format back
     variables = from_hf_state_dict(cfg, state_dict)         # hub-named arrays already in memory
 
 ``python -m dsjax.convert SRC`` checks a checkpoint against its config.json from the file headers alone
-and prints a summary; ``python -m dsjax.convert SRC DST [--dtype bfloat16]`` re-exports it (tokenizer
-and other non-weight files are copied along).
+and prints a summary; ``python -m dsjax.convert SRC DST [--dtype bfloat16] [--fp8]`` re-exports it
+(tokenizer and other non-weight files are copied along).
 
 One table, ``_tensors(cfg)``, lists every hub tensor with its place in our variables; loading and saving
 both walk it. HF linear weights are [out, in]; ours are [*in, *out] with heads split out, e.g. q_b_proj
@@ -19,13 +20,15 @@ Files are memory-mapped and read tensor by tensor into the preallocated variable
 never held twice. The safetensors header is parsed here and the bytes viewed with ml_dtypes, because
 safetensors' numpy API cannot return bfloat16 or float8 (its flax API no float8). FP8 releases
 (``quantization_config.quant_method: fp8``) are dequantized, weight (e4m3) x weight_scale_inv per
-128x128 block, to the param dtype; keeping fp8 weights for FP8 inference is not supported yet.
+128x128 block, to the param dtype; or, with ``fp8_weights=True`` (FP8 inference), kept as they are:
+the e4m3 bytes and scales only transposed to our layout (other checkpoints are quantized on load, and
+``to_fp8_weights`` quantizes variables in memory). Such variables export as an FP8 release again.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 import dataclasses
 import json
 import math
@@ -44,6 +47,8 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from dsjax.config import ModelConfig
+from pallas_kernels.quant import TILE as FP8_BLOCK
+from pallas_kernels.quant import quantize_blocks
 
 
 class CheckpointError(ValueError):
@@ -64,6 +69,7 @@ class _Tensor:
     shape: tuple[int, ...]  # ours, below the index
     n_in: int | None = None  # a linear: ours [*in, *out] = shape split after n_in dims; hub [out, in]
     optional: bool = False  # absent <=> zeros (V2 checkpoints carry no correction bias)
+    fp8: bool = False  # ours is e4m3 + a "<leaf>_scale_inv" leaf of 128x128 block scales (cfg.fp8_weights)
 
     @property
     def hub_shape(self) -> tuple[int, ...]:
@@ -77,9 +83,19 @@ class _Tensor:
     def to_hub(self, a: np.ndarray) -> np.ndarray:
         return a if self.n_in is None else a.reshape(self.hub_shape[::-1]).T
 
+    @property
+    def scale_path(self) -> tuple[str, ...]:
+        return (*self.path[:-1], self.path[-1] + "_scale_inv")
 
-def _linear(hub: str, ours: tuple, index: tuple, name: str, in_dims: tuple, out_dims: tuple) -> _Tensor:
-    return _Tensor(f"{hub}{name}.weight", ("params", *ours, name, "kernel"), index, (*in_dims, *out_dims), len(in_dims))
+    @property
+    def scale_shape(self) -> tuple[int, int]:
+        """Ours: one scale per 128x128 block of the 2-D view [K = prod(in), N = prod(out)] = hub^T."""
+        return tuple(-(-n // FP8_BLOCK) for n in self.hub_shape[::-1])
+
+
+def _linear(hub: str, ours: tuple, index: tuple, name: str, in_dims: tuple, out_dims: tuple, fp8: bool) -> _Tensor:
+    return _Tensor(f"{hub}{name}.weight", ("params", *ours, name, "kernel"), index, (*in_dims, *out_dims), len(in_dims),
+                   fp8=fp8)  # fmt: skip
 
 
 def _norm(hub: str, ours: tuple, index: tuple, name: str, dim: int, ours_name: str | None = None) -> _Tensor:
@@ -87,29 +103,29 @@ def _norm(hub: str, ours: tuple, index: tuple, name: str, dim: int, ours_name: s
 
 
 def _attention(c: ModelConfig, hub: str, ours: tuple, index: tuple) -> list[_Tensor]:
-    h, H = c.num_attention_heads, c.hidden_size
+    h, H, f8 = c.num_attention_heads, c.hidden_size, c.fp8_weights
     hub, ours = hub + "self_attn.", (*ours, "self_attn")
     if c.q_lora_rank is None:
-        q = [_linear(hub, ours, index, "q_proj", (H,), (h, c.qk_head_dim))]
+        q = [_linear(hub, ours, index, "q_proj", (H,), (h, c.qk_head_dim), f8)]
     else:
         q = [
-            _linear(hub, ours, index, "q_a_proj", (H,), (c.q_lora_rank,)),
+            _linear(hub, ours, index, "q_a_proj", (H,), (c.q_lora_rank,), f8),
             _norm(hub, ours, index, "q_a_layernorm", c.q_lora_rank),
-            _linear(hub, ours, index, "q_b_proj", (c.q_lora_rank,), (h, c.qk_head_dim)),
+            _linear(hub, ours, index, "q_b_proj", (c.q_lora_rank,), (h, c.qk_head_dim), f8),
         ]
     return q + [
-        _linear(hub, ours, index, "kv_a_proj_with_mqa", (H,), (c.kv_lora_rank + c.qk_rope_head_dim,)),
+        _linear(hub, ours, index, "kv_a_proj_with_mqa", (H,), (c.kv_lora_rank + c.qk_rope_head_dim,), f8),
         _norm(hub, ours, index, "kv_a_layernorm", c.kv_lora_rank),
-        _linear(hub, ours, index, "kv_b_proj", (c.kv_lora_rank,), (h, c.qk_nope_head_dim + c.v_head_dim)),
-        _linear(hub, ours, index, "o_proj", (h, c.v_head_dim), (H,)),
+        _linear(hub, ours, index, "kv_b_proj", (c.kv_lora_rank,), (h, c.qk_nope_head_dim + c.v_head_dim), f8),
+        _linear(hub, ours, index, "o_proj", (h, c.v_head_dim), (H,), f8),
     ]
 
 
-def _mlp(hub: str, ours: tuple, index: tuple, hidden: int, inter: int) -> list[_Tensor]:
+def _mlp(hub: str, ours: tuple, index: tuple, hidden: int, inter: int, fp8: bool) -> list[_Tensor]:
     return [
-        _linear(hub, ours, index, "gate_proj", (hidden,), (inter,)),
-        _linear(hub, ours, index, "up_proj", (hidden,), (inter,)),
-        _linear(hub, ours, index, "down_proj", (inter,), (hidden,)),
+        _linear(hub, ours, index, "gate_proj", (hidden,), (inter,), fp8),
+        _linear(hub, ours, index, "up_proj", (hidden,), (inter,), fp8),
+        _linear(hub, ours, index, "down_proj", (inter,), (hidden,), fp8),
     ]
 
 
@@ -119,9 +135,10 @@ def _moe(c: ModelConfig, hub: str, ours: tuple, index: tuple) -> list[_Tensor]:
     experts = (("gate_proj", "w_gate", (H, I)), ("up_proj", "w_up", (H, I)), ("down_proj", "w_down", (I, H)))
     for j in range(E):
         for name, leaf, dims in experts:
-            t.append(_Tensor(f"{hub}experts.{j}.{name}.weight", ("params", *ours, leaf), (*index, j), dims, 1))
+            t.append(_Tensor(f"{hub}experts.{j}.{name}.weight", ("params", *ours, leaf), (*index, j), dims, 1,
+                             fp8=c.fp8_weights))  # fmt: skip
     if c.n_shared_experts:
-        t += _mlp(hub + "shared_experts.", (*ours, "shared_experts"), index, H, c.n_shared_experts * I)
+        t += _mlp(hub + "shared_experts.", (*ours, "shared_experts"), index, H, c.n_shared_experts * I, c.fp8_weights)
     bias = ("selection_bias", *ours, "e_score_correction_bias")
     return t + [_Tensor(hub + "gate.e_score_correction_bias", bias, index, (E,), optional=c.topk_method != "noaux_tc")]
 
@@ -132,7 +149,7 @@ def _block(c: ModelConfig, i: int, ours: tuple, index: tuple, moe: bool) -> list
     t.append(_norm(hub, ours, index, "post_attention_layernorm", H))
     if moe:
         return t + _moe(c, hub + "mlp.", (*ours, "mlp"), index)
-    return t + _mlp(hub + "mlp.", (*ours, "mlp"), index, H, c.intermediate_size)
+    return t + _mlp(hub + "mlp.", (*ours, "mlp"), index, H, c.intermediate_size, c.fp8_weights)
 
 
 def _tensors(c: ModelConfig) -> list[_Tensor]:
@@ -152,7 +169,7 @@ def _tensors(c: ModelConfig) -> list[_Tensor]:
         t += [
             _norm(hub, ours, (), "enorm", H),
             _norm(hub, ours, (), "hnorm", H),
-            _linear(hub, ours, (), "eh_proj", (2 * H,), (H,)),
+            _linear(hub, ours, (), "eh_proj", (2 * H,), (H,), fp8=False),  # V3 keeps it unquantized
             _norm(hub, ours, (), "shared_head.norm", H, "shared_head_norm"),
         ]
         t += _block(c, n, (*ours, "block"), (), moe=True)
@@ -191,25 +208,49 @@ def _assemble(c: ModelConfig, sd: Mapping[str, np.ndarray], block: tuple[int, in
     _check(c, table, sd, block)
     variables = _allocate(table, jnp.dtype(c.param_dtype))
     for t in table:
-        if t.name in sd:
-            scale = sd.get(t.name + "_scale_inv") if block else None
-            a = sd[t.name] if scale is None else dequantize_fp8(sd[t.name], scale, block)
-            _at(variables, t.path)[t.index] = t.to_ours(a)
+        if t.name not in sd:
+            continue
+        a, scale = sd[t.name], sd.get(t.name + "_scale_inv") if block else None
+        if t.fp8:
+            _at(variables, t.path)[t.index], _at(variables, t.scale_path)[t.index] = _fp8_weight(t, a, scale, block)
+        else:
+            _at(variables, t.path)[t.index] = t.to_ours(a if scale is None else dequantize_fp8(a, scale, block))
     return variables
 
 
+def _fp8_weight(t: _Tensor, a: np.ndarray, scale: np.ndarray | None, block) -> tuple[np.ndarray, np.ndarray]:
+    """(e4m3 [ours], scale_inv [K/128, N/128]) for an FP8-stored leaf: the release's own bytes when it
+    ships e4m3 in 128x128 blocks (only transposed), else quantized here (V3's recipe, ``quantize_blocks``)."""
+    if scale is not None and a.dtype == ml_dtypes.float8_e4m3fn and tuple(block) == (FP8_BLOCK, FP8_BLOCK):
+        return t.to_ours(a), np.asarray(scale, np.float32).T
+    w = a if scale is None else dequantize_fp8(a, scale, block)
+    k, n = t.hub_shape[::-1]
+    q, s = quantize_blocks(jnp.asarray(t.to_ours(w), jnp.float32).reshape(k, n))
+    return np.asarray(q)[:k, :n].reshape(t.shape), np.asarray(s)
+
+
 def _allocate(table: list[_Tensor], param_dtype: np.dtype) -> dict:
-    """Zeroed variables for every leaf the table names: params in param_dtype, selection_bias fp32."""
+    """Zeroed variables for every leaf the table names: params in param_dtype (FP8-stored ones e4m3,
+    with their fp32 scale_inv leaves), selection_bias fp32."""
     leaves: dict[tuple, list[_Tensor]] = {}
     for t in table:
         leaves.setdefault(t.path, []).append(t)
     variables: dict = {"params": {}, "selection_bias": {}}
-    for path, ts in leaves.items():
-        lead = tuple(max(t.index[a] for t in ts) + 1 for a in range(len(ts[0].index)))
+
+    def put(path, shape, dtype):
         node = variables
         for key in path[:-1]:
             node = node.setdefault(key, {})
-        node[path[-1]] = np.zeros((*lead, *ts[0].shape), param_dtype if path[0] == "params" else np.float32)
+        node[path[-1]] = np.zeros(shape, dtype)
+
+    for path, ts in leaves.items():
+        t = ts[0]
+        lead = tuple(max(t.index[a] for t in ts) + 1 for a in range(len(t.index)))
+        if t.fp8:
+            put(path, (*lead, *t.shape), ml_dtypes.float8_e4m3fn)
+            put(t.scale_path, (*lead, *t.scale_shape), np.float32)
+        else:
+            put(path, (*lead, *t.shape), param_dtype if path[0] == "params" else np.float32)
     return variables
 
 
@@ -341,7 +382,9 @@ def load_hf(path: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict]:
     """(config, variables) of a hub checkpoint directory, read tensor by tensor.
 
     ``overrides`` are ModelConfig fields, e.g. ``param_dtype="bfloat16"`` (default: config.json's dtype),
-    ``scan_layers=False``. FP8 weights are dequantized to the param dtype. Raises CheckpointError naming
+    ``scan_layers=False``. FP8 weights are dequantized to the param dtype, unless ``fp8_weights=True``:
+    then the projections V3 quantizes stay e4m3 + 128x128 block scales (quantized here if the
+    checkpoint holds them in another precision or block size). Raises CheckpointError naming
     every missing, unexpected and mis-shaped tensor; a checkpoint without any MTP tensor loads with
     num_nextn_predict_layers=0 and a warning.
     """
@@ -353,12 +396,29 @@ def load_hf(path: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict]:
 # Saving.
 
 
-def _hub_tensors(c: ModelConfig, variables: dict) -> list[tuple[str, _Tensor]]:
-    """(hub name, table entry holding its values) for every tensor a checkpoint of ``variables`` stores."""
+def _hub_arrays(c: ModelConfig, variables: dict) -> list[tuple[str, Callable[[], np.ndarray], int]]:
+    """(hub name, its array in hub layout when called, bytes) for every tensor a checkpoint of
+    ``variables`` stores; FP8-stored leaves give the e4m3 weight and its ``_scale_inv``."""
     table = _tensors(c)
     by_name = {t.name: t for t in table}
-    out = [(t.name, t) for t in table if not t.optional or np.any(np.asarray(_at(variables, t.path)[t.index]))]
-    return out + [(copy, by_name[shared]) for copy, shared in _copies(c)]
+    kept = [(t.name, t) for t in table if not t.optional or np.any(np.asarray(_at(variables, t.path)[t.index]))]
+    out = []
+    for name, t in kept + [(copy, by_name[shared]) for copy, shared in _copies(c)]:
+        leaf = _at(variables, t.path)
+        if t.fp8 and leaf.dtype != ml_dtypes.float8_e4m3fn:
+            raise CheckpointError(f"{'/'.join(t.path)}: config says fp8_weights=True but the variables hold {leaf.dtype}")
+        out.append((name, lambda t=t, leaf=leaf: t.to_hub(np.asarray(leaf[t.index])), math.prod(t.hub_shape) * leaf.dtype.itemsize))
+        if t.fp8:
+            scale = _at(variables, t.scale_path)
+            out.append((name + "_scale_inv", lambda t=t, s=scale: np.asarray(s[t.index]).T, math.prod(t.scale_shape) * 4))
+    return out
+
+
+def to_fp8_weights(cfg: ModelConfig, variables: dict) -> tuple[ModelConfig, dict]:
+    """The same model for FP8 inference (``fp8_weights``): the projections V3 quantizes in e4m3 with
+    128x128 block scales, quantized from ``variables`` (held twice meanwhile: for small models)."""
+    state_dict = {name: get() for name, get, _ in _hub_arrays(cfg, nn.meta.unbox(variables))}
+    return cfg.replace(fp8_weights=True), from_hf_state_dict(cfg.replace(fp8_weights=True), state_dict)
 
 
 def _shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
@@ -385,8 +445,8 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, variables: dict, *, max_s
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty (overwrite=True / --overwrite replaces it)")
     variables = nn.meta.unbox(variables)
-    entries = _hub_tensors(cfg, variables)
-    sizes = [math.prod(t.hub_shape) * _at(variables, t.path).dtype.itemsize for _, t in entries]
+    entries = _hub_arrays(cfg, variables)
+    sizes = [n for _, _, n in entries]
     shards = _shards(sizes, max_shard_bytes)
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]  # fmt: skip
@@ -399,8 +459,8 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, variables: dict, *, max_s
         for file, shard in zip(names, shards):
             tensors = {}
             for i in shard:
-                name, t = entries[i]
-                tensors[name] = np.ascontiguousarray(t.to_hub(np.asarray(_at(variables, t.path)[t.index])))
+                name, get, _ = entries[i]
+                tensors[name] = np.ascontiguousarray(get())
                 weight_map[name] = file
             save_file(tensors, tmp / file, metadata={"format": "pt"})
         if len(shards) > 1:
@@ -435,7 +495,7 @@ def summary(path: str | os.PathLike) -> str:
     for a in sd.values():
         by_dtype[a.dtype.name] += a.nbytes
     sizes = ", ".join(f"{d} {n / 1e6:,.1f} MB" for d, n in by_dtype.most_common())
-    quant = f"FP8, {block[0]}x{block[1]} blocks (dequantized on load)" if block else "none"
+    quant = f"FP8, {block[0]}x{block[1]} blocks (dequantized on load unless fp8_weights=True)" if block else "none"
     return f"{path}: ok, {_describe(cfg)}\n  {len(sd)} tensors: {sizes}\n  quantization: {quant}"
 
 
@@ -446,6 +506,8 @@ def _main(argv: list[str]) -> int:
     ap.add_argument("src", help="hub checkpoint directory (config.json + *.safetensors)")
     ap.add_argument("dst", nargs="?", help="write the re-exported checkpoint here (omit: check SRC and summarise)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="param dtype to write (default: SRC's)")
+    ap.add_argument("--fp8", action="store_true",
+                    help="write V3's FP8 layout: e4m3 projections + 128x128 weight_scale_inv (kept from an FP8 SRC, else quantized)")
     ap.add_argument("--max-shard-gib", type=float, default=5.0)
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     a = ap.parse_args(argv)
@@ -453,7 +515,7 @@ def _main(argv: list[str]) -> int:
         if a.dst is None:
             print(summary(a.src))
             return 0
-        cfg, variables = load_hf(a.src, **({"param_dtype": a.dtype} if a.dtype else {}))
+        cfg, variables = load_hf(a.src, **({"param_dtype": a.dtype} if a.dtype else {}), fp8_weights=a.fp8)
         save_hf(a.dst, cfg, variables, max_shard_bytes=int(a.max_shard_gib * 2**30), overwrite=a.overwrite)
     except (CheckpointError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -7,17 +7,22 @@
 each promoted to fp32 every 128 elements of K (``pallas_kernels.fp8_gemm``). W is the fp32 master
 weight (quantized from it on every call, "online"); y and dx come out in x's dtype, dW in fp32.
 ``fp8_dense_general`` is the ``nn.DenseGeneral`` that uses it: same parameter, init and axes.
+
+FP8 inference (``cfg.fp8_weights``) keeps W itself in e4m3 with one fp32 ``scale_inv`` per 128x128
+block, as DeepSeek's FP8 release ships it (``Fp8Weight``): ``Fp8Linear`` runs the forward GEMM above
+on the stored blocks, with no master weight and no backward.
 """
 
 import functools
 import math
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels.fp8_gemm import fp8_gemm
-from pallas_kernels.quant import quantize_blocks, quantize_tiles
+from pallas_kernels.quant import E4M3, E4M3_MAX, GRAD_AMAX_MIN, TILE, dequantize_blocks, pad_to, quantize_blocks, quantize_tiles
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -29,18 +34,22 @@ def fp8_matmul(x, w, impl: str = "auto", pow2: bool = False):
 def _fwd(x, w, impl, pow2):
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[0]:
         raise ValueError(f"fp8_matmul: need x [M, K] and w [K, N], got {x.shape} and {w.shape}")
+    return _x_times_blocks(x, *quantize_blocks(w, pow2), impl, pow2)[:, : w.shape[1]], (x, w)
+
+
+def _x_times_blocks(x, qw, sw, impl, pow2=False):
+    """x [M, K] in 1x128 tiles times padded e4m3 blocks qw [Kp, Np] with scales sw: the forward GEMM."""
     qx, sx = quantize_tiles(x, -1, pow2)
-    qw, sw = quantize_blocks(w, pow2)
-    return fp8_gemm(qx, sx, qw, sw, x.dtype, impl)[:, : w.shape[1]], (x, w)
+    return fp8_gemm(qx, sx, qw, sw, x.dtype, impl)
 
 
 def _bwd(impl, pow2, res, dy):
     x, w = res
     qw, sw = quantize_blocks(w, pow2)  # the forward's blocks again; W^T's scales are their transpose
-    qg, sg = quantize_tiles(dy, -1, pow2)
+    qg, sg = quantize_tiles(dy, -1, pow2, GRAD_AMAX_MIN)
     dx = fp8_gemm(qg, sg, qw.T, sw.T, x.dtype, impl)[:, : x.shape[1]]
     qxt, sxt = quantize_tiles(x, 0, pow2)  # 128x1: tiles run along M, wgrad's K
-    qgt, sgt = quantize_tiles(dy, 0, pow2)
+    qgt, sgt = quantize_tiles(dy, 0, pow2, GRAD_AMAX_MIN)
     dw = fp8_gemm(qxt.T, sxt.T, qgt, sgt, jnp.float32, impl)
     return dx, dw.astype(w.dtype)
 
@@ -76,3 +85,82 @@ def _dot_general(impl: str):
 def fp8_dense_general(impl: str = "auto", **kwargs) -> nn.DenseGeneral:
     """``nn.DenseGeneral(**kwargs)`` whose product is ``fp8_matmul``; parameters unchanged."""
     return nn.DenseGeneral(**kwargs, dot_general=_dot_general(impl), promote_dtype=keep_master_kernel)
+
+
+# --- FP8 inference: weights stored in e4m3 -------------------------------------------------------
+
+
+@flax.struct.dataclass
+class Fp8Weight:
+    """W ~= q x scale_inv of its 128x128 block, over the last two dims (leading dims: experts).
+
+    q e4m3 [..., K, N] (unpadded, as stored), scale_inv fp32 [..., ceil(K/128), ceil(N/128)]."""
+
+    q: jax.Array
+    scale_inv: jax.Array
+
+    @property
+    def shape(self):
+        return self.q.shape
+
+    def padded(self):
+        """q zero-padded to whole blocks [..., Kp, Np] (zeros stay exact), the GEMM kernels' layout."""
+        return pad_to(pad_to(self.q, -2), -1)
+
+    def dequantize(self, dtype=jnp.float32):
+        k, n = self.q.shape[-2:]
+        return dequantize_blocks(self.padded(), self.scale_inv)[..., :k, :n].astype(dtype)
+
+
+def fp8_matmul_stored(x, w: Fp8Weight, impl: str = "auto"):
+    """x [M, K] @ W [K, N] stored in e4m3 blocks: activations in 1x128 tiles, fp32 promotion per K
+    block; out in x's dtype. Forward only (inference)."""
+    return _x_times_blocks(x, w.padded(), w.scale_inv, impl)[:, : w.shape[-1]]
+
+
+def block_count(n: int) -> int:
+    return -(-n // TILE)
+
+
+def fp8_init(std: float):
+    """Initial (q, scale_inv) for a random e4m3 weight ~ normal(std): one scale for every block, the
+    amax of a 4-sigma weight (beyond it clipped). Real weights come from a checkpoint (dsjax.convert)."""
+    scale = 4.0 * std / E4M3_MAX
+
+    def q_init(key, shape, dtype=E4M3):
+        return jnp.clip(jax.random.normal(key, shape) * (std / scale), -E4M3_MAX, E4M3_MAX).astype(dtype)
+
+    def s_init(key, shape, dtype=jnp.float32):
+        del key
+        return jnp.full(shape, scale, dtype)
+
+    return q_init, s_init
+
+
+class Fp8Linear(nn.Module):
+    """y = x W for ``linear`` under ``cfg.fp8_weights``: ``kernel`` e4m3 [*in, *out] (the same axes
+    as the float kernel) and ``kernel_scale_inv`` fp32 [ceil(K/128), ceil(N/128)] for the 2-D view
+    W [K = prod(in), N = prod(out)]. The contracted dims are x's trailing ``len(axis)`` dims."""
+
+    features: int | tuple[int, ...]
+    axis: int | tuple[int, ...]
+    axes: tuple[str, ...]
+    std: float
+    dtype: jnp.dtype
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x):
+        features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+        contracted = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+        n_in = len(contracted)
+        if sorted(a % x.ndim for a in contracted) != list(range(x.ndim - n_in, x.ndim)):
+            raise ValueError(f"Fp8Linear: axis={self.axis} must name x's trailing dims (x is {x.ndim}-D)")
+        in_shape = x.shape[x.ndim - n_in :]
+        k, n = math.prod(in_shape), math.prod(features)
+        q_init, s_init = fp8_init(self.std)
+        q = self.param("kernel", nn.with_logical_partitioning(q_init, self.axes), (*in_shape, *features), E4M3)
+        s = self.param("kernel_scale_inv", s_init, (block_count(k), block_count(n)), jnp.float32)
+        lead = x.shape[: x.ndim - n_in]
+        y = fp8_matmul_stored(x.astype(self.dtype).reshape(-1, k), Fp8Weight(q.reshape(k, n), s), self.impl)
+        return y.reshape(*lead, *features)

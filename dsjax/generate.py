@@ -262,20 +262,24 @@ def generate(cfg: ModelConfig, variables, prompts, max_new_tokens: int, *, tempe
 # Command line
 
 
-def load_checkpoint(path: str | Path):
+def load_checkpoint(path: str | Path, fp8_weights: bool = False):
     """A train.py run directory (has config.yaml) or a hub-format HF directory -> (cfg, variables,
-    tokenizer or None)."""
+    tokenizer or None). ``fp8_weights``: for FP8 inference (``dsjax.convert``: an FP8 release's
+    weights kept as they are, others quantized)."""
     p = Path(path)
     if (p / "config.yaml").is_file():
         from dsjax.checkpoint import restore_model
         from dsjax.config import load_config
+        from dsjax.convert import to_fp8_weights
         from dsjax.data import make_tokenizer
 
         cfg, variables = restore_model(p)
+        if fp8_weights:
+            cfg, variables = to_fp8_weights(cfg, jax.device_get(variables))
         return cfg, variables, make_tokenizer(load_config(p / "config.yaml").data)
     from dsjax.convert import load_hf
 
-    cfg, variables = load_hf(p)
+    cfg, variables = load_hf(p, fp8_weights=fp8_weights)
     if (p / "tokenizer.json").is_file():
         from dsjax.data import HFTokenizer
 
@@ -295,8 +299,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--speculative", action="store_true", help="draft with the MTP modules")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--fp8-weights", action="store_true",
+                    help="FP8 inference: projections in e4m3 + 128x128 block scales (an FP8 release's own bytes)")
     a = ap.parse_args(argv)
-    cfg, variables, tok = load_checkpoint(a.checkpoint)
+    cfg, variables, tok = load_checkpoint(a.checkpoint, a.fp8_weights)
     if a.prompt_ids is not None:
         ids = [int(t) for t in a.prompt_ids.split(",")]
     elif tok is None:

@@ -10,6 +10,7 @@ One dispatch, ``grouped_matmul``, over the implementations:
   Cost grows with rows (tokens x top-k) plus at most one partial block per expert.
 - ``fp8`` given: ``gmm_fp8``, V3's FP8 recipe on the 128-row-block layout (``pallas_kernels.fp8_gmm``),
   whatever ``impl`` says.
+- ``rhs`` stored in FP8 (``Fp8Weight``, inference): ``gmm_fp8_stored``.
 """
 
 import functools
@@ -17,9 +18,10 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dsjax.fp8 import Fp8Weight
 from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
 from pallas_kernels.platform import target_platform
-from pallas_kernels.quant import TILE, quantize_blocks, quantize_tiles
+from pallas_kernels.quant import GRAD_AMAX_MIN, TILE, dequantize_tiles, quantize_blocks, quantize_tiles
 
 
 def block_rows(m: int, num_groups: int) -> int:
@@ -63,22 +65,27 @@ def gmm_fp8(lhs, rhs, group_sizes, impl: str = "auto"):
 
 
 def _gmm_fp8_fwd(lhs, rhs, group_sizes, impl):
+    y, x, dest, block_group = _gmm_blocks(lhs, *quantize_blocks(rhs), group_sizes, impl)
+    return y[:, : rhs.shape[2]], (x, rhs, dest, block_group)
+
+
+def _gmm_blocks(lhs, qw, sw, group_sizes, impl):
+    """The FP8 forward: each group's rows padded to 128-row blocks, in 1x128 tiles, times its
+    expert's e4m3 blocks qw [g, Kp, Np] (scales sw). Returns (y [m, Np], padded rows, layout)."""
     dest, num_blocks, block_group = blocked_layout(group_sizes, lhs.shape[0], TILE)
     x = jnp.zeros((num_blocks * TILE, lhs.shape[1]), lhs.dtype).at[dest].set(lhs, unique_indices=True)
     qx, sx = quantize_tiles(x)
-    qw, sw = quantize_blocks(rhs)
-    y = fp8_gmm(qx, sx, qw, sw, block_group, lhs.dtype, impl)[dest, : rhs.shape[2]]
-    return y, (x, rhs, dest, block_group)
+    return fp8_gmm(qx, sx, qw, sw, block_group, lhs.dtype, impl)[dest], x, dest, block_group
 
 
 def _gmm_fp8_bwd(impl, res, dy):
     x, rhs, dest, block_group = res
     g = jnp.zeros((x.shape[0], dy.shape[1]), dy.dtype).at[dest].set(dy, unique_indices=True)
     qw, sw = quantize_blocks(rhs)
-    qg, sg = quantize_tiles(g)
+    qg, sg = quantize_tiles(g, amax_min=GRAD_AMAX_MIN)
     dx = fp8_gmm(qg, sg, qw.swapaxes(1, 2), sw.swapaxes(1, 2), block_group, x.dtype, impl)[dest, : x.shape[1]]
     qxt, sxt = quantize_tiles(x, 0)
-    qgt, sgt = quantize_tiles(g, 0)
+    qgt, sgt = quantize_tiles(g, 0, amax_min=GRAD_AMAX_MIN)
     dw = fp8_gmm_wgrad(qxt, sxt, qgt, sgt, block_group, rhs.shape[0], impl)[:, : rhs.shape[1], : rhs.shape[2]]
     return dx, dw.astype(rhs.dtype), None
 
@@ -88,9 +95,23 @@ gmm_fp8.defvjp(_gmm_fp8_fwd, _gmm_fp8_bwd)
 
 def gmm_rows(lhs, rhs, group_sizes):
     """Each row times its own group's matrix: reads only the groups in use (decode: few rows)."""
-    m, g = lhs.shape[0], rhs.shape[0]
-    row_group = jnp.repeat(jnp.arange(g), group_sizes, total_repeat_length=m)
-    return jnp.einsum("mk,mkn->mn", lhs, rhs[row_group])
+    return jnp.einsum("mk,mkn->mn", lhs, rhs[_row_group(group_sizes, lhs.shape[0])])
+
+
+def _row_group(group_sizes, m: int):
+    return jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes, total_repeat_length=m)
+
+
+def gmm_fp8_stored(lhs, rhs: Fp8Weight, group_sizes, impl: str = "auto"):
+    """FP8 inference: rows times experts stored in e4m3 blocks, activations in 1x128 tiles. No more
+    rows than groups (decoding): each row times its own expert, dequantized (reads only the experts
+    in use); else the FP8 grouped GEMM on the stored blocks (``gmm_fp8``'s forward)."""
+    m, k = lhs.shape
+    if m > rhs.shape[0]:
+        return _gmm_blocks(lhs, rhs.padded(), rhs.scale_inv, group_sizes, impl)[0][:, : rhs.shape[2]]
+    x = dequantize_tiles(*quantize_tiles(lhs))[:, :k]
+    w = jax.tree.map(lambda a: a[_row_group(group_sizes, m)], rhs).dequantize()
+    return jnp.einsum("mk,mkn->mn", x, w, precision="highest").astype(lhs.dtype)
 
 
 def gmm_ragged(lhs, rhs, group_sizes):
@@ -102,7 +123,9 @@ IMPLS = {"ragged_dot": gmm_ragged, "blocked": gmm_blocked, "rows": gmm_rows}
 
 def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", fp8: str | None = None):
     """Dispatch. ``auto``: ``ragged_dot`` on TPU (native grouped GEMM); elsewhere ``rows`` when there
-    are no more rows than groups (decoding), else ``blocked``."""
+    are no more rows than groups (decoding), else ``blocked``. ``rhs`` an ``Fp8Weight``: ``gmm_fp8_stored``."""
+    if isinstance(rhs, Fp8Weight):
+        return gmm_fp8_stored(lhs, rhs, group_sizes, fp8 or "auto")
     if fp8 is not None:  # fp8: the FP8 GEMM implementation (ModelConfig.fp8_impl)
         return gmm_fp8(lhs, rhs, group_sizes, fp8)
     if impl == "auto":

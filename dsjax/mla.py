@@ -18,6 +18,7 @@ import jax.numpy as jnp
 
 from dsjax.attention import AttentionMask, latent_attention, mla_attention
 from dsjax.config import ModelConfig
+from dsjax.fp8 import Fp8Weight
 from dsjax.linear import linear
 from dsjax.norm import RMSNorm
 from dsjax.rope import apply_rope, softmax_scale
@@ -79,6 +80,14 @@ class MLA(nn.Module):
         self.kv_b_proj = linear(c, (h, c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads", "kv_dim"), "kv_b_proj")
         self.o_proj = linear(c, c.hidden_size, ("heads", "v_dim", "embed"), "o_proj", axis=(-2, -1))
 
+    def kv_b_weight(self):
+        """W_UKV [r, h, dn + dv] in the compute dtype (dequantized when stored in FP8)."""
+        c, p = self.cfg, nn.meta.unbox(self.kv_b_proj.variables["params"])
+        if not c.fp8_weights:
+            return p["kernel"].astype(c.dtype)
+        r, h, d = p["kernel"].shape
+        return Fp8Weight(p["kernel"].reshape(r, h * d), p["kernel_scale_inv"]).dequantize(c.dtype).reshape(r, h, d)
+
     def project(self, x, cos, sin):
         """q = W_UQ RMSNorm(W_DQ x) -> (q_nope, RoPE(q_pe)); W_DKV x -> (RMSNorm(c_kv), RoPE(k_pe))."""
         c = self.cfg
@@ -101,7 +110,7 @@ class MLA(nn.Module):
             out = mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, softmax_scale(c), c.attention_impl)
         else:
             cache = cache.write(positions, c_kv, k_pe)
-            w = nn.meta.unbox(self.kv_b_proj.variables["params"]["kernel"]).astype(c.dtype)  # [r, h, dn + dv]
+            w = self.kv_b_weight()  # [r, h, dn + dv]
             w_uk, w_uv = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim :]
             out = mla_attention_absorbed(q_nope, q_pe, cache.c_kv, cache.k_pe, w_uk, w_uv, mask, softmax_scale(c), c.attention_impl)
         return self.o_proj(out), cache

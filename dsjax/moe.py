@@ -20,7 +20,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
+from dsjax.fp8 import Fp8Weight, block_count, fp8_init
 from dsjax.gmm import grouped_matmul
+from pallas_kernels.quant import E4M3
 from dsjax.mlp import MLP
 from dsjax.sharding import BATCH, platform
 
@@ -75,7 +77,8 @@ def balance_loss(scores, idx, token_mask, num_experts: int):
 def experts_dropless(x, idx, w, w_gate, w_up, w_down, impl: str = "auto", fp8: str | None = None):
     """sum_k w_k SwiGLU_{idx_k}(x) for x [T, H], computing only the chosen (token, expert) pairs.
 
-    ``fp8``: None for plain matmuls, else the FP8 GEMM implementation (``ModelConfig.fp8_impl``)."""
+    ``fp8``: None for plain matmuls, else the FP8 GEMM implementation (``ModelConfig.fp8_impl``).
+    The expert weights may be ``Fp8Weight`` (FP8 inference)."""
     t, k = idx.shape
     flat = idx.reshape(-1)
     order = jnp.argsort(flat, stable=True)  # token copies grouped by expert
@@ -113,6 +116,9 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
     with an all-to-all over ``expert``, runs its experts on what it received and sends the results
     back; the partial sums over the tensor-split hidden dim are added with a psum.
     Returns (y [T, H], fraction of token copies dropped; 0 unless ``expert_capacity_factor``)."""
+    if cfg.fp8_weights:
+        raise NotImplementedError("fp8_weights (FP8 inference) runs on one device; under a multi-device mesh "
+                                  "load the checkpoint dequantized (fp8_weights=False)")
     impl, fp8 = cfg.moe_impl, (cfg.fp8_impl if cfg.fp8 else None)
     n_ep = mesh.shape["expert"]
     dispatch = cfg.expert_dispatch
@@ -219,6 +225,16 @@ class MoE(nn.Module):
         init = nn.with_logical_partitioning(nn.initializers.normal(self.cfg.initializer_range), axes)
         return self.param(name, init, shape, jnp.dtype(self.cfg.param_dtype))
 
+    def _expert_weights(self, name, shape, axes):
+        """[E, K, N] in the compute dtype, or (``fp8_weights``) e4m3 + ``<name>_scale_inv`` blocks."""
+        c = self.cfg
+        if not c.fp8_weights:
+            return self._param(name, shape, axes).astype(c.dtype)
+        q_init, s_init = fp8_init(c.initializer_range)
+        q = self.param(name, nn.with_logical_partitioning(q_init, axes), shape, E4M3)
+        s = self.param(f"{name}_scale_inv", s_init, (shape[0], *map(block_count, shape[1:])), jnp.float32)
+        return Fp8Weight(q, s)
+
     @nn.compact
     def __call__(self, x, token_mask):
         c = self.cfg
@@ -226,16 +242,17 @@ class MoE(nn.Module):
         e, i = c.n_routed_experts, c.moe_intermediate_size
         w_router = self._param("gate", (hdim, e), ("embed", "experts"))
         bias = self.variable(BIAS, "e_score_correction_bias", jnp.zeros, (e,), jnp.float32).value
-        w_gate = self._param("w_gate", (e, hdim, i), ("experts", "embed", "expert_mlp")).astype(c.dtype)
-        w_up = self._param("w_up", (e, hdim, i), ("experts", "embed", "expert_mlp")).astype(c.dtype)
-        w_down = self._param("w_down", (e, i, hdim), ("experts", "expert_mlp", "embed")).astype(c.dtype)
+        w_gate = self._expert_weights("w_gate", (e, hdim, i), ("experts", "embed", "expert_mlp"))
+        w_up = self._expert_weights("w_up", (e, hdim, i), ("experts", "embed", "expert_mlp"))
+        w_down = self._expert_weights("w_down", (e, i, hdim), ("experts", "expert_mlp", "embed"))
 
         logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32), precision="highest")
         scores = jax.nn.sigmoid(logits) if c.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
         idx, w = route(scores.reshape(b * s, e), bias, c)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or mesh.size == 1:
-            y = experts_dropless(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c.moe_impl, c.fp8_impl if c.fp8 else None)
+            fp8 = c.fp8_impl if c.fp8 or c.fp8_weights else None
+            y = experts_dropless(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c.moe_impl, fp8)
             dropped = jnp.zeros((), jnp.float32)
         else:
             y, dropped = experts_parallel(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c, mesh)

@@ -12,13 +12,16 @@ import jax.numpy as jnp
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3fn value
-AMAX_MIN = 1e-4  # amax clamp: an all-zero tile gets a finite scale
+AMAX_MIN = 1e-4  # amax clamp (weights, activations): an all-zero tile gets a finite scale
+# Gradients of a mean loss are mostly far below 1e-4 (tiny config: 73% of dy rows); clamping them
+# at 1e-4 would squeeze them into e4m3's subnormals. Their floor only keeps s a normal fp32.
+GRAD_AMAX_MIN = E4M3_MAX * 2.0**-126
 TILE = 128
 
 
-def scale_from_amax(amax, pow2: bool = False):
-    """s = max(amax, 1e-4) / 448; ``pow2`` rounds s up to a power of two (UE8M0 scales, V3.1)."""
-    s = jnp.maximum(amax.astype(jnp.float32), AMAX_MIN) / E4M3_MAX
+def scale_from_amax(amax, pow2: bool = False, amax_min: float = AMAX_MIN):
+    """s = max(amax, amax_min) / 448; ``pow2`` rounds s up to a power of two (UE8M0 scales, V3.1)."""
+    s = jnp.maximum(amax.astype(jnp.float32), amax_min) / E4M3_MAX
     if not pow2:
         return s
     m, e = jnp.frexp(s)  # s = m 2^e, m in [0.5, 1): the next power of two is 2^e, or s itself
@@ -39,13 +42,13 @@ def pad_to(x, axis: int, multiple: int = TILE):
     return jnp.pad(x, widths)
 
 
-def quantize_tiles(x, axis: int = -1, pow2: bool = False):
+def quantize_tiles(x, axis: int = -1, pow2: bool = False, amax_min: float = AMAX_MIN):
     """Scale per 128 consecutive elements along ``axis``: x [..., K, ...] -> (q e4m3 with K padded
     to Kp, s fp32 with K replaced by Kp / 128). 2-D x [M, K]: axis -1 = 1x128 tiles (q [M, Kp],
-    s [M, Kp/128]); axis 0 = 128x1 tiles (q [Mp, K], s [Mp/128, K])."""
+    s [M, Kp/128]); axis 0 = 128x1 tiles (q [Mp, K], s [Mp/128, K]). Gradients: ``GRAD_AMAX_MIN``."""
     x = jnp.moveaxis(pad_to(x.astype(jnp.float32), axis), axis, -1)
     t = x.reshape(*x.shape[:-1], -1, TILE)
-    s = scale_from_amax(jnp.max(jnp.abs(t), axis=-1), pow2)
+    s = scale_from_amax(jnp.max(jnp.abs(t), axis=-1), pow2, amax_min)
     q = to_e4m3(t, s[..., None]).reshape(x.shape)
     return jnp.moveaxis(q, -1, axis), jnp.moveaxis(s, -1, axis)
 

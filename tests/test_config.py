@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FIXTURES = sorted(p for p in (ROOT / "tests" / "fixtures").iterdir() if (p / "config.json").is_file())
 OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl",
-        "expert_dispatch", "expert_capacity_factor")  # not in HF configs
+        "fp8_weights", "expert_dispatch", "expert_capacity_factor")  # not in HF configs
 YARN = {"factor": 4.0, "original_max_position_embeddings": 128}
 
 
@@ -91,6 +91,8 @@ VALIDATE_CASES = {
     "noaux_tc_one_expert_per_group": (  # 8 groups of 1; topk_group=2 keeps the top-k rule satisfied
         {"n_group": 8, "topk_group": 2},
         "topk_method='noaux_tc': 'noaux_tc' scores a group by its top-2 experts, but each group holds 1"),
+    "fp8_training_and_fp8_weights": (
+        {"fp8": True, "fp8_weights": True}, "fp8_weights=True: stores e4m3 weights for inference, while fp8=True"),
     "rope_factor_lt_1": (
         {"rope_scaling": {**YARN, "factor": 0.5}}, "rope_scaling.factor=0.5: must be >= 1"),
     "rope_orig_max_pos_zero": (
@@ -278,6 +280,7 @@ OVERRIDE_ERRORS = {
     "wrong_type": ("model.hidden_size=abc", "model.hidden_size='abc': must be an integer"),
     "unknown_key": ("model.hiden_size=64", "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
     "unknown_section": ("modle.hidden_size=64", "unknown section 'modle'; did you mean 'model'?"),
+    "train_fp8_weights": ("model.fp8_weights=true", "model.fp8_weights=True: e4m3 weights are for inference and cannot be trained"),
 }  # fmt: skip
 
 

@@ -14,7 +14,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from dsjax.config import load_config
-from dsjax.convert import CheckpointError, _main, dequantize_fp8, load_hf, save_hf, summary
+from dsjax.convert import (CheckpointError, _main, _open_safetensors, dequantize_fp8, load_hf, save_hf, summary,
+                           to_fp8_weights)  # fmt: skip
 from dsjax.model import Transformer, abstract_variables
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -275,6 +276,86 @@ def test_fp8_model_logits_close_to_fp32(tmp_path):
     # of rounding every weight to bf16 (2^-9) instead.
     assert 1e-3 < rel < 0.1, rel
     assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+
+
+def test_fp8_weights_keep_the_release_bytes_and_export_them_back(tmp_path):
+    """load_hf(fp8_weights=True) keeps each quantized tensor's e4m3 bytes and scales (transposed to our
+    layout, nothing re-rounded); export writes the FP8 release back byte for byte, and re-imports."""
+    path, _, fp8 = fp8_checkpoint(tmp_path, (128, 128))
+    cfg, v = load_hf(path, fp8_weights=True)
+    assert cfg.fp8_weights
+    attn = v["params"]["moe_layers"]["layers"]["self_attn"]["kv_b_proj"]
+    hub = fp8["model.layers.1.self_attn.kv_b_proj.weight"]  # layer 1 = MoE layer 0
+    assert attn["kernel"].dtype == ml_dtypes.float8_e4m3fn
+    np.testing.assert_array_equal(attn["kernel"][0].reshape(hub.shape[1], -1).view(np.uint8), hub.T.view(np.uint8))
+    np.testing.assert_array_equal(attn["kernel_scale_inv"][0], fp8["model.layers.1.self_attn.kv_b_proj.weight_scale_inv"].T)
+    experts = v["params"]["moe_layers"]["layers"]["mlp"]
+    np.testing.assert_array_equal(experts["w_down_scale_inv"][1, 5], fp8["model.layers.2.mlp.experts.5.down_proj.weight_scale_inv"].T)
+    assert v["params"]["lm_head"]["kernel"].dtype == np.float32  # not a quantized layer
+
+    save_hf(tmp_path / "export", cfg, v)
+    back = _open_safetensors(tmp_path / "export")
+    assert sorted(back) == sorted(fp8)
+    for n, a in fp8.items():
+        assert back[n].dtype == a.dtype and np.array_equal(back[n].view(np.uint8), a.view(np.uint8)), n
+    hf = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert hf["quantization_config"]["quant_method"] == "fp8" and hf["quantization_config"]["weight_block_size"] == [128, 128]
+    assert_same_variables(load_hf(tmp_path / "export", fp8_weights=True)[1], v)
+    assert "FP8, 128x128 blocks" in summary(tmp_path / "export")
+
+
+@pytest.mark.parametrize("source", ["fp32", "fp8_32x48"])
+def test_fp8_weights_quantized_on_load(tmp_path, source):
+    """A checkpoint in another precision or block size loads with fp8_weights=True by quantizing each
+    V3-quantized weight into 128x128 blocks: the test's own numpy quantizer gives the same bytes."""
+    if source == "fp32":
+        path, hub = FIXTURES / "v3_qlora_groups", load_file(FIXTURES / "v3_qlora_groups" / "model.safetensors")
+    else:
+        path, _, stored = fp8_checkpoint(tmp_path, (32, 48))
+        hub = {n: dequantize_fp8(a, stored[n + "_scale_inv"], (32, 48)) if n + "_scale_inv" in stored else a
+               for n, a in stored.items() if not n.endswith("_scale_inv")}  # fmt: skip
+    cfg, v = load_hf(path, fp8_weights=True)
+    checked = 0
+    for name, ours in (("model.layers.0.self_attn.o_proj.weight", v["params"]["dense_layers"]["layers"]["self_attn"]["o_proj"]),
+                       ("model.layers.0.mlp.down_proj.weight", v["params"]["dense_layers"]["layers"]["mlp"]["down_proj"])):  # fmt: skip
+        q, scale = quantize_fp8(hub[name], (128, 128))
+        got = ours["kernel"][0].reshape(q.shape[1], q.shape[0]).T
+        np.testing.assert_array_equal(got.view(np.uint8), q.view(np.uint8), err_msg=name)
+        np.testing.assert_allclose(ours["kernel_scale_inv"][0].T, scale, rtol=1e-6, err_msg=name)
+        checked += 1
+    q, scale = quantize_fp8(hub["model.layers.1.mlp.experts.3.gate_proj.weight"], (128, 128))
+    np.testing.assert_array_equal(v["params"]["moe_layers"]["layers"]["mlp"]["w_gate"][0, 3].T.view(np.uint8), q.view(np.uint8))
+    assert checked == 2
+
+
+def test_fp8_weights_model_close_to_dequantized_model(tmp_path):
+    """The FP8-inference model (e4m3 weights kept, activations in 1x128 tiles) vs the same weights
+    dequantized in fp32 (routing pinned as in the test above): close, same argmax almost everywhere.
+    Quantizing the dequantized variables in memory (to_fp8_weights) gives the release's bytes back."""
+    path, _, _ = fp8_checkpoint(tmp_path, (128, 128))
+    cfg8, v8 = load_hf(path, fp8_weights=True)
+    cfg, v = load_hf(path)
+    bias = np.tile(np.linspace(0, 7, cfg.n_routed_experts, dtype=np.float32), (cfg.num_moe_layers, 1))
+    for variables in (v8, v):
+        variables["selection_bias"]["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"] = bias
+    tokens = jnp.asarray(np.load(FIXTURES / "v3_qlora_groups" / "reference.npz")["input_ids"])
+    want = np.asarray(jax.jit(Transformer(cfg).apply)(v, tokens).logits)
+    got = np.asarray(jax.jit(Transformer(cfg8).apply)(v8, tokens).logits)
+    rel = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert 1e-3 < rel < 0.1, rel  # activations through e4m3 (2^-4 relative) in every projection
+    assert (got.argmax(-1) == want.argmax(-1)).mean() >= 0.9
+    cfg_q, v_q = to_fp8_weights(cfg, v)
+    assert cfg_q == cfg8
+    assert_same_variables(v_q, v8)
+
+
+def test_convert_cli_fp8(tmp_path):
+    """python -m dsjax.convert SRC DST --fp8 writes V3's FP8 layout from an fp32 checkpoint."""
+    assert _main([str(FIXTURES / "v3_no_qlora"), str(tmp_path / "out"), "--fp8"]) == 0
+    back = _open_safetensors(tmp_path / "out")
+    quantized = [n for n in back if QUANTIZED.search(n)]
+    assert quantized and all(back[n].dtype == ml_dtypes.float8_e4m3fn and n + "_scale_inv" in back for n in quantized)
+    assert all(back[n].dtype == np.float32 for n in back if not QUANTIZED.search(n))  # scales, norms, gate, head, ...
 
 
 def test_fp8_errors(tmp_path):

@@ -11,11 +11,13 @@ from safetensors.numpy import load_file
 
 from bench.decode import rigged  # partly-right drafts: exercises acceptance and cache rollback
 
+import dsjax.fp8 as fp8_mod
 from dsjax.config import ModelConfig, load_config
 from dsjax.convert import from_hf_state_dict
 from dsjax.generate import generate, main
 from dsjax.mla import mla_attention, mla_attention_absorbed
 from dsjax.model import Transformer, init_cache, random_variables
+from pallas_kernels.quant import dequantize_blocks, pad_to
 
 FIXTURES = Path(__file__).parent / "fixtures"
 FIXTURE_NAMES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").exists())
@@ -42,12 +44,9 @@ def test_absorbed_attention_equals_expanded():
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,scan", [("v3_qlora_groups", True), ("v3_deep_dense2", False)])
-def test_decode_logits_match_full_forward(name, scan):
+def decoded_and_full(cfg, variables, ref):
     """Right-padded prompts of 3, 11 and 17 tokens, prefilled together, then one token per row per
-    step (each row at its own position): every logit equals the full forward's (YaRN on)."""
-    cfg, variables, ref = load_fixture(name, scan_layers=scan)
-    assert cfg.rope_scaling is not None
+    step (each row at its own position): (every decoded position's logits, the full forward's) [N, V]."""
     model = Transformer(cfg)
     seqs = ref["input_ids"][[0, 1, 0]]  # [3, 24]
     lens = np.array([3, 11, 17])
@@ -62,14 +61,53 @@ def test_decode_logits_match_full_forward(name, scan):
     prompt = np.where(np.arange(s) < lens[:, None], seqs[:, :s], 0)
     cache = init_cache(cfg, 3, s + steps)
     logits, cache = decode(variables, prompt, np.broadcast_to(np.arange(s), prompt.shape), cache)
-    err = max(np.abs(np.asarray(logits[i, :n]) - full[i, :n]).max() for i, n in enumerate(lens))
+    got = [np.asarray(logits[i, :n]) for i, n in enumerate(lens)]
+    want = [full[i, :n] for i, n in enumerate(lens)]
     for t in range(steps):
         pos = lens + t  # each row's next position
         logits, cache = decode(variables, seqs[np.arange(3), np.minimum(pos, 23)][:, None], pos[:, None], cache)
         live = pos < 24
-        err = max(err, np.abs(np.asarray(logits[live, 0]) - full[live, pos[live]]).max())
+        got.append(np.asarray(logits[live, 0]))
+        want.append(full[live, pos[live]])
+    return np.concatenate(got), np.concatenate(want)
+
+
+@pytest.mark.parametrize("name,scan", [("v3_qlora_groups", True), ("v3_deep_dense2", False)])
+def test_decode_logits_match_full_forward(name, scan):
+    """Every decoded logit equals the full forward's (YaRN on)."""
+    cfg, variables, ref = load_fixture(name, scan_layers=scan)
+    assert cfg.rope_scaling is not None
+    got, want = decoded_and_full(cfg, variables, ref)
+    err = np.abs(got - want).max()
     print(f"\n{name} scan={scan}: max |decode - forward| = {err:.2e}")
     assert err <= 1e-4, err
+
+
+def test_fp8_weights_decode_matches_full_forward(capsys, monkeypatch):
+    """FP8 inference (weights quantized on load). Decoding applies W_UKV dequantized in absorbed form
+    where the forward runs kv_b_proj's FP8 GEMM on e4m3 c_kv tiles (as DeepSeek's inference code
+    does), so the two differ at FP8 precision (0.076 relative on this noise-amplifying random model,
+    as much as FP8 vs fp32). With the projections' activations left unquantized, that one
+    difference removed, every decoded logit equals the forward's to 1e-4. The CLI runs unpatched."""
+    cfg, variables, ref = load_fixture("v3_qlora_groups", fp8_weights=True)
+    assert variables["params"]["moe_layers"]["layers"]["mlp"]["w_up"].dtype == jnp.float8_e4m3fn
+
+    def unquantized_x(x, qw, sw, impl, pow2=False):  # x [M, K] times the padded stored blocks [Kp, Np]
+        return (pad_to(x, 1) @ dequantize_blocks(qw, sw)).astype(x.dtype)
+
+    monkeypatch.setattr(fp8_mod, "_x_times_blocks", unquantized_x)
+    got, want = decoded_and_full(cfg, variables, ref)
+    err = np.abs(got - want).max()
+    print(f"\nfp8 weights, unquantized activations: max |decode - forward| = {err:.2e}")
+    assert err <= 1e-4, err
+    monkeypatch.undo()
+
+    prompt = ref["greedy_ids"][0, : int(ref["greedy_prompt_len"])]
+    capsys.readouterr()
+    main(["--checkpoint", str(FIXTURES / "v3_qlora_groups"), "--prompt-ids", ",".join(map(str, prompt)),
+          "--max-new-tokens", "3", "--fp8-weights"])  # fmt: skip
+    out = capsys.readouterr().out.strip().split(",")
+    assert len(out) == 3 and all(0 <= int(t) < cfg.vocab_size for t in out)
 
 
 def test_cache_holds_only_the_latent():
