@@ -226,10 +226,12 @@ class MoE(nn.Module):
         return self.param(name, init, shape, jnp.dtype(self.cfg.param_dtype))
 
     def _expert_weights(self, name, shape, axes):
-        """[E, K, N] in the compute dtype, or (``fp8_weights``) e4m3 + ``<name>_scale_inv`` blocks."""
+        """[E, K, N] in the compute dtype (``fp8``: the param dtype), or (``fp8_weights``) e4m3 +
+        ``<name>_scale_inv`` blocks."""
         c = self.cfg
         if not c.fp8_weights:
-            return self._param(name, shape, axes).astype(c.dtype)
+            w = self._param(name, shape, axes)
+            return w if c.fp8 else w.astype(c.dtype)  # fp8: quantized from the fp32 master, not a bf16 copy
         q_init, s_init = fp8_init(c.initializer_range)
         q = self.param(name, nn.with_logical_partitioning(q_init, axes), shape, E4M3)
         s = self.param(f"{name}_scale_inv", s_init, (shape[0], *map(block_count, shape[1:])), jnp.float32)

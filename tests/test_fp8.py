@@ -20,6 +20,7 @@ from dsjax.fp8 import Fp8Weight
 from dsjax.gmm import gmm_blocked, gmm_fp8
 from dsjax.linear import linear
 from dsjax.model import Transformer
+from dsjax.moe import MoE
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_gpu, fp8_gemm_reference, fp8_gemm_tpu
 from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
@@ -389,6 +390,21 @@ def test_model_fp8_grad_and_unquantized_head(monkeypatch):
     assert quantized == attention | mlps | {(e, h, i), (e, i, h)}  # no lm_head (h, vocab), no eh_proj (2h, h)
     assert jax.tree.structure(grads) == jax.tree.structure(v["params"])
     assert all(np.all(np.isfinite(np.asarray(g))) and np.any(np.asarray(g) != 0) for g in jax.tree.leaves(grads))
+
+
+def test_bf16_compute_quantizes_experts_from_the_fp32_master(monkeypatch):
+    """dtype bfloat16 + fp8: routed experts reach the FP8 grouped GEMM as the fp32 master (one
+    rounding, to e4m3), not as a bf16 copy (two); activations arrive in bf16."""
+    cfg = dataclasses.replace(load_config("configs/tiny.yaml").model, dtype="bfloat16", fp8=True)
+    seen = []
+    real = gmm_mod.gmm_fp8
+    monkeypatch.setattr(gmm_mod, "gmm_fp8", lambda x, w, s, impl: seen.append((x.dtype, w.dtype)) or real(x, w, s, impl))
+    moe = MoE(cfg)
+    x = jax.random.normal(jax.random.key(0), (2, 8, cfg.hidden_size), jnp.bfloat16)
+    v = moe.init(jax.random.key(1), x, jnp.ones((2, 8), bool))
+    y, _ = moe.apply(v, x, jnp.ones((2, 8), bool))
+    assert y.dtype == jnp.bfloat16
+    assert seen == [(jnp.bfloat16, jnp.float32)] * 3 * 2  # gate, up, down; init and apply
 
 
 # --- FP8 inference: weights stored in e4m3 (model.fp8_weights) -----------------------------------
