@@ -20,7 +20,7 @@ from dsjax.fp8 import Fp8Weight
 from dsjax.gmm import gmm_blocked, gmm_fp8
 from dsjax.linear import linear
 from dsjax.model import Transformer
-from dsjax.moe import MoE
+from dsjax.moe import MoE, experts_parallel
 from pallas_kernels import fp8_gemm as fg
 from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_gpu, fp8_gemm_reference, fp8_gemm_tpu
 from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
@@ -456,3 +456,10 @@ def test_grouped_matmul_on_stored_experts_matches_dequantized(impl, rows):
     group = np.repeat(np.arange(g), sizes)
     want = np.einsum("mk,mkn->mn", quantized_activations(x), w[group])
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_fp8_weights_under_a_mesh_is_refused_clearly():
+    """Expert parallelism has no FP8-stored path yet: a clear error, not a wrong result."""
+    cfg = dataclasses.replace(load_config("configs/tiny.yaml").model, fp8_weights=True)
+    with pytest.raises(NotImplementedError, match="fp8_weights .* runs on one device"):
+        experts_parallel(None, None, None, None, None, None, cfg, None)
