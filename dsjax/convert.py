@@ -417,6 +417,8 @@ def _hub_arrays(c: ModelConfig, variables: dict) -> list[tuple[str, Callable[[],
 def to_fp8_weights(cfg: ModelConfig, variables: dict) -> tuple[ModelConfig, dict]:
     """The same model for FP8 inference (``fp8_weights``): the projections V3 quantizes in e4m3 with
     128x128 block scales, quantized from ``variables`` (held twice meanwhile: for small models)."""
+    if cfg.fp8_weights:
+        return cfg, variables
     state_dict = {name: get() for name, get, _ in _hub_arrays(cfg, nn.meta.unbox(variables))}
     return cfg.replace(fp8_weights=True), from_hf_state_dict(cfg.replace(fp8_weights=True), state_dict)
 

@@ -347,6 +347,7 @@ def test_fp8_weights_model_close_to_dequantized_model(tmp_path):
     cfg_q, v_q = to_fp8_weights(cfg, v)
     assert cfg_q == cfg8
     assert_same_variables(v_q, v8)
+    assert to_fp8_weights(cfg8, v8)[1] is v8  # already FP8: unchanged
 
 
 def test_convert_cli_fp8(tmp_path):
