@@ -47,6 +47,7 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from dsjax.config import ModelConfig
+from dsjax.fp8 import block_count
 from pallas_kernels.quant import TILE as FP8_BLOCK
 from pallas_kernels.quant import quantize_blocks
 
@@ -90,7 +91,7 @@ class _Tensor:
     @property
     def scale_shape(self) -> tuple[int, int]:
         """Ours: one scale per 128x128 block of the 2-D view [K = prod(in), N = prod(out)] = hub^T."""
-        return tuple(-(-n // FP8_BLOCK) for n in self.hub_shape[::-1])
+        return tuple(block_count(n) for n in self.hub_shape[::-1])
 
 
 def _linear(hub: str, ours: tuple, index: tuple, name: str, in_dims: tuple, out_dims: tuple, fp8: bool) -> _Tensor:

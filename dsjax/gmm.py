@@ -39,7 +39,7 @@ def blocked_layout(group_sizes, m: int, b: int):
     num_blocks = -(-m // b) + g  # sum_g ceil(size_g / b) can never exceed this
     padded = -(-group_sizes // b) * b
     pad_end = jnp.cumsum(padded)
-    row_group = jnp.repeat(jnp.arange(g), group_sizes, total_repeat_length=m)
+    row_group = _row_group(group_sizes, m)
     rank_in_group = jnp.arange(m) - (jnp.cumsum(group_sizes) - group_sizes)[row_group]
     dest = (pad_end - padded)[row_group] + rank_in_group
     block_group = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(num_blocks) * b, side="right"), g - 1)
