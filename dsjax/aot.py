@@ -82,6 +82,7 @@ def plan(cfg: Config, topology: str) -> dict:
         "compiled_flops_per_chip": float(cost.get("flops", float("nan"))),
         "model_flops_per_chip": training_flops_per_token(cfg.model, t.seq_len) * tokens_per_step / len(devices),
         "compile_s": time.perf_counter() - start,
+        "pallas_kernel_calls": lowered.as_text().count("tpu_custom_call"),  # Mosaic kernels in the step
     }  # fmt: skip
 
 
@@ -108,7 +109,7 @@ def table(r: dict) -> str:
         f"            total {r['total_gib']:12.2f} GiB   of {hbm} HBM: {verdict}",
         f"  FLOPs per chip per step: analytic model {r['model_flops_per_chip']:.3e}; XLA cost analysis "
         f"{r['compiled_flops_per_chip']:.3e} (counts a layer-scan body once, Pallas kernels not at all)",
-        f"  compiled in {r['compile_s']:.0f} s",
+        f"  Pallas (Mosaic) kernel calls in the step: {r['pallas_kernel_calls']}; compiled in {r['compile_s']:.0f} s",
     ])  # fmt: skip
 
 

@@ -6,6 +6,7 @@
 
 each promoted to fp32 every 128 elements of K (``pallas_kernels.fp8_gemm``). W is the fp32 master
 weight (quantized from it on every call, "online"); y and dx come out in x's dtype, dW in fp32.
+Under a mesh the kernels run per shard (``_gemm``); the quantizers are jnp, partitioned by XLA.
 ``fp8_dense_general`` is the ``nn.DenseGeneral`` that uses it: same parameter, init and axes.
 
 FP8 inference (``cfg.fp8_weights``) keeps W itself in e4m3 with one fp32 ``scale_inv`` per 128x128
@@ -20,8 +21,10 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.fp8_gemm import fp8_gemm
+from dsjax.sharding import BATCH
+from pallas_kernels.fp8_gemm import auto_partitioned, fp8_gemm, fp8_gemm_reference, requested_impl, resolve_impl
 from pallas_kernels.quant import E4M3, E4M3_MAX, GRAD_AMAX_MIN, TILE, dequantize_blocks, pad_to, quantize_blocks, quantize_tiles
 
 
@@ -40,21 +43,55 @@ def _fwd(x, w, impl, pow2):
 def _x_times_blocks(x, qw, sw, impl, pow2=False):
     """x [M, K] in 1x128 tiles times padded e4m3 blocks qw [Kp, Np] with scales sw: the forward GEMM."""
     qx, sx = quantize_tiles(x, -1, pow2)
-    return fp8_gemm(qx, sx, qw, sw, x.dtype, impl)
+    return _gemm(qx, sx, qw, sw, x.dtype, impl)
 
 
 def _bwd(impl, pow2, res, dy):
     x, w = res
     qw, sw = quantize_blocks(w, pow2)  # the forward's blocks again; W^T's scales are their transpose
     qg, sg = quantize_tiles(dy, -1, pow2, GRAD_AMAX_MIN)
-    dx = fp8_gemm(qg, sg, qw.T, sw.T, x.dtype, impl)[:, : x.shape[1]]
+    dx = _gemm(qg, sg, qw.T, sw.T, x.dtype, impl)[:, : x.shape[1]]
     qxt, sxt = quantize_tiles(x, 0, pow2)  # 128x1: tiles run along M, wgrad's K
     qgt, sgt = quantize_tiles(dy, 0, pow2, GRAD_AMAX_MIN)
-    dw = fp8_gemm(qxt.T, sxt.T, qgt, sgt, jnp.float32, impl)
+    dw = _gemm(qxt.T, sxt.T, qgt, sgt, jnp.float32, impl, tokens_contracted=True)
     return dx, dw.astype(w.dtype)
 
 
 fp8_matmul.defvjp(_fwd, _bwd)
+
+
+def _gemm(a, a_s, b, b_s, out_dtype, impl, tokens_contracted=False):
+    """``fp8_gemm``; under a mesh XLA partitions, the kernel runs per shard (XLA cannot partition a
+    Pallas call): the tokens split over the batch axes -- a's rows, or in wgrad (``tokens_contracted``)
+    the contracted dim, partial products summed over the shards -- and b's columns over ``tensor``
+    (b itself is gathered, as FSDP gathers a weight for its matmul). Tokens that do not split into
+    whole scale tiles take the jnp path under ``auto`` and are an error for an explicit kernel."""
+    if not auto_partitioned():
+        return fp8_gemm(a, a_s, b, b_s, out_dtype, impl)
+    mesh = jax.sharding.get_abstract_mesh()
+    if resolve_impl(impl, per_shard=True) == "xla" or jax.sharding.AxisType.Manual in mesh.axis_types:
+        return fp8_gemm_reference(a, a_s, b, b_s, out_dtype)
+    shards = math.prod(mesh.shape[n] for n in BATCH)
+    tokens = a_s.shape[1] if tokens_contracted else a.shape[0]  # wgrad: one scale per 128 tokens
+    if tokens % shards:
+        if requested_impl(impl) == "auto":
+            return fp8_gemm_reference(a, a_s, b, b_s, out_dtype)
+        what = f"{tokens} tiles of 128 tokens" if tokens_contracted else f"{tokens} tokens"
+        raise ValueError(f"fp8 impl={requested_impl(impl)!r} under a mesh: {what} do not split over the batch axes "
+                         f"data x fsdp x expert = {shards} shards; use fp8_impl 'auto' or 'xla'")  # fmt: skip
+    t = mesh.shape["tensor"]
+    whole_blocks = b_s.shape[1] == b.shape[1] or b.shape[1] == b_s.shape[1] * TILE  # column scales, or padded blocks
+    cols = "tensor" if t > 1 and whole_blocks and b_s.shape[1] % t == 0 else None
+    if tokens_contracted:
+        specs, out = (P(None, BATCH), P(None, BATCH), P(BATCH, cols), P(BATCH, cols)), P(None, cols)
+    else:
+        specs, out = (P(BATCH, None), P(BATCH, None), P(None, cols), P(None, cols)), P(BATCH, cols)
+
+    def local(a, a_s, b, b_s):
+        c = fp8_gemm(a, a_s, b, b_s, out_dtype, impl)
+        return jax.lax.psum(c, BATCH) if tokens_contracted else c
+
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(a, a_s, b, b_s)
 
 
 def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, impl="auto"):

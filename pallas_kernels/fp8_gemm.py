@@ -168,20 +168,33 @@ def fp8_gemm_gpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False
 # --- dispatch -------------------------------------------------------------------------------------
 
 
-def resolve_impl(impl: str = "auto", platform: str | None = None) -> str:
-    """``DSJAX_FP8_IMPL`` over ``impl``; ``auto`` -> pallas on TPU / GPU, xla elsewhere."""
+def requested_impl(impl: str = "auto") -> str:
+    """``DSJAX_FP8_IMPL`` over ``impl`` (the config's ``fp8_impl``), checked."""
     impl = os.environ.get("DSJAX_FP8_IMPL") or impl
     if impl not in IMPLS:
         raise ValueError(f"fp8 impl={impl!r}: expected one of {', '.join(IMPLS)} (config fp8_impl or DSJAX_FP8_IMPL)")
+    return impl
+
+
+def auto_partitioned() -> bool:
+    """Whether the current mesh has an axis XLA partitions by itself (size > 1, not Manual). XLA
+    cannot partition a Pallas call: there a kernel must run per shard, inside ``jax.shard_map``."""
     mesh = jax.sharding.get_abstract_mesh()
+    return any(n > 1 and t != jax.sharding.AxisType.Manual for n, t in zip(mesh.axis_sizes, mesh.axis_types))
+
+
+def resolve_impl(impl: str = "auto", platform: str | None = None, per_shard: bool = False) -> str:
+    """``requested_impl``, with ``auto`` -> pallas on TPU / GPU, xla elsewhere. Under a mesh XLA
+    partitions, a kernel needs a caller that runs it per shard (``per_shard``, as ``dsjax.fp8`` does);
+    for anyone else ``auto`` is xla there and an explicit kernel is an error."""
+    impl = requested_impl(impl)
     platform = platform or target_platform()
-    # XLA cannot partition a Pallas call: over mesh axes it partitions itself (not inside shard_map),
-    # the kernels would need a shard_map of their own, which they do not have yet.
-    auto_partitioned = any(n > 1 and t != jax.sharding.AxisType.Manual for n, t in zip(mesh.axis_sizes, mesh.axis_types))
-    if auto_partitioned and impl in ("pallas", "interpret"):
-        raise ValueError(f"fp8 impl={impl!r}: the FP8 Pallas kernels do not run under a multi-device mesh yet; use 'xla' or 'auto'")
+    partitioned = auto_partitioned() and not per_shard
+    if partitioned and impl in ("pallas", "interpret"):
+        raise ValueError(f"fp8 impl={impl!r}: under a multi-device mesh the FP8 Pallas kernels run per shard, "
+                         "inside jax.shard_map (dsjax.fp8 does this); called directly, use 'xla' or 'auto'")  # fmt: skip
     if impl == "auto":
-        impl = "pallas" if platform in ("tpu", "gpu") and not auto_partitioned else "xla"
+        impl = "pallas" if platform in ("tpu", "gpu") and not partitioned else "xla"
     if impl == "pallas" and platform not in ("tpu", "gpu"):
         raise ValueError(f"fp8 impl='pallas' needs a TPU or GPU, backend is {platform!r}: use 'interpret' or 'xla'")
     return impl

@@ -306,6 +306,35 @@ def test_gpu_kernels_lower_for_cuda():
             assert "__gpu$xla.gpu.triton" in text and "f8E4M3FN" in text
 
 
+def _abstract_mesh(kind: str, platform: str):
+    from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+    from dsjax.sharding import AXES
+
+    return AbstractMesh((2, 1, 2, 2), AXES, axis_types=(AxisType.Auto,) * 4, abstract_device=AbstractDevice(kind, None, platform))
+
+
+@pytest.mark.parametrize("platform,kind,call", [("tpu", "TPU v5", "tpu_custom_call"), ("cuda", "NVIDIA H100", "__gpu$xla.gpu.triton")])
+def test_fp8_linear_runs_its_kernels_per_shard_under_a_mesh(platform, kind, call):
+    """XLA cannot partition a Pallas call: under a 2x1x2x2 TPU / H100 mesh, ``auto`` runs all three
+    GEMMs of the FP8 linear (forward, dgrad, wgrad) as kernels inside shard_map, and wgrad's
+    per-shard partial products are summed over the batch axes."""
+    mesh = _abstract_mesh(kind, "tpu" if platform == "tpu" else "gpu")
+    x, w = jax.ShapeDtypeStruct((1024, 640), jnp.bfloat16), jax.ShapeDtypeStruct((640, 512), jnp.float32)
+    f = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fp8_mod.fp8_matmul(x, w))), (0, 1))
+    with jax.sharding.use_abstract_mesh(mesh):
+        text = _lower(f, (x, w), platform)
+        assert text.count(call) == 3 and "manual_computation" in text and "all_reduce" in text
+        # 2 x 2 = 4 batch shards of 64 tokens: wgrad's 128-token tiles do not split, jnp instead (auto)
+        text = _lower(f, (jax.ShapeDtypeStruct((256, 640), jnp.bfloat16), w), platform)
+        assert text.count(call) == 2
+        with pytest.raises(ValueError, match="2 tiles of 128 tokens do not split over the batch axes"):
+            _lower(jax.grad(lambda x, w: jnp.sum(fp8_mod.fp8_matmul(x, w, "pallas")), (0, 1)),
+                   (jax.ShapeDtypeStruct((256, 640), jnp.bfloat16), w), platform)  # fmt: skip
+        with pytest.raises(ValueError, match="run per shard, inside jax.shard_map"):  # a kernel called directly
+            fp8_gemm(*_operands(), impl="pallas", platform="tpu")
+
+
 # --- FP8 linear, grouped GEMM and model ----------------------------------------------------------------
 
 

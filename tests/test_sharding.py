@@ -228,6 +228,7 @@ def test_aot_planner_compiles_for_a_tpu_topology():
         assert 0 < r[field] < 16
     assert r["total_gib"] >= r["arguments_gib"] + r["temporaries_gib"]
     assert r["fits"] and r["compiled_flops_per_chip"] > 0
+    assert r["pallas_kernel_calls"] > 0  # auto on TPU: the flash MLA kernels, per shard
     assert "per chip: arguments" in out.stdout and "of 16 GiB HBM: fits" in out.stdout
 
 
@@ -248,3 +249,47 @@ def test_attention_kernel_runs_per_shard_under_a_mesh():
         got = jitted(variables, tokens, seg)
     assert "shard_map" in lowered.as_text() or "sdy.manual_computation" in lowered.as_text()
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-4)
+
+
+@pytest.mark.slow
+def test_fp8_training_runs_its_kernels_per_shard_under_a_mesh():
+    """``fp8: true`` under a 2x1x2x2 mesh with the FP8 Pallas kernels (interpret mode here): the dense
+    GEMMs run per shard (shard_map), the routed experts' inside expert parallelism. Loss and gradients
+    equal the plain-jnp recipe's on the same mesh, and are within FP8 tolerance of one device's (a
+    partitioned program rounds differently before quantizing, and e4m3 roundings then flip)."""
+    cfg = load_config(TINY, [*SMALL, "train.seq_len=64", "model.fp8=true"])  # 128 tokens per shard
+    batch = imbalanced_batch(cfg)
+    model = Transformer(cfg.model)
+    state = init_state(cfg, model, jax.random.key(0))
+
+    def loss_and_grads(impl):
+        m = Transformer(cfg.model.replace(fp8_impl=impl))
+
+        def f(p):
+            sums, _ = loss_sums(m, p, state.bias, batch, cfg.model.num_nextn_predict_layers)
+            return (sums["ce"] + sums["mtp"].sum()) / batch["tokens"].size + sums["balance"]
+
+        return jax.value_and_grad(f)
+
+    one = jax.jit(loss_and_grads("xla"))(state.params)
+    mesh = sharding.make_mesh(MeshConfig(2, 1, 2, 2))
+    sh = state_shardings(cfg, model, mesh).params
+    params = jax.device_put(state.params, sh)
+    with jax.set_mesh(mesh):
+        jnp_path = jax.jit(loss_and_grads("xla"), in_shardings=(sh,))(params)
+        fn = jax.jit(loss_and_grads("interpret"), in_shardings=(sh,))
+        assert str(fn.trace(params).jaxpr).count("pallas_call") >= 3 * 4  # 3 GEMMs x (q, kv, o, MLP...)
+        kernels = fn(params)
+    assert abs(float(kernels[0]) - float(jnp_path[0])) <= 1e-6 * abs(float(jnp_path[0]))
+    assert abs(float(jnp_path[0]) - float(one[0])) <= 1e-4 * abs(float(one[0]))
+    agree(kernels[1], jnp_path[1], min_cosine=0.999)  # measured: >= 0.99984, rounding flips only
+    agree(jnp_path[1], one[1], min_cosine=0.99)  # measured: >= 0.997
+
+
+def agree(grads, reference, min_cosine):
+    """Per tensor: cosine similarity >= min_cosine and the same norm within 2% (a shard's partial sum,
+    or a missing scale, would break one or the other)."""
+    for (path, r), g in zip(jax.tree_util.tree_leaves_with_path(reference), jax.tree.leaves(grads)):
+        r, g = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
+        nr, ng = np.linalg.norm(r), np.linalg.norm(g)
+        assert r @ g >= min_cosine * nr * ng and abs(ng - nr) <= 0.02 * nr, jax.tree_util.keystr(path)
