@@ -99,6 +99,8 @@ class ModelConfig:
     attention_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # dsjax.attention
     fp8: bool = False  # V3's FP8 recipe for the projections it quantizes (REFERENCE §7)
     fp8_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # pallas_kernels.fp8 dispatch
+    # FP8 scales (fp8 or fp8_weights): any float32, or powers of two ("ue8m0", as DeepSeek-V3.1 on).
+    fp8_scale_fmt: Literal["float32", "ue8m0"] = "float32"
     # FP8 inference: the projections V3 quantizes hold e4m3 weights + 128x128 block scales, as the
     # FP8 hub release stores them (dsjax.fp8.Fp8Linear; load_hf(path, fp8_weights=True)).
     fp8_weights: bool = False
@@ -148,12 +150,14 @@ class ModelConfig:
         if self.fp8_weights:  # the FP8 release's block-scaled e4m3 weights (dsjax.convert writes them)
             d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
                                         "weight_block_size": [128, 128]}  # fmt: skip
+            if self.fp8_scale_fmt == "ue8m0":
+                d["quantization_config"]["scale_fmt"] = "ue8m0"
         return d
 
 
 # Fields that are ours (HF configs do not carry them).
 OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl",
-        "fp8_weights", "expert_dispatch", "expert_capacity_factor")
+        "fp8_scale_fmt", "fp8_weights", "expert_dispatch", "expert_capacity_factor")
 # Fields that keep their name and meaning in HF configs (everything but ours and rope_scaling).
 _HF_FIELDS = tuple(
     f.name
@@ -296,6 +300,8 @@ def _validate(c: ModelConfig) -> None:
     rule(c.initializer_range > 0, "initializer_range", "must be > 0")
     rule(not (c.fp8 and c.fp8_weights), "fp8_weights",
          "stores e4m3 weights for inference, while fp8=True trains fp32 masters with FP8 GEMMs: set one of them")
+    rule(c.fp8_scale_fmt == "float32" or c.fp8 or c.fp8_weights, "fp8_scale_fmt",
+         "sets the scales of FP8 GEMMs; without fp8 or fp8_weights there are none")
     rule(c.rope_theta > 1, "rope_theta", "must be > 1")
     rule(c.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
     rule(c.n_routed_experts % c.n_group == 0, "n_routed_experts",

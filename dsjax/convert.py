@@ -213,20 +213,22 @@ def _assemble(c: ModelConfig, sd: Mapping[str, np.ndarray], block: tuple[int, in
             continue
         a, scale = sd[t.name], sd.get(t.name + "_scale_inv") if block else None
         if t.fp8:
-            _at(variables, t.path)[t.index], _at(variables, t.scale_path)[t.index] = _fp8_weight(t, a, scale, block)
+            q, s = _fp8_weight(t, a, scale, block, c.fp8_scale_fmt == "ue8m0")
+            _at(variables, t.path)[t.index], _at(variables, t.scale_path)[t.index] = q, s
         else:
             _at(variables, t.path)[t.index] = t.to_ours(a if scale is None else dequantize_fp8(a, scale, block))
     return variables
 
 
-def _fp8_weight(t: _Tensor, a: np.ndarray, scale: np.ndarray | None, block) -> tuple[np.ndarray, np.ndarray]:
+def _fp8_weight(t: _Tensor, a: np.ndarray, scale: np.ndarray | None, block, pow2: bool) -> tuple[np.ndarray, np.ndarray]:
     """(e4m3 [ours], scale_inv [K/128, N/128]) for an FP8-stored leaf: the release's own bytes when it
-    ships e4m3 in 128x128 blocks (only transposed), else quantized here (V3's recipe, ``quantize_blocks``)."""
+    ships e4m3 in 128x128 blocks (only transposed), else quantized here (V3's recipe, ``quantize_blocks``;
+    ``pow2``: UE8M0 scales)."""
     if scale is not None and a.dtype == ml_dtypes.float8_e4m3fn and tuple(block) == (FP8_BLOCK, FP8_BLOCK):
         return t.to_ours(a), np.asarray(scale, np.float32).T
     w = a if scale is None else dequantize_fp8(a, scale, block)
     k, n = t.hub_shape[::-1]
-    q, s = quantize_blocks(jnp.asarray(t.to_ours(w), jnp.float32).reshape(k, n))
+    q, s = quantize_blocks(jnp.asarray(t.to_ours(w), jnp.float32).reshape(k, n), pow2)
     return np.asarray(q)[:k, :n].reshape(t.shape), np.asarray(s)
 
 
@@ -375,6 +377,8 @@ def _without_absent_mtp(c: ModelConfig, sd: Mapping[str, np.ndarray], where: str
 def _open(path: str | os.PathLike, overrides: dict) -> tuple[ModelConfig, dict, tuple[int, int] | None]:
     """(config, memory-mapped tensors, FP8 block) of a checkpoint directory."""
     hf = json.loads((Path(path) / "config.json").read_text())
+    if overrides.get("fp8_weights") and (hf.get("quantization_config") or {}).get("scale_fmt") == "ue8m0":
+        overrides = {"fp8_scale_fmt": "ue8m0", **overrides}  # DeepSeek-V3.1 on: activation scales too
     sd = _open_safetensors(path)
     return _without_absent_mtp(ModelConfig.from_hf(hf, **overrides), sd, os.fspath(path)), sd, _fp8_block(hf)
 

@@ -16,6 +16,7 @@ on the stored blocks, with no master weight and no backward.
 
 import functools
 import math
+from typing import NamedTuple
 
 import flax.linen as nn
 import flax.struct
@@ -94,7 +95,7 @@ def _gemm(a, a_s, b, b_s, out_dtype, impl, tokens_contracted=False):
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(a, a_s, b, b_s)
 
 
-def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, impl="auto"):
+def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, impl="auto", pow2=False):
     """``lax.dot_general`` as ``nn.DenseGeneral`` calls it (lhs [..., *in] . kernel [*in, *out]),
     computed as one 2-D ``fp8_matmul``."""
     del precision, preferred_element_type
@@ -104,7 +105,7 @@ def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_eleme
     lc = [d % lhs.ndim for d in lc]
     x = jnp.moveaxis(lhs, lc, range(lhs.ndim - len(lc), lhs.ndim))
     lead, k = x.shape[: lhs.ndim - len(lc)], math.prod(rhs.shape[: len(rc)])
-    y = fp8_matmul(x.reshape(-1, k), rhs.reshape(k, -1), impl)
+    y = fp8_matmul(x.reshape(-1, k), rhs.reshape(k, -1), impl, pow2)
     return y.reshape(*lead, *rhs.shape[len(rc) :])
 
 
@@ -114,14 +115,27 @@ def keep_master_kernel(inputs, kernel, bias, dtype=None, inexact=True):
     return (inputs if dtype is None else inputs.astype(dtype)), kernel, bias
 
 
+class Fp8Recipe(NamedTuple):
+    """How a model's FP8 GEMMs run: ``impl`` (``fp8_impl``: auto | xla | pallas | interpret) and
+    ``pow2``, every scale rounded up to a power of two (``fp8_scale_fmt: ue8m0``, DeepSeek-V3.1's UE8M0
+    scales: exact to apply, at most one bit of e4m3 range given up)."""
+
+    impl: str = "auto"
+    pow2: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> "Fp8Recipe":  # cfg: a ModelConfig
+        return cls(cfg.fp8_impl, cfg.fp8_scale_fmt == "ue8m0")
+
+
 @functools.cache
-def _dot_general(impl: str):
-    return functools.partial(fp8_dot_general, impl=impl)  # one object per impl: hashable, stable
+def _dot_general(recipe: Fp8Recipe):
+    return functools.partial(fp8_dot_general, impl=recipe.impl, pow2=recipe.pow2)  # one object per recipe: hashable
 
 
-def fp8_dense_general(impl: str = "auto", **kwargs) -> nn.DenseGeneral:
+def fp8_dense_general(recipe: Fp8Recipe, **kwargs) -> nn.DenseGeneral:
     """``nn.DenseGeneral(**kwargs)`` whose product is ``fp8_matmul``; parameters unchanged."""
-    return nn.DenseGeneral(**kwargs, dot_general=_dot_general(impl), promote_dtype=keep_master_kernel)
+    return nn.DenseGeneral(**kwargs, dot_general=_dot_general(recipe), promote_dtype=keep_master_kernel)
 
 
 # --- FP8 inference: weights stored in e4m3 -------------------------------------------------------
@@ -149,10 +163,10 @@ class Fp8Weight:
         return dequantize_blocks(self.padded(), self.scale_inv)[..., :k, :n].astype(dtype)
 
 
-def fp8_matmul_stored(x, w: Fp8Weight, impl: str = "auto"):
+def fp8_matmul_stored(x, w: Fp8Weight, impl: str = "auto", pow2: bool = False):
     """x [M, K] @ W [K, N] stored in e4m3 blocks: activations in 1x128 tiles, fp32 promotion per K
     block; out in x's dtype. Forward only (inference)."""
-    return _x_times_blocks(x, w.padded(), w.scale_inv, impl)[:, : w.shape[-1]]
+    return _x_times_blocks(x, w.padded(), w.scale_inv, impl, pow2)[:, : w.shape[-1]]
 
 
 def block_count(n: int) -> int:
@@ -184,7 +198,7 @@ class Fp8Linear(nn.Module):
     axes: tuple[str, ...]
     std: float
     dtype: jnp.dtype
-    impl: str = "auto"
+    recipe: Fp8Recipe = Fp8Recipe()
 
     @nn.compact
     def __call__(self, x):
@@ -199,5 +213,5 @@ class Fp8Linear(nn.Module):
         q = self.param("kernel", nn.with_logical_partitioning(q_init, self.axes), (*in_shape, *features), E4M3)
         s = self.param("kernel_scale_inv", s_init, (block_count(k), block_count(n)), jnp.float32)
         lead = x.shape[: x.ndim - n_in]
-        y = fp8_matmul_stored(x.astype(self.dtype).reshape(-1, k), Fp8Weight(q.reshape(k, n), s), self.impl)
+        y = fp8_matmul_stored(x.astype(self.dtype).reshape(-1, k), Fp8Weight(q.reshape(k, n), s), *self.recipe)
         return y.reshape(*lead, *features)

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dsjax.fp8 import Fp8Weight
+from dsjax.fp8 import Fp8Recipe, Fp8Weight
 from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
 from pallas_kernels.platform import target_platform
 from pallas_kernels.quant import GRAD_AMAX_MIN, TILE, dequantize_tiles, quantize_blocks, quantize_tiles
@@ -57,35 +57,35 @@ def gmm_blocked(lhs, rhs, group_sizes):
     return y.reshape(num_blocks * b, n)[dest]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def gmm_fp8(lhs, rhs, group_sizes, impl: str = "auto"):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def gmm_fp8(lhs, rhs, group_sizes, impl: str = "auto", pow2: bool = False):
     """FP8 grouped matmul, V3's recipe per expert (``dsjax.fp8``): groups padded to 128-row blocks;
     forward / dgrad: 1x128 tiles x 128x128 blocks (``fp8_gmm``), wgrad: 128x1 tiles (``fp8_gmm_wgrad``)."""
-    return _gmm_fp8_fwd(lhs, rhs, group_sizes, impl)[0]
+    return _gmm_fp8_fwd(lhs, rhs, group_sizes, impl, pow2)[0]
 
 
-def _gmm_fp8_fwd(lhs, rhs, group_sizes, impl):
-    y, x, dest, block_group = _gmm_blocks(lhs, *quantize_blocks(rhs), group_sizes, impl)
+def _gmm_fp8_fwd(lhs, rhs, group_sizes, impl, pow2):
+    y, x, dest, block_group = _gmm_blocks(lhs, *quantize_blocks(rhs, pow2), group_sizes, impl, pow2)
     return y[:, : rhs.shape[2]], (x, rhs, dest, block_group)
 
 
-def _gmm_blocks(lhs, qw, sw, group_sizes, impl):
+def _gmm_blocks(lhs, qw, sw, group_sizes, impl, pow2):
     """The FP8 forward: each group's rows padded to 128-row blocks, in 1x128 tiles, times its
     expert's e4m3 blocks qw [g, Kp, Np] (scales sw). Returns (y [m, Np], padded rows, layout)."""
     dest, num_blocks, block_group = blocked_layout(group_sizes, lhs.shape[0], TILE)
     x = jnp.zeros((num_blocks * TILE, lhs.shape[1]), lhs.dtype).at[dest].set(lhs, unique_indices=True)
-    qx, sx = quantize_tiles(x)
+    qx, sx = quantize_tiles(x, -1, pow2)
     return fp8_gmm(qx, sx, qw, sw, block_group, lhs.dtype, impl)[dest], x, dest, block_group
 
 
-def _gmm_fp8_bwd(impl, res, dy):
+def _gmm_fp8_bwd(impl, pow2, res, dy):
     x, rhs, dest, block_group = res
     g = jnp.zeros((x.shape[0], dy.shape[1]), dy.dtype).at[dest].set(dy, unique_indices=True)
-    qw, sw = quantize_blocks(rhs)
-    qg, sg = quantize_tiles(g, amax_min=GRAD_AMAX_MIN)
+    qw, sw = quantize_blocks(rhs, pow2)
+    qg, sg = quantize_tiles(g, -1, pow2, GRAD_AMAX_MIN)
     dx = fp8_gmm(qg, sg, qw.swapaxes(1, 2), sw.swapaxes(1, 2), block_group, x.dtype, impl)[dest, : x.shape[1]]
-    qxt, sxt = quantize_tiles(x, 0)
-    qgt, sgt = quantize_tiles(g, 0, amax_min=GRAD_AMAX_MIN)
+    qxt, sxt = quantize_tiles(x, 0, pow2)
+    qgt, sgt = quantize_tiles(g, 0, pow2, GRAD_AMAX_MIN)
     dw = fp8_gmm_wgrad(qxt, sxt, qgt, sgt, block_group, rhs.shape[0], impl)[:, : rhs.shape[1], : rhs.shape[2]]
     return dx, dw.astype(rhs.dtype), None
 
@@ -102,14 +102,14 @@ def _row_group(group_sizes, m: int):
     return jnp.repeat(jnp.arange(group_sizes.shape[0]), group_sizes, total_repeat_length=m)
 
 
-def gmm_fp8_stored(lhs, rhs: Fp8Weight, group_sizes, impl: str = "auto"):
+def gmm_fp8_stored(lhs, rhs: Fp8Weight, group_sizes, impl: str = "auto", pow2: bool = False):
     """FP8 inference: rows times experts stored in e4m3 blocks, activations in 1x128 tiles. No more
     rows than groups (decoding): each row times its own expert, dequantized (reads only the experts
     in use); else the FP8 grouped GEMM on the stored blocks (``gmm_fp8``'s forward)."""
     m, k = lhs.shape
     if m > rhs.shape[0]:
-        return _gmm_blocks(lhs, rhs.padded(), rhs.scale_inv, group_sizes, impl)[0][:, : rhs.shape[2]]
-    x = dequantize_tiles(*quantize_tiles(lhs))[:, :k]
+        return _gmm_blocks(lhs, rhs.padded(), rhs.scale_inv, group_sizes, impl, pow2)[0][:, : rhs.shape[2]]
+    x = dequantize_tiles(*quantize_tiles(lhs, -1, pow2))[:, :k]
     w = jax.tree.map(lambda a: a[_row_group(group_sizes, m)], rhs).dequantize()
     return jnp.einsum("mk,mkn->mn", x, w, precision="highest").astype(lhs.dtype)
 
@@ -121,13 +121,13 @@ def gmm_ragged(lhs, rhs, group_sizes):
 IMPLS = {"ragged_dot": gmm_ragged, "blocked": gmm_blocked, "rows": gmm_rows}
 
 
-def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", fp8: str | None = None):
+def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", fp8: Fp8Recipe | None = None):
     """Dispatch. ``auto``: ``ragged_dot`` on TPU (native grouped GEMM); elsewhere ``rows`` when there
     are no more rows than groups (decoding), else ``blocked``. ``rhs`` an ``Fp8Weight``: ``gmm_fp8_stored``."""
     if isinstance(rhs, Fp8Weight):
-        return gmm_fp8_stored(lhs, rhs, group_sizes, fp8 or "auto")
-    if fp8 is not None:  # fp8: the FP8 GEMM implementation (ModelConfig.fp8_impl)
-        return gmm_fp8(lhs, rhs, group_sizes, fp8)
+        return gmm_fp8_stored(lhs, rhs, group_sizes, *(fp8 or Fp8Recipe()))
+    if fp8 is not None:  # V3's FP8 recipe (ModelConfig.fp8), its kernels and scales as fp8 says
+        return gmm_fp8(lhs, rhs, group_sizes, *fp8)
     if impl == "auto":
         if target_platform() == "tpu":
             impl = "ragged_dot"

@@ -4,7 +4,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.fp8 import Fp8Linear, fp8_dense_general
+from dsjax.fp8 import Fp8Linear, Fp8Recipe, fp8_dense_general
 
 
 def linear(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1, quantize: bool = True) -> nn.Module:
@@ -15,7 +15,7 @@ def linear(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1
     With ``cfg.fp8_weights`` and ``quantize`` the kernel is stored in e4m3 + block scales instead
     (``Fp8Linear``, inference)."""
     if cfg.fp8_weights and quantize:
-        return Fp8Linear(features, axis, axes, cfg.initializer_range, jnp.dtype(cfg.dtype), cfg.fp8_impl, name=name)
+        return Fp8Linear(features, axis, axes, cfg.initializer_range, jnp.dtype(cfg.dtype), Fp8Recipe.of(cfg), name=name)
     init = nn.initializers.normal(cfg.initializer_range)
     kwargs = dict(
         features=features,
@@ -27,5 +27,5 @@ def linear(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1
         name=name,
     )
     if cfg.fp8 and quantize:
-        return fp8_dense_general(cfg.fp8_impl, **kwargs)
+        return fp8_dense_general(Fp8Recipe.of(cfg), **kwargs)
     return nn.DenseGeneral(**kwargs)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
-from dsjax.fp8 import Fp8Weight, block_count, fp8_init
+from dsjax.fp8 import Fp8Recipe, Fp8Weight, block_count, fp8_init
 from dsjax.gmm import grouped_matmul
 from pallas_kernels.quant import E4M3
 from dsjax.mlp import MLP
@@ -74,10 +74,10 @@ def balance_loss(scores, idx, token_mask, num_experts: int):
     return jnp.sum(jnp.where(has_tokens, (f * p).sum(-1), 0.0)) / jnp.maximum(has_tokens.sum(), 1)
 
 
-def experts_dropless(x, idx, w, w_gate, w_up, w_down, impl: str = "auto", fp8: str | None = None):
+def experts_dropless(x, idx, w, w_gate, w_up, w_down, impl: str = "auto", fp8: Fp8Recipe | None = None):
     """sum_k w_k SwiGLU_{idx_k}(x) for x [T, H], computing only the chosen (token, expert) pairs.
 
-    ``fp8``: None for plain matmuls, else the FP8 GEMM implementation (``ModelConfig.fp8_impl``).
+    ``fp8``: None for plain matmuls, else how the FP8 GEMMs run (``Fp8Recipe.of(cfg)``).
     The expert weights may be ``Fp8Weight`` (FP8 inference)."""
     t, k = idx.shape
     flat = idx.reshape(-1)
@@ -119,7 +119,7 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
     if cfg.fp8_weights:
         raise NotImplementedError("fp8_weights (FP8 inference) runs on one device; under a multi-device mesh "
                                   "load the checkpoint dequantized (fp8_weights=False)")
-    impl, fp8 = cfg.moe_impl, (cfg.fp8_impl if cfg.fp8 else None)
+    impl, fp8 = cfg.moe_impl, (Fp8Recipe.of(cfg) if cfg.fp8 else None)
     n_ep = mesh.shape["expert"]
     dispatch = cfg.expert_dispatch
     if dispatch == "auto":
@@ -253,7 +253,7 @@ class MoE(nn.Module):
         idx, w = route(scores.reshape(b * s, e), bias, c)
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or mesh.size == 1:
-            fp8 = c.fp8_impl if c.fp8 or c.fp8_weights else None
+            fp8 = Fp8Recipe.of(c) if c.fp8 or c.fp8_weights else None
             y = experts_dropless(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c.moe_impl, fp8)
             dropped = jnp.zeros((), jnp.float32)
         else:

@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FIXTURES = sorted(p for p in (ROOT / "tests" / "fixtures").iterdir() if (p / "config.json").is_file())
 OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl",
-        "fp8_weights", "expert_dispatch", "expert_capacity_factor")  # not in HF configs
+        "fp8_scale_fmt", "fp8_weights", "expert_dispatch", "expert_capacity_factor")  # not in HF configs
 YARN = {"factor": 4.0, "original_max_position_embeddings": 128}
 
 
@@ -91,6 +91,8 @@ VALIDATE_CASES = {
     "noaux_tc_one_expert_per_group": (  # 8 groups of 1; topk_group=2 keeps the top-k rule satisfied
         {"n_group": 8, "topk_group": 2},
         "topk_method='noaux_tc': 'noaux_tc' scores a group by its top-2 experts, but each group holds 1"),
+    "fp8_scale_fmt_without_fp8": (
+        {"fp8_scale_fmt": "ue8m0"}, "fp8_scale_fmt='ue8m0': sets the scales of FP8 GEMMs; without fp8 or fp8_weights"),
     "fp8_training_and_fp8_weights": (
         {"fp8": True, "fp8_weights": True}, "fp8_weights=True: stores e4m3 weights for inference, while fp8=True"),
     "rope_factor_lt_1": (

@@ -182,14 +182,17 @@ def test_save_refuses_non_empty_directory_unless_overwrite(tmp_path):
 # FP8 (e4m3 weights, one fp32 scale_inv per block).
 
 
-def quantize_fp8(w: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """DeepSeek-V3's weight quantization: per (zero-padded) block, scale = amax / 448, q = e4m3(w / scale)."""
+def quantize_fp8(w: np.ndarray, block: tuple[int, int], ue8m0: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek-V3's weight quantization: per (zero-padded) block, scale = amax / 448 (``ue8m0``, as
+    V3.1 on: rounded up to a power of two), q = e4m3(w / scale)."""
     (out, inp), (b0, b1) = w.shape, block
     nb = (-(-out // b0), -(-inp // b1))
     padded = np.zeros((nb[0] * b0, nb[1] * b1), np.float32)
     padded[:out, :inp] = w
     blocks = padded.reshape(nb[0], b0, nb[1], b1)
     scale = (np.maximum(np.abs(blocks).max((1, 3)), 1e-4) / E4M3_MAX).astype(np.float32)
+    if ue8m0:
+        scale = (2.0 ** np.ceil(np.log2(scale.astype(np.float64)))).astype(np.float32)
     q = (blocks / scale[:, None, :, None]).reshape(padded.shape)[:out, :inp]
     return q.astype(ml_dtypes.float8_e4m3fn), scale
 
@@ -326,6 +329,23 @@ def test_fp8_weights_quantized_on_load(tmp_path, source):
     q, scale = quantize_fp8(hub["model.layers.1.mlp.experts.3.gate_proj.weight"], (128, 128))
     np.testing.assert_array_equal(v["params"]["moe_layers"]["layers"]["mlp"]["w_gate"][0, 3].T.view(np.uint8), q.view(np.uint8))
     assert checked == 2
+
+
+def test_ue8m0_scales_on_load_and_in_the_exported_config(tmp_path):
+    """fp8_scale_fmt ue8m0 (DeepSeek-V3.1 on): weights quantized on load get power-of-two scales --
+    numpy's bytes; the export says scale_fmt ue8m0, and loading it back with fp8_weights keeps it."""
+    hub = load_file(FIXTURES / "v3_qlora_groups" / "model.safetensors")
+    cfg, v = load_hf(FIXTURES / "v3_qlora_groups", fp8_weights=True, fp8_scale_fmt="ue8m0")
+    ours = v["params"]["dense_layers"]["layers"]["self_attn"]["o_proj"]
+    q, scale = quantize_fp8(hub["model.layers.0.self_attn.o_proj.weight"], (128, 128), ue8m0=True)
+    np.testing.assert_array_equal(ours["kernel"][0].reshape(q.shape[1], q.shape[0]).T.view(np.uint8), q.view(np.uint8))
+    np.testing.assert_array_equal(ours["kernel_scale_inv"][0].T, scale)
+    save_hf(tmp_path / "export", cfg, v)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["quantization_config"]["scale_fmt"] == "ue8m0"
+    back_cfg, back = load_hf(tmp_path / "export", fp8_weights=True)
+    assert back_cfg.fp8_scale_fmt == "ue8m0"
+    assert_same_variables(back, v)
+    assert load_hf(tmp_path / "export")[0].fp8_scale_fmt == "float32"  # dequantized: no FP8 GEMMs to scale
 
 
 def test_fp8_weights_model_close_to_dequantized_model(tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -369,7 +370,7 @@ def test_fp8_grouped_matmul_gradients_close(dy_scale):
     sizes = jnp.array([50, 0, 130, 120])
     x, w = jax.random.normal(kx, (300, 200)), 0.05 * jax.random.normal(kw, (4, 200, 180))
     dy = dy_scale * jax.random.normal(kg, (300, 180))
-    y, vjp = jax.vjp(lambda x, w: gmm_mod.grouped_matmul(x, w, sizes, "auto", "xla"), x, w)
+    y, vjp = jax.vjp(lambda x, w: gmm_mod.grouped_matmul(x, w, sizes, "auto", fp8_mod.Fp8Recipe("xla")), x, w)
     yr, vjpr = jax.vjp(lambda x, w: gmm_blocked(x, w, sizes), x, w)
     (dx, dw), (dxr, dwr) = vjp(dy), vjpr(dy)
     for a, b in ((y, yr), (dx, dxr), (dw, dwr)):
@@ -402,8 +403,8 @@ def test_model_fp8_grad_and_unquantized_head(monkeypatch):
     tokens = jax.random.randint(jax.random.key(1), (2, 32), 0, cfg.vocab_size)
     quantized = set()
     real_matmul, real_gmm = fp8_mod.fp8_matmul, gmm_mod.gmm_fp8
-    monkeypatch.setattr(fp8_mod, "fp8_matmul", lambda x, w, impl: quantized.add(w.shape) or real_matmul(x, w, impl))
-    monkeypatch.setattr(gmm_mod, "gmm_fp8", lambda x, w, s, impl: quantized.add(w.shape) or real_gmm(x, w, s, impl))
+    monkeypatch.setattr(fp8_mod, "fp8_matmul", lambda x, w, *a: quantized.add(w.shape) or real_matmul(x, w, *a))
+    monkeypatch.setattr(gmm_mod, "gmm_fp8", lambda x, w, s, *a: quantized.add(w.shape) or real_gmm(x, w, s, *a))
     model = Transformer(cfg)
     v = model.init(jax.random.key(0), tokens)
 
@@ -427,13 +428,53 @@ def test_bf16_compute_quantizes_experts_from_the_fp32_master(monkeypatch):
     cfg = dataclasses.replace(load_config("configs/tiny.yaml").model, dtype="bfloat16", fp8=True)
     seen = []
     real = gmm_mod.gmm_fp8
-    monkeypatch.setattr(gmm_mod, "gmm_fp8", lambda x, w, s, impl: seen.append((x.dtype, w.dtype)) or real(x, w, s, impl))
+    monkeypatch.setattr(gmm_mod, "gmm_fp8", lambda x, w, s, *a: seen.append((x.dtype, w.dtype)) or real(x, w, s, *a))
     moe = MoE(cfg)
     x = jax.random.normal(jax.random.key(0), (2, 8, cfg.hidden_size), jnp.bfloat16)
     v = moe.init(jax.random.key(1), x, jnp.ones((2, 8), bool))
     y, _ = moe.apply(v, x, jnp.ones((2, 8), bool))
     assert y.dtype == jnp.bfloat16
     assert seen == [(jnp.bfloat16, jnp.float32)] * 3 * 2  # gate, up, down; init and apply
+
+
+def np_quantize_ue8m0(x):
+    """numpy float64: [M, K] in 1x128 tiles through e4m3, each scale the power of two >= amax / 448."""
+    t = tiles_view(x, -1)
+    s = 2.0 ** np.ceil(np.log2(np.maximum(np.abs(t).max(-1), 1e-4) / 448.0))
+    q = (t / s[..., None]).astype(ml_dtypes.float8_e4m3fn).astype(np.float64)
+    return (q * s[..., None]).reshape(x.shape[0], -1)[:, : x.shape[1]]
+
+
+def test_ue8m0_scales_reach_every_fp8_gemm(monkeypatch):
+    """``fp8_scale_fmt: ue8m0``: the FP8 linear's forward equals numpy's power-of-two-scaled tiles
+    (x: 1x128, W: 128x128 as W^T's 1x128 tiles would not be) -- and every FP8 GEMM of the model,
+    projections and routed experts, training and stored-weight inference, gets pow2 scales."""
+    cfg = dataclasses.replace(load_config("configs/tiny.yaml").model, fp8=True, fp8_scale_fmt="ue8m0")
+    x = varied((6, 300), seed=7)
+    layer = linear(cfg, 200, ("embed", "mlp"), "up")
+    v = layer.init(jax.random.key(0), x)
+    w = np.asarray(v["params"]["kernel"].value, np.float64)
+    blocks = np.pad(w, ((0, -300 % 128), (0, -200 % 128))).reshape(3, 128, 2, 128)
+    sw = 2.0 ** np.ceil(np.log2(np.maximum(np.abs(blocks).max((1, 3)), 1e-4) / 448.0))
+    qw = (blocks / sw[:, None, :, None]).astype(ml_dtypes.float8_e4m3fn).astype(np.float64) * sw[:, None, :, None]
+    want = np_quantize_ue8m0(x) @ qw.reshape(384, 256)[:300, :200]
+    y = np.asarray(layer.apply(v, x))
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    plain = np.asarray(linear(dataclasses.replace(cfg, fp8_scale_fmt="float32"), 200, ("embed", "mlp"), "up").apply(v, x))
+    assert np.abs(plain - want).max() > 1e-3 * np.abs(want).max()  # fp32 scales round otherwise
+
+    seen = []
+    real_matmul, real_gmm, real_stored, real_gstored = (fp8_mod.fp8_matmul, gmm_mod.gmm_fp8, fp8_mod._x_times_blocks,
+                                                        gmm_mod.gmm_fp8_stored)  # fmt: skip
+    monkeypatch.setattr(fp8_mod, "fp8_matmul", lambda x, w, impl, pow2: seen.append(pow2) or real_matmul(x, w, impl, pow2))
+    monkeypatch.setattr(gmm_mod, "gmm_fp8", lambda x, w, s, impl, pow2: seen.append(pow2) or real_gmm(x, w, s, impl, pow2))
+    monkeypatch.setattr(fp8_mod, "_x_times_blocks", lambda *a: seen.append(a[-1]) or real_stored(*a))
+    monkeypatch.setattr(gmm_mod, "gmm_fp8_stored", lambda *a: seen.append(a[-1]) or real_gstored(*a))
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
+    for c in (cfg, dataclasses.replace(cfg, fp8=False, fp8_weights=True)):
+        model = Transformer(c)
+        model.apply(model.init(jax.random.key(0), tokens), tokens)
+    assert len(seen) > 20 and all(p is True for p in seen)
 
 
 # --- FP8 inference: weights stored in e4m3 (model.fp8_weights) -----------------------------------
@@ -480,7 +521,7 @@ def test_grouped_matmul_on_stored_experts_matches_dequantized(impl, rows):
     q, s = stored_weight((g, k, n), seed=6)
     sizes = np.array([1, 0, 2, 0]) if rows == 3 else np.array([130, 0, 20, 150])
     x = varied((rows, k), seed=7)
-    y = np.asarray(gmm_mod.grouped_matmul(jnp.asarray(x), Fp8Weight(q, s), jnp.asarray(sizes), fp8=impl))
+    y = np.asarray(gmm_mod.grouped_matmul(jnp.asarray(x), Fp8Weight(q, s), jnp.asarray(sizes), fp8=fp8_mod.Fp8Recipe(impl)))
     w = dequantized(q, s)
     group = np.repeat(np.arange(g), sizes)
     want = np.einsum("mk,mkn->mn", quantized_activations(x), w[group])
