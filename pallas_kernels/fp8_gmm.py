@@ -10,7 +10,8 @@ every block belongs to one expert: ``block_group[i]`` (sorted). Two GEMMs, each 
 A [R, K] e4m3 (R = 128 x blocks). fp8_gmm: a_s [R, K/128]; B [G, K, N] with b_s [G, K/128, N/128]
 (or per column [G, K/128, N]). fp8_gmm_wgrad: a_s [R/128, K], B [R, N], b_s [R/128, N], C fp32.
 Implementations and ``impl`` as in ``fp8_gemm``: jnp reference, Mosaic TPU (the block's expert
-picked by a scalar-prefetched table in the index maps), Triton (the expert read in the kernel).
+picked by a scalar-prefetched table in the index maps), Mosaic GPU on Hopper and Triton on other
+GPUs (the expert read in the kernel).
 """
 
 import jax
@@ -18,7 +19,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.fp8_gemm import GPU_PARAMS, OUT_DTYPES, k_step, tpu_tile_body, column_scales, gpu_k_loop, kernel_for, promote, resolve_impl
+from pallas_kernels.fp8_gemm import (GPU_PARAMS, MGPU_TM, MGPU_TN, OUT_DTYPES, column_scales, gpu_k_loop, k_step, kernel_for,
+                                     mgpu_kernel, mgpu_tile, promote, resolve_impl, tpu_tile_body)
 from pallas_kernels.platform import target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
@@ -125,6 +127,54 @@ def fp8_gmm_wgrad_tpu(a, a_scale, b, b_scale, block_group, num_groups: int, inte
     return out[:, :k, :n]
 
 
+# --- GPU kernels (Mosaic GPU, Hopper wgmma) ---------------------------------------------------------
+
+
+def fp8_gmm_mgpu(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, interpret=False):
+    r, k = a.shape
+    n = b.shape[2]
+    tm, tn = MGPU_TM, MGPU_TN
+    bt = pad_to(b, 2, tn).swapaxes(1, 2)  # B^T per expert [G, N, K]: K-major for the 8-bit wgmma
+    sa, sb = a_scale.T, pad_to(column_scales(b_scale, n), 2, tn)  # [Kb, R], [G, Kb, N]
+    np_ = bt.shape[1]
+
+    def body(grp_gmem, a_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem, o_smem):
+        i = jax.lax.axis_index("m")
+        g = grp_gmem[i * tm // TILE]  # the expert of this tile's 128-row block
+        rows, cols = pl.ds(i * tm, tm), pl.ds(jax.lax.axis_index("n") * tn, tn)
+        scales = lambda j: (sa_gmem.at[j, rows], sb_gmem.at[g, j, cols])
+        mgpu_tile(a_gmem.at[rows], bt_gmem.at[g, cols], scales, k // TILE, 0, o_smem, o_gmem.at[rows, cols])
+
+    call = mgpu_kernel(body, (r, np_), out_dtype, (r // tm, np_ // tn), ("m", "n"), interpret)
+    return call(block_group.astype(jnp.int32), a, sa, bt, sb)[:, :n]
+
+
+def fp8_gmm_wgrad_mgpu(a, a_scale, b, b_scale, block_group, num_groups: int, interpret=False):
+    r, k = a.shape
+    n = b.shape[1]
+    tm, tn = MGPU_TM, MGPU_TN
+    at, sa = pad_to(a, 1, tm).T, pad_to(a_scale, 1, tm)  # A^T [K, R]: tokens (its contraction) fastest
+    bt, sb = pad_to(b, 1, tn).T, pad_to(b_scale, 1, tn)  # B^T [N, R]
+    kp, np_ = at.shape[0], bt.shape[0]
+    groups = jnp.arange(num_groups)
+    start = jnp.searchsorted(block_group, groups, side="left").astype(jnp.int32)
+    count = jnp.searchsorted(block_group, groups, side="right").astype(jnp.int32) - start
+
+    def body(start_gmem, count_gmem, at_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem, o_smem):
+        g = jax.lax.axis_index("g")
+        first, steps = start_gmem[g], count_gmem[g]
+        rows, cols = pl.ds(jax.lax.axis_index("m") * tm, tm), pl.ds(jax.lax.axis_index("n") * tn, tn)
+        scales = lambda j: (sa_gmem.at[first + j, rows], sb_gmem.at[first + j, cols])
+
+        @pl.when(steps > 0)  # an expert without rows is left unwritten (the dispatch zeroes it)
+        def _():
+            mgpu_tile(at_gmem.at[rows], bt_gmem.at[cols], scales, steps, first, o_smem, o_gmem.at[g, rows, cols])
+
+    grid = (num_groups, kp // tm, np_ // tn)
+    call = mgpu_kernel(body, (num_groups, kp, np_), jnp.float32, grid, ("g", "m", "n"), interpret)
+    return call(start, count, at, sa, bt, sb)[:, :k, :n]
+
+
 # --- GPU kernels (Triton backend) ------------------------------------------------------------------
 
 
@@ -222,7 +272,7 @@ def fp8_gmm(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, impl="a
     impl = resolve_impl(impl, platform)
     if impl == "xla":
         return fp8_gmm_reference(a, a_scale, b, b_scale, block_group, out_dtype)
-    kernel = fp8_gmm_gpu if kernel_for(platform) == "gpu" else fp8_gmm_tpu
+    kernel = {"mgpu": fp8_gmm_mgpu, "triton": fp8_gmm_gpu, "tpu": fp8_gmm_tpu}[kernel_for(platform)]
     return kernel(a, a_scale, b, b_scale, block_group, out_dtype, interpret=impl == "interpret")
 
 
@@ -237,7 +287,7 @@ def fp8_gmm_wgrad(a, a_scale, b, b_scale, block_group, num_groups: int, impl="au
     impl = resolve_impl(impl, platform)
     if impl == "xla":
         return fp8_gmm_wgrad_reference(a, a_scale, b, b_scale, block_group, num_groups)
-    kernel = fp8_gmm_wgrad_gpu if kernel_for(platform) == "gpu" else fp8_gmm_wgrad_tpu
+    kernel = {"mgpu": fp8_gmm_wgrad_mgpu, "triton": fp8_gmm_wgrad_gpu, "tpu": fp8_gmm_wgrad_tpu}[kernel_for(platform)]
     out = kernel(a, a_scale, b, b_scale, block_group, num_groups, interpret=impl == "interpret")
-    present = jnp.zeros(num_groups, bool).at[block_group].set(True)  # the TPU kernel never visits empty experts
+    present = jnp.zeros(num_groups, bool).at[block_group].set(True)  # the TPU / Mosaic GPU kernels never write empty experts
     return jnp.where(present[:, None, None], out, 0.0)

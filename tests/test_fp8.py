@@ -23,7 +23,8 @@ from dsjax.linear import linear
 from dsjax.model import Transformer
 from dsjax.moe import MoE, experts_parallel
 from pallas_kernels import fp8_gemm as fg
-from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_gpu, fp8_gemm_reference, fp8_gemm_tpu
+from pallas_kernels import fp8_gmm as fgg
+from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_gpu, fp8_gemm_mgpu, fp8_gemm_reference, fp8_gemm_tpu
 from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
 from pallas_kernels.quant import GRAD_AMAX_MIN, quantize_blocks, quantize_tiles
 
@@ -131,7 +132,8 @@ def dequantized(q, s, tiles_axis=None):
 KERNELS = {
     "reference": lambda *a: fp8_gemm_reference(*a),
     "tpu_interpret": lambda *a: fp8_gemm_tpu(*a, interpret=True),
-    "gpu_interpret": lambda *a: fp8_gemm_gpu(*a, interpret=True),
+    "triton_interpret": lambda *a: fp8_gemm_gpu(*a, interpret=True),
+    "mosaic_gpu_interpret": lambda *a: fp8_gemm_mgpu(*a, interpret=True),  # GPU interpret mode: wgmma, TMA
 }
 
 
@@ -158,8 +160,17 @@ def test_fp8_gemm_matches_dequantized_matmul(kernel, mkn, b_tiles):
         assert np.all(np.abs(y - ref) <= tol * np.abs(ref) + 2 * tol * np.abs(ref).mean())  # elementwise too
 
 
-@pytest.mark.parametrize("impl", ["xla", "interpret"])
-def test_fp8_grouped_gemms_match_dequantized(impl):
+GROUPED = {  # each kernel family's grouped GEMM and wgrad, in interpret mode on CPU
+    "xla": (fgg.fp8_gmm_reference, fgg.fp8_gmm_wgrad_reference),
+    "tpu": (lambda *a: fgg.fp8_gmm_tpu(*a, interpret=True), lambda *a: fgg.fp8_gmm_wgrad_tpu(*a, interpret=True)),
+    "mosaic_gpu": (lambda *a: fgg.fp8_gmm_mgpu(*a, interpret=True), lambda *a: fgg.fp8_gmm_wgrad_mgpu(*a, interpret=True)),
+    "triton": (lambda *a: fgg.fp8_gmm_gpu(*a, interpret=True), lambda *a: fgg.fp8_gmm_wgrad_gpu(*a, interpret=True)),
+}
+
+
+@pytest.mark.parametrize("family", GROUPED)
+def test_fp8_grouped_gemms_match_dequantized(family):
+    gmm, wgrad = GROUPED[family]
     rng = np.random.default_rng(3)
     block_group = np.array([0, 0, 1, 3, 3, 3, 3])  # expert 2 has no rows
     r, k, n, g = 128 * len(block_group), 256, 200, 4
@@ -168,18 +179,21 @@ def test_fp8_grouped_gemms_match_dequantized(impl):
     qb, sb = quantize_blocks(jnp.asarray(w, jnp.float32))
     a, b = dequantized(qa, sa, 1), dequantized(qb, sb)[:, :, :n]
     ref = np.concatenate([a[i * 128 : (i + 1) * 128] @ b[e] for i, e in enumerate(block_group)])
-    for platform in ("tpu", "gpu"):  # interpret: each kernel family's kernel on CPU
-        y = np.asarray(fp8_gmm(qa, sa, qb, sb, jnp.asarray(block_group), jnp.float32, impl, platform))[:, :n]
-        assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
-        qxt, sxt = quantize_tiles(jnp.asarray(x, jnp.float32), 0)
-        qgt, sgt = quantize_tiles(jnp.asarray(dy, jnp.float32), 0)
-        xt, gt = dequantized(qxt, sxt, 0), dequantized(qgt, sgt, 0)
-        ref_w = np.zeros((g, k, n))
-        for i, e in enumerate(block_group):
-            ref_w[e] += xt[i * 128 : (i + 1) * 128].T @ gt[i * 128 : (i + 1) * 128]
-        dw = np.asarray(fp8_gmm_wgrad(qxt, sxt, qgt, sgt, jnp.asarray(block_group), g, impl, platform))
+    y = np.asarray(gmm(qa, sa, qb, sb, jnp.asarray(block_group), jnp.float32))[:, :n]
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    qxt, sxt = quantize_tiles(jnp.asarray(x, jnp.float32), 0)
+    qgt, sgt = quantize_tiles(jnp.asarray(dy, jnp.float32), 0)
+    xt, gt = dequantized(qxt, sxt, 0), dequantized(qgt, sgt, 0)
+    ref_w = np.zeros((g, k, n))
+    for i, e in enumerate(block_group):
+        ref_w[e] += xt[i * 128 : (i + 1) * 128].T @ gt[i * 128 : (i + 1) * 128]
+    dw = np.asarray(wgrad(qxt, sxt, qgt, sgt, jnp.asarray(block_group), g))
+    present = [0, 1, 3]  # the dispatch zeroes empty experts (fp8_gmm_wgrad); compare the others
+    assert np.abs(dw[present] - ref_w[present]).max() <= 1e-5 * np.abs(ref_w).max()
+    if family == "xla":
         assert np.all(dw[2] == 0)
-        assert np.abs(dw - ref_w).max() <= 1e-5 * np.abs(ref_w).max()
+        dw = np.asarray(fp8_gmm_wgrad(qxt, sxt, qgt, sgt, jnp.asarray(block_group), g, "interpret"))  # dispatch
+        assert np.all(dw[2] == 0) and np.abs(dw - ref_w).max() <= 1e-5 * np.abs(ref_w).max()
 
 
 # --- dispatch and bad input ----------------------------------------------------------------------
@@ -195,15 +209,20 @@ def test_dispatch_picks_by_backend_and_env(monkeypatch):
     calls = []
     monkeypatch.setattr(fg, "fp8_gemm_reference", lambda *a: calls.append("xla"))
     monkeypatch.setattr(fg, "fp8_gemm_tpu", lambda *a, interpret: calls.append(("tpu", interpret)))
-    monkeypatch.setattr(fg, "fp8_gemm_gpu", lambda *a, interpret: calls.append(("gpu", interpret)))
+    monkeypatch.setattr(fg, "fp8_gemm_gpu", lambda *a, interpret: calls.append(("triton", interpret)))
+    monkeypatch.setattr(fg, "fp8_gemm_mgpu", lambda *a, interpret: calls.append(("mosaic_gpu", interpret)))
     ops = _operands()
     fp8_gemm(*ops)  # auto on CPU
     fp8_gemm(*ops, impl="auto", platform="tpu")
-    fp8_gemm(*ops, impl="auto", platform="gpu")
+    fp8_gemm(*ops, impl="auto", platform="gpu")  # no GPU known: Hopper
+    for kind in ("NVIDIA H200", "NVIDIA A100-SXM4-80GB", "NVIDIA L40S"):  # wgmma only on Hopper
+        with jax.sharding.use_abstract_mesh(_abstract_mesh(kind, "gpu", (1, 1, 1, 1))):
+            fp8_gemm(*ops, impl="pallas", platform="gpu")
     fp8_gemm(*ops, impl="interpret")
     monkeypatch.setenv("DSJAX_FP8_IMPL", "xla")
     fp8_gemm(*ops, impl="pallas", platform="gpu")  # the env var wins over the config
-    assert calls == ["xla", ("tpu", False), ("gpu", False), ("tpu", True), "xla"]
+    assert calls == ["xla", ("tpu", False), ("mosaic_gpu", False), ("mosaic_gpu", False), ("triton", False),
+                     ("triton", False), ("tpu", True), "xla"]  # fmt: skip
     monkeypatch.setenv("DSJAX_FP8_IMPL", "tritonn")
     with pytest.raises(ValueError, match="'tritonn'.*DSJAX_FP8_IMPL"):
         fp8_gemm(*ops)
@@ -286,36 +305,35 @@ def test_tpu_kernels_compile_for_tpu(topology):
     assert out.returncode == 0 and out.stdout.split() == ["compiled"] * 3, out.stderr[-3000:]
 
 
-def test_gpu_kernels_lower_for_cuda():
-    """No GPU here: the Triton lowering needs a GPU's compute capability, given by an abstract H100."""
-    from jax.sharding import AbstractDevice, AbstractMesh
-
-    h100 = AbstractMesh((1,), ("x",), abstract_device=AbstractDevice("NVIDIA H100", None, "gpu"))
+@pytest.mark.parametrize("kind,call", [("NVIDIA H100 80GB HBM3", "mosaic_gpu"), ("NVIDIA A100-SXM4-80GB", "__gpu$xla.gpu.triton")])
+def test_gpu_kernels_lower_for_cuda(kind, call):
+    """No GPU here: an abstract GPU gives the lowering its compute capability. Hopper gets the Mosaic
+    GPU kernels (their lowering checks the wgmma operand layouts), other GPUs the Triton ones."""
     qa, sa = quantize_tiles(jnp.zeros((512, 1024)))
     qb, sb = quantize_blocks(jnp.zeros((1024, 576)))
     bg = jnp.array([0, 1, 1, 3])
     qg, sg = quantize_blocks(jnp.zeros((4, 1024, 576)))
     qt, st = quantize_tiles(jnp.zeros((512, 1024)), 0)
     qd, sd = quantize_tiles(jnp.zeros((512, 576)), 0)
-    with jax.sharding.use_abstract_mesh(h100):
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(kind, "gpu", (1, 1, 1, 1))):
         for f, args in [
             (lambda *a: fp8_gemm(*a, impl="pallas", platform="gpu"), (qa, sa, qb, sb)),
             (lambda *a: fp8_gmm(*a, impl="pallas", platform="gpu"), (qa, sa, qg, sg, bg)),
             (lambda *a: fp8_gmm_wgrad(*a, 4, impl="pallas", platform="gpu"), (qt, st, qd, sd, bg)),
         ]:
             text = _lower(f, args, "cuda")
-            assert "__gpu$xla.gpu.triton" in text and "f8E4M3FN" in text
+            assert call in text and "f8E4M3FN" in text
 
 
-def _abstract_mesh(kind: str, platform: str):
+def _abstract_mesh(kind: str, platform: str, shape=(2, 1, 2, 2)):
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
     from dsjax.sharding import AXES
 
-    return AbstractMesh((2, 1, 2, 2), AXES, axis_types=(AxisType.Auto,) * 4, abstract_device=AbstractDevice(kind, None, platform))
+    return AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * 4, abstract_device=AbstractDevice(kind, 132, platform))
 
 
-@pytest.mark.parametrize("platform,kind,call", [("tpu", "TPU v5", "tpu_custom_call"), ("cuda", "NVIDIA H100", "__gpu$xla.gpu.triton")])
+@pytest.mark.parametrize("platform,kind,call", [("tpu", "TPU v5", "tpu_custom_call"), ("cuda", "NVIDIA H100", "custom_call @mosaic_gpu")])
 def test_fp8_linear_runs_its_kernels_per_shard_under_a_mesh(platform, kind, call):
     """XLA cannot partition a Pallas call: under a 2x1x2x2 TPU / H100 mesh, ``auto`` runs all three
     GEMMs of the FP8 linear (forward, dgrad, wgrad) as kernels inside shard_map, and wgrad's
