@@ -55,10 +55,24 @@ def _bwd(impl, pow2, res, dy):
     qxt, sxt = quantize_tiles(x, 0, pow2)  # 128x1: tiles run along M, wgrad's K
     qgt, sgt = quantize_tiles(dy, 0, pow2, GRAD_AMAX_MIN)
     dw = _gemm(qxt.T, sxt.T, qgt, sgt, jnp.float32, impl, tokens_contracted=True)
-    return dx, dw.astype(w.dtype)
+    return like_primal(dx, x), like_primal(dw.astype(w.dtype), w)
 
 
 fp8_matmul.defvjp(_fwd, _bwd)
+
+
+def like_primal(ct, primal):
+    """A cotangent summed over the shard_map axes it varies along and its primal does not (a weight
+    replicated over them): what JAX's own transposes do, and what check_vma asks of a custom_vjp."""
+    extra = tuple(sorted(_varying(ct) - _varying(primal)))
+    return jax.lax.psum(ct, extra) if extra else ct
+
+
+def _varying(x) -> frozenset:
+    """The shard_map axes along which x varies (its type's ``varying`` set; ``vma`` before JAX 0.12)."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "manual_axis_type", None)
+    return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
 def _gemm(a, a_s, b, b_s, out_dtype, impl, tokens_contracted=False):
@@ -70,8 +84,15 @@ def _gemm(a, a_s, b, b_s, out_dtype, impl, tokens_contracted=False):
     if not auto_partitioned():
         return fp8_gemm(a, a_s, b, b_s, out_dtype, impl)
     mesh = jax.sharding.get_abstract_mesh()
-    if resolve_impl(impl, per_shard=True) == "xla" or jax.sharding.AxisType.Manual in mesh.axis_types:
+    if resolve_impl(impl, per_shard=True) == "xla":
         return fp8_gemm_reference(a, a_s, b, b_s, out_dtype)
+    manual = [n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Manual]
+    if manual:  # inside a shard_map over some axes: XLA partitions the rest, and no kernel can run there
+        if requested_impl(impl) == "auto":
+            return fp8_gemm_reference(a, a_s, b, b_s, out_dtype)
+        raise ValueError(f"fp8 impl={requested_impl(impl)!r}: inside a shard_map over only {', '.join(manual)} of the "
+                         "mesh, XLA partitions the other axes and cannot partition a Pallas kernel; shard_map over "
+                         "every axis, or use fp8_impl 'auto' or 'xla'")  # fmt: skip
     shards = math.prod(mesh.shape[n] for n in BATCH)
     tokens = a_s.shape[1] if tokens_contracted else a.shape[0]  # wgrad: one scale per 128 tokens
     if tokens % shards:

@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dsjax.fp8 import Fp8Recipe, Fp8Weight
+from dsjax.fp8 import Fp8Recipe, Fp8Weight, like_primal
 from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
 from pallas_kernels.platform import target_platform
 from pallas_kernels.quant import GRAD_AMAX_MIN, TILE, dequantize_tiles, quantize_blocks, quantize_tiles
@@ -87,7 +87,7 @@ def _gmm_fp8_bwd(impl, pow2, res, dy):
     qxt, sxt = quantize_tiles(x, 0, pow2)
     qgt, sgt = quantize_tiles(g, 0, pow2, GRAD_AMAX_MIN)
     dw = fp8_gmm_wgrad(qxt, sxt, qgt, sgt, block_group, rhs.shape[0], impl)[:, : rhs.shape[1], : rhs.shape[2]]
-    return dx, dw.astype(rhs.dtype), None
+    return like_primal(dx, x), like_primal(dw.astype(rhs.dtype), rhs), None  # x: lhs padded, same axes
 
 
 gmm_fp8.defvjp(_gmm_fp8_fwd, _gmm_fp8_bwd)

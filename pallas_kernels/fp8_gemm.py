@@ -63,7 +63,10 @@ def fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16):
         a_scale.T[:, :, None],  # [Kb, M, 1]
         column_scales(b_scale, n)[:, None, :],  # [Kb, 1, N]
     )
-    acc, _ = jax.lax.scan(lambda acc, blk: (promote(acc, *blk), None), jnp.zeros((m, n), jnp.float32), blocks)
+    first, rest = jax.tree.map(lambda t: t[0], blocks), jax.tree.map(lambda t: t[1:], blocks)
+    # The carry starts from the first block's product, not zeros: it then varies over the axes of
+    # any enclosing shard_map as the operands do (a constant carry fails check_vma).
+    acc, _ = jax.lax.scan(lambda acc, blk: (promote(acc, *blk), None), promote(0.0, *first), rest)
     return acc.astype(out_dtype)
 
 

@@ -42,7 +42,8 @@ def fp8_gmm_reference(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat1
         a_k, b_k, as_k, bs_k = blk
         return promote(acc, a_k, b_k[block_group], as_k, bs_k[block_group]), None
 
-    acc, _ = jax.lax.scan(step, jnp.zeros((nb, TILE, n), jnp.float32), blocks)
+    first, rest = jax.tree.map(lambda t: t[0], blocks), jax.tree.map(lambda t: t[1:], blocks)
+    acc, _ = jax.lax.scan(step, step(0.0, first)[0], rest)  # carry from the data (fp8_gemm_reference)
     return acc.reshape(r, n).astype(out_dtype)
 
 

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import dsjax.fp8 as fp8_mod
 import dsjax.gmm as gmm_mod
@@ -352,6 +353,36 @@ def test_fp8_linear_runs_its_kernels_per_shard_under_a_mesh(platform, kind, call
                    (jax.ShapeDtypeStruct((256, 640), jnp.bfloat16), w), platform)  # fmt: skip
         with pytest.raises(ValueError, match="run per shard, inside jax.shard_map"):  # a kernel called directly
             fp8_gemm(*_operands(), impl="pallas", platform="tpu")
+
+
+def test_fp8_linear_inside_a_partial_shard_map():
+    """Inside a shard_map over some mesh axes XLA partitions the others, where no Pallas kernel can
+    run: ``auto`` takes jnp -- with the weight's gradient summed over the shards, as check_vma wants
+    of the custom_vjp -- and an explicit kernel is refused by name instead of silently replaced."""
+    from jax.sharding import AxisType
+
+    from dsjax.sharding import AXES
+
+    def grads(impl, mesh=None):
+        f = lambda x, w: fp8_mod.fp8_matmul(x, w, impl)  # noqa: E731
+        if mesh is not None:
+            f = jax.shard_map(f, mesh=mesh, in_specs=(P("expert"), P()), out_specs=P("expert"), axis_names={"expert"})
+        return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))
+
+    rng = np.random.default_rng(5)
+    x, w = jnp.asarray(rng.standard_normal((512, 256)), jnp.float32), jnp.asarray(rng.standard_normal((256, 128)) * 0.05, jnp.float32)
+    mesh = jax.make_mesh((2, 1, 2, 2), AXES, axis_types=(AxisType.Auto,) * 4)
+    with jax.set_mesh(mesh):
+        dx, dw = grads("auto", mesh)(x, w)
+    dx1, dw1 = grads("xla")(x, w)  # one device; 256-token shards keep whole 128-token tiles: same quantization
+    np.testing.assert_allclose(dx, dx1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw, dw1, rtol=1e-5, atol=1e-5)
+    abstract = _abstract_mesh("TPU v5", "tpu")
+    with jax.sharding.use_abstract_mesh(abstract):
+        args = (jax.ShapeDtypeStruct(x.shape, x.dtype), jax.ShapeDtypeStruct(w.shape, w.dtype))
+        assert "tpu_custom_call" not in _lower(grads("auto", abstract), args, "tpu")
+        with pytest.raises(ValueError, match="impl='pallas': inside a shard_map over only expert of the mesh"):
+            _lower(grads("pallas", abstract), args, "tpu")
 
 
 # --- FP8 linear, grouped GEMM and model ----------------------------------------------------------------
