@@ -13,8 +13,10 @@ relative difference <= 0.5% (V3 reports < 0.25% at scale).
 """
 
 import argparse
+import contextlib
 import json
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -33,7 +35,8 @@ def run(config: str, output_dir: str, variant: str, seed: int, overrides: list[s
     cfg = load_config(config, [*overrides, *VARIANTS[variant], f"train.seed={seed}", f"train.run_name={name}",
                                f"train.output_dir={output_dir}", "train.sample_tokens=0"])  # fmt: skip
     t0 = time.perf_counter()
-    last = train(cfg, progress=False)
+    with contextlib.redirect_stdout(sys.stderr):  # the run's own log lines: stdout carries only the JSON
+        last = train(cfg, progress=False)
     minutes = (time.perf_counter() - t0) / 60
     return {"seed": seed, "val_loss": last["val_loss"], "train_loss": last["loss"], "minutes": round(minutes, 2),
             "steps": cfg.train.steps, "dtype": cfg.model.dtype, "fp8_impl": cfg.model.fp8_impl}  # fmt: skip
