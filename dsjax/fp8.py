@@ -26,7 +26,8 @@ from jax.sharding import PartitionSpec as P
 
 from dsjax.sharding import BATCH
 from pallas_kernels.fp8_gemm import auto_partitioned, fp8_gemm, fp8_gemm_reference, requested_impl, resolve_impl
-from pallas_kernels.quant import E4M3, E4M3_MAX, GRAD_AMAX_MIN, TILE, dequantize_blocks, pad_to, quantize_blocks, quantize_tiles
+from pallas_kernels.quant import (E4M3, E4M3_MAX, GRAD_AMAX_MIN, TILE, dequantize_blocks, pad_to, quantize_blocks,
+                                  quantize_tiles, scale_from_amax, to_e4m3)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
@@ -66,6 +67,29 @@ def like_primal(ct, primal):
     replicated over them): what JAX's own transposes do, and what check_vma asks of a custom_vjp."""
     extra = tuple(sorted(_varying(ct) - _varying(primal)))
     return jax.lax.psum(ct, extra) if extra else ct
+
+
+def gathered_blocks(w, axis: str, dim: int, pow2: bool = False):
+    """``quantize_blocks(all_gather(w, axis, axis=dim, tiled=True))`` inside a shard_map, sending e4m3.
+
+    w [..., K, N] is this device's slice along ``dim`` (-2 or -1) of a weight split over mesh axis
+    ``axis`` (FSDP). A 128-block may straddle slices: each device takes its rows' partial block amax,
+    a pmax over ``axis`` completes it (one float per block), each device quantizes its own slice
+    with those scales and only then is the slice gathered -- one byte per element instead of four,
+    and the same q and s, bit for bit, as quantizing the gathered fp32 weight."""
+    if dim not in (-1, -2):
+        raise ValueError(f"gathered_blocks: dim must be -2 (K) or -1 (N), got {dim}")
+    if dim == -1:
+        q, s = gathered_blocks(w.swapaxes(-1, -2), axis, -2, pow2)
+        return q.swapaxes(-1, -2), s.swapaxes(-1, -2)
+    n_slices, rows = jax.lax.axis_size(axis), w.shape[-2]
+    w = pad_to(w.astype(jnp.float32), -1)
+    block = (jax.lax.axis_index(axis) * rows + jnp.arange(rows)) // TILE  # each row's block in the whole K
+    row_amax = jnp.max(jnp.abs(w.reshape(*w.shape[:-1], -1, TILE)), axis=-1)  # [..., rows, Np/128]
+    partial = jnp.zeros((*w.shape[:-2], block_count(rows * n_slices), w.shape[-1] // TILE), jnp.float32)
+    s = scale_from_amax(jax.lax.pmax(partial.at[..., block, :].max(row_amax), axis), pow2)
+    q = to_e4m3(w, jnp.repeat(s[..., block, :], TILE, axis=-1))
+    return pad_to(jax.lax.all_gather(q, axis, axis=q.ndim - 2, tiled=True), -2), s
 
 
 def _varying(x) -> frozenset:

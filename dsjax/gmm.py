@@ -18,7 +18,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from dsjax.fp8 import Fp8Recipe, Fp8Weight, like_primal
+from dsjax.fp8 import Fp8Recipe, Fp8Weight, gathered_blocks, like_primal
 from pallas_kernels.fp8_gmm import fp8_gmm, fp8_gmm_wgrad
 from pallas_kernels.platform import target_platform
 from pallas_kernels.quant import GRAD_AMAX_MIN, TILE, dequantize_tiles, quantize_blocks, quantize_tiles
@@ -57,16 +57,27 @@ def gmm_blocked(lhs, rhs, group_sizes):
     return y.reshape(num_blocks * b, n)[dest]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def gmm_fp8(lhs, rhs, group_sizes, impl: str = "auto", pow2: bool = False):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def gmm_fp8(lhs, rhs, group_sizes, impl: str = "auto", pow2: bool = False, gather: tuple[str, int] | None = None):
     """FP8 grouped matmul, V3's recipe per expert (``dsjax.fp8``): groups padded to 128-row blocks;
-    forward / dgrad: 1x128 tiles x 128x128 blocks (``fp8_gmm``), wgrad: 128x1 tiles (``fp8_gmm_wgrad``)."""
-    return _gmm_fp8_fwd(lhs, rhs, group_sizes, impl, pow2)[0]
+    forward / dgrad: 1x128 tiles x 128x128 blocks (``fp8_gmm``), wgrad: 128x1 tiles (``fp8_gmm_wgrad``).
+
+    ``gather`` (axis, dim), inside a shard_map: rhs [g, K, N] is this device's FSDP slice along
+    ``dim`` (1: K, 2: N) of a weight split over mesh axis ``axis``. The weight is gathered already
+    quantized (``gathered_blocks``: e4m3, not fp32) and its fp32 gradient reduce-scattered back to the
+    slice, as FSDP does; forward and backward each gather once."""
+    return _gmm_fp8_fwd(lhs, rhs, group_sizes, impl, pow2, gather)[0]
 
 
-def _gmm_fp8_fwd(lhs, rhs, group_sizes, impl, pow2):
-    y, x, dest, block_group = _gmm_blocks(lhs, *quantize_blocks(rhs, pow2), group_sizes, impl, pow2)
-    return y[:, : rhs.shape[2]], (x, rhs, dest, block_group)
+def _weight_blocks(rhs, pow2, gather):
+    return quantize_blocks(rhs, pow2) if gather is None else gathered_blocks(rhs, gather[0], gather[1] - rhs.ndim, pow2)
+
+
+def _gmm_fp8_fwd(lhs, rhs, group_sizes, impl, pow2, gather):
+    qw, sw = _weight_blocks(rhs, pow2, gather)
+    n = rhs.shape[2] * (jax.lax.axis_size(gather[0]) if gather and gather[1] == 2 else 1)
+    y, x, dest, block_group = _gmm_blocks(lhs, qw, sw, group_sizes, impl, pow2)
+    return y[:, :n], (x, rhs, dest, block_group)
 
 
 def _gmm_blocks(lhs, qw, sw, group_sizes, impl, pow2):
@@ -78,15 +89,17 @@ def _gmm_blocks(lhs, qw, sw, group_sizes, impl, pow2):
     return fp8_gmm(qx, sx, qw, sw, block_group, lhs.dtype, impl)[dest], x, dest, block_group
 
 
-def _gmm_fp8_bwd(impl, pow2, res, dy):
+def _gmm_fp8_bwd(impl, pow2, gather, res, dy):
     x, rhs, dest, block_group = res
     g = jnp.zeros((x.shape[0], dy.shape[1]), dy.dtype).at[dest].set(dy, unique_indices=True)
-    qw, sw = quantize_blocks(rhs, pow2)
+    qw, sw = _weight_blocks(rhs, pow2, gather)
     qg, sg = quantize_tiles(g, -1, pow2, GRAD_AMAX_MIN)
     dx = fp8_gmm(qg, sg, qw.swapaxes(1, 2), sw.swapaxes(1, 2), block_group, x.dtype, impl)[dest, : x.shape[1]]
     qxt, sxt = quantize_tiles(x, 0, pow2)
     qgt, sgt = quantize_tiles(g, 0, pow2, GRAD_AMAX_MIN)
-    dw = fp8_gmm_wgrad(qxt, sxt, qgt, sgt, block_group, rhs.shape[0], impl)[:, : rhs.shape[1], : rhs.shape[2]]
+    dw = fp8_gmm_wgrad(qxt, sxt, qgt, sgt, block_group, rhs.shape[0], impl)[:, : x.shape[1], : dy.shape[1]]
+    if gather is not None:  # the slice's share of every device's partial dW, summed in fp32
+        dw = jax.lax.psum_scatter(dw, gather[0], scatter_dimension=gather[1], tiled=True)
     return like_primal(dx, x), like_primal(dw.astype(rhs.dtype), rhs), None  # x: lhs padded, same axes
 
 
@@ -121,13 +134,16 @@ def gmm_ragged(lhs, rhs, group_sizes):
 IMPLS = {"ragged_dot": gmm_ragged, "blocked": gmm_blocked, "rows": gmm_rows}
 
 
-def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", fp8: Fp8Recipe | None = None):
+def grouped_matmul(lhs, rhs, group_sizes, impl: str = "auto", fp8: Fp8Recipe | None = None, gather=None):
     """Dispatch. ``auto``: ``ragged_dot`` on TPU (native grouped GEMM); elsewhere ``rows`` when there
-    are no more rows than groups (decoding), else ``blocked``. ``rhs`` an ``Fp8Weight``: ``gmm_fp8_stored``."""
+    are no more rows than groups (decoding), else ``blocked``. ``rhs`` an ``Fp8Weight``: ``gmm_fp8_stored``.
+    ``gather`` (FP8 training only): rhs is an FSDP slice, gathered in e4m3 by ``gmm_fp8``."""
     if isinstance(rhs, Fp8Weight):
         return gmm_fp8_stored(lhs, rhs, group_sizes, *(fp8 or Fp8Recipe()))
     if fp8 is not None:  # V3's FP8 recipe (ModelConfig.fp8), its kernels and scales as fp8 says
-        return gmm_fp8(lhs, rhs, group_sizes, *fp8)
+        return gmm_fp8(lhs, rhs, group_sizes, *fp8, gather)
+    if gather is not None:
+        raise ValueError("grouped_matmul: gather is for the FP8 recipe; gather other weights before the call")
     if impl == "auto":
         if target_platform() == "tpu":
             impl = "ragged_dot"

@@ -7,8 +7,8 @@ The per-expert selection bias b lives in the non-trainable ``selection_bias`` co
 changes which experts are picked, never their weights. Dispatch is dropless: the token copies are
 sorted by expert and run through grouped matmuls (``dsjax.gmm``). Under a mesh (``jax.set_mesh``)
 the experts run inside ``shard_map`` (``experts_parallel``): routed experts split over ``expert``,
-their hidden dim over ``tensor``, their weights gathered over ``fsdp``; token copies travel to
-their experts' devices by all-to-all and back.
+their hidden dim over ``tensor``, their weights gathered over ``fsdp`` (in e4m3 under FP8); token
+copies travel to their experts' devices by all-to-all and back.
 """
 
 import math
@@ -90,11 +90,12 @@ def experts_dropless(x, idx, w, w_gate, w_up, w_down, impl: str = "auto", fp8: F
     return jnp.einsum("tkh,tk->th", ys, w.astype(ys.dtype))
 
 
-def _swiglu_local(xs, eid, w_gate, w_up, w_down, impl, fp8):
+def _swiglu_local(xs, eid, w_gate, w_up, w_down, impl, fp8, fsdp: str | None = None):
     """Rows ``xs`` [m, H] with local expert ids ``eid`` [m] (== num experts: an empty slot) -> [m, H].
 
     Rows are grouped by expert for the grouped matmuls; empty slots form one extra group whose
-    weights are zero (ragged_dot instead leaves rows past the groups out, computing nothing)."""
+    weights are zero (ragged_dot instead leaves rows past the groups out, computing nothing).
+    ``fsdp``: the weights are slices of H over that mesh axis, gathered by the FP8 grouped GEMMs."""
     e = w_gate.shape[0]
     order = jnp.argsort(eid, stable=True)
     sizes = jnp.bincount(eid, length=e + 1)
@@ -104,8 +105,10 @@ def _swiglu_local(xs, eid, w_gate, w_up, w_down, impl, fp8):
     else:
         w_gate, w_up, w_down = (jnp.concatenate([w, jnp.zeros_like(w[:1])]) for w in (w_gate, w_up, w_down))
     xs = xs[order]
-    h = nn.silu(grouped_matmul(xs, w_gate, sizes, impl, fp8)) * grouped_matmul(xs, w_up, sizes, impl, fp8)
-    return grouped_matmul(h, w_down, sizes, impl, fp8)[jnp.argsort(order)]
+    k_split, n_split = (None, None) if fsdp is None else ((fsdp, 1), (fsdp, 2))
+    gate, up = (grouped_matmul(xs, w, sizes, impl, fp8, k_split) for w in (w_gate, w_up))
+    h = nn.silu(gate) * up
+    return grouped_matmul(h, w_down, sizes, impl, fp8, n_split)[jnp.argsort(order)]
 
 
 def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
@@ -126,21 +129,23 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
         dispatch = "all_to_all" if platform() == "cpu" else "ragged_all_to_all"
 
     def local(x, idx, w, w_gate, w_up, w_down):
-        w_gate, w_up = (jax.lax.all_gather(a, "fsdp", axis=1, tiled=True) for a in (w_gate, w_up))
-        w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)
+        fsdp = "fsdp" if fp8 is not None else None  # FP8: the grouped GEMMs gather the weights quantized
+        if fsdp is None:  # FSDP: gather the weights' hidden dim
+            w_gate, w_up = (jax.lax.all_gather(a, "fsdp", axis=1, tiled=True) for a in (w_gate, w_up))
+            w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)
         t, k = idx.shape
         e_local = w_gate.shape[0]
         flat = idx.reshape(-1)
         order = jnp.argsort(flat, stable=True)  # copies by expert, hence by destination device
         rows, eid = x[order // k], flat[order]
         if n_ep == 1:
-            ys, kept = _swiglu_local(rows, eid, w_gate, w_up, w_down, impl, fp8), jnp.ones(t * k, bool)
+            ys, kept = _swiglu_local(rows, eid, w_gate, w_up, w_down, impl, fp8, fsdp), jnp.ones(t * k, bool)
         elif dispatch == "all_to_all":
             ys, kept = _a2a_fixed(rows, eid, e_local, n_ep, cfg.expert_capacity_factor,
-                                  lambda r, i: _swiglu_local(r, i, w_gate, w_up, w_down, impl, fp8))  # fmt: skip
+                                  lambda r, i: _swiglu_local(r, i, w_gate, w_up, w_down, impl, fp8, fsdp))  # fmt: skip
         else:
             ys, kept = _a2a_ragged(rows, eid, e_local, n_ep, cfg.expert_capacity_factor,
-                                   lambda r, i: _swiglu_local(r, i, w_gate, w_up, w_down, impl, fp8))  # fmt: skip
+                                   lambda r, i: _swiglu_local(r, i, w_gate, w_up, w_down, impl, fp8, fsdp))  # fmt: skip
         ys = jnp.where(kept[:, None], ys, 0)[jnp.argsort(order)].reshape(t, k, -1)
         y = jax.lax.psum(jnp.einsum("tkh,tk->th", ys, w.astype(ys.dtype)), "tensor")
         dropped = jax.lax.pmean(1.0 - kept.mean(), BATCH)

@@ -428,6 +428,54 @@ def test_fp8_grouped_matmul_gradients_close(dy_scale):
     np.testing.assert_allclose(gmm_fp8(x, w, sizes, "interpret"), y, rtol=1e-5, atol=1e-5)
 
 
+FSDP8 = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("dim", [-2, -1], ids=["K_split", "N_split"])
+def test_gathered_blocks_equal_quantizing_the_gathered_weight(dim, pow2):
+    """Slices of 40 rows: 128-blocks straddle 3 or 4 devices; experts with huge, tiny and zero
+    blocks. q and s equal, bit for bit, the plain quantizer's on the whole fp32 weight."""
+    w = jnp.asarray(varied((3, 200, 320)) if dim == -1 else varied((3, 320, 200)))
+    w = w.at[1, :50].set(0.0)
+    spec = P(None, "fsdp") if dim == -2 else P(None, None, "fsdp")
+    f = jax.shard_map(lambda a: fp8_mod.gathered_blocks(a, "fsdp", dim, pow2), mesh=FSDP8, in_specs=spec,
+                      out_specs=(P(), P()), check_vma=False)  # fmt: skip
+    (q, s), (rq, rs) = jax.jit(f)(w), quantize_blocks(w, pow2)
+    assert q.dtype == rq.dtype and q.shape == rq.shape == ((3, 384, 256) if dim == -2 else (3, 256, 384))
+    np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(rq, np.float32))
+    np.testing.assert_array_equal(s, rs)
+
+
+@pytest.mark.parametrize("dim", [1, 2], ids=["K_split", "N_split"])
+def test_fp8_grouped_gemm_gathers_fsdp_slices_in_e4m3(dim):
+    """gmm_fp8 with ``gather``: 8 devices, each its own tokens and an FSDP slice of the weight. Loss
+    and gradients equal the sum of each device's tokens through gmm_fp8 on the whole weight (the
+    slice's gradient = its part of the summed dW), and the only gathers in the program move e4m3."""
+    m, k, n = 64, 256, 192
+    x = jax.random.normal(jax.random.key(1), (8 * m, k))
+    w = 0.05 * jax.random.normal(jax.random.key(2), (3, k, n))
+    sizes = jnp.array([[20, 30, 14], [64, 0, 0], [0, 0, 64], [10, 10, 44], [1, 62, 1], [32, 32, 0], [0, 64, 0], [21, 21, 22]])
+    spec = P(None, "fsdp") if dim == 1 else P(None, None, "fsdp")
+
+    def sharded(x, w):
+        def local(x, w, sizes):
+            return jnp.sum(jnp.sin(gmm_fp8(x, w, sizes[0], "xla", False, ("fsdp", dim))))[None]
+
+        return jax.shard_map(local, mesh=FSDP8, in_specs=(P("fsdp"), spec, P("fsdp")), out_specs=P("fsdp"),
+                             check_vma=False)(x, w, sizes).sum()  # fmt: skip
+
+    def whole(x, w):
+        return sum(jnp.sum(jnp.sin(gmm_fp8(x[i * m : (i + 1) * m], w, sizes[i], "xla"))) for i in range(8))
+
+    f = jax.jit(jax.value_and_grad(sharded, (0, 1)))
+    (loss, (dx, dw)), (rloss, (rdx, rdw)) = f(x, w), jax.jit(jax.value_and_grad(whole, (0, 1)))(x, w)
+    np.testing.assert_allclose(loss, rloss, rtol=1e-6)
+    np.testing.assert_allclose(dx, rdx, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(dw, rdw, rtol=1e-5, atol=1e-6 * float(jnp.abs(rdw).max()))
+    gathers = [line for line in f.lower(x, w).as_text().splitlines() if "all_gather" in line and "->" in line]
+    assert len(gathers) == 2 and all("f8E4M3FN>" in line.split("->")[-1] for line in gathers)  # forward, backward
+
 def test_fp8_dense_general_multi_axis_same_params():
     """o_proj-like (axis=(-2, -1)) and q_proj-like (features=(h, d)) kernels: same parameters, FP8 output close."""
     base = load_config("configs/tiny.yaml").model
@@ -517,7 +565,7 @@ def test_ue8m0_scales_reach_every_fp8_gemm(monkeypatch):
     real_matmul, real_gmm, real_stored, real_gstored = (fp8_mod.fp8_matmul, gmm_mod.gmm_fp8, fp8_mod._x_times_blocks,
                                                         gmm_mod.gmm_fp8_stored)  # fmt: skip
     monkeypatch.setattr(fp8_mod, "fp8_matmul", lambda x, w, impl, pow2: seen.append(pow2) or real_matmul(x, w, impl, pow2))
-    monkeypatch.setattr(gmm_mod, "gmm_fp8", lambda x, w, s, impl, pow2: seen.append(pow2) or real_gmm(x, w, s, impl, pow2))
+    monkeypatch.setattr(gmm_mod, "gmm_fp8", lambda x, w, s, impl, pow2, *g: seen.append(pow2) or real_gmm(x, w, s, impl, pow2, *g))
     monkeypatch.setattr(fp8_mod, "_x_times_blocks", lambda *a: seen.append(a[-1]) or real_stored(*a))
     monkeypatch.setattr(gmm_mod, "gmm_fp8_stored", lambda *a: seen.append(a[-1]) or real_gstored(*a))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
