@@ -105,7 +105,7 @@ def _gemm(a, a_s, b, b_s, out_dtype, impl, tokens_contracted=False):
     the contracted dim, partial products summed over the shards -- and b's columns over ``tensor``
     (b itself is gathered, as FSDP gathers a weight for its matmul). Tokens that do not split into
     whole scale tiles take the jnp path under ``auto`` and are an error for an explicit kernel. wgrad's
-    sum over the shards is a reduce-scatter where dW's rows or columns split over them."""
+    sum over ``fsdp`` is a reduce-scatter where dW's rows or columns split over it."""
     if not auto_partitioned():
         return fp8_gemm(a, a_s, b, b_s, out_dtype, impl)
     mesh = jax.sharding.get_abstract_mesh()
@@ -129,13 +129,14 @@ def _gemm(a, a_s, b, b_s, out_dtype, impl, tokens_contracted=False):
     t = mesh.shape["tensor"]
     whole_blocks = b_s.shape[1] == b.shape[1] or b.shape[1] == b_s.shape[1] * TILE  # column scales, or padded blocks
     cols = "tensor" if t > 1 and whole_blocks and b_s.shape[1] % t == 0 else None
-    scatter = None  # wgrad: the dim of dW its partial sums are reduce-scattered along (None: all-reduced)
+    scatter = None  # wgrad: the dim of dW its partial sums are reduce-scattered along over fsdp, as FSDP does
     if tokens_contracted:
         specs, out = (P(None, BATCH), P(None, BATCH), P(BATCH, cols), P(BATCH, cols)), P(None, cols)
-        if a.shape[0] % shards == 0:
-            scatter, out = 0, P(BATCH, cols)
-        elif b.shape[1] // (t if cols else 1) % shards == 0:
-            scatter, out = 1, P(None, (cols, *BATCH) if cols else BATCH)
+        f = mesh.shape["fsdp"]
+        if f > 1 and a.shape[0] % f == 0:
+            scatter, out = 0, P("fsdp", cols)
+        elif f > 1 and b.shape[1] // (t if cols else 1) % f == 0:
+            scatter, out = 1, P(None, (cols, "fsdp") if cols else "fsdp")
     else:
         specs, out = (P(BATCH, None), P(BATCH, None), P(None, cols), P(None, cols)), P(BATCH, cols)
 
@@ -143,11 +144,12 @@ def _gemm(a, a_s, b, b_s, out_dtype, impl, tokens_contracted=False):
         c = fp8_gemm(a, a_s, b, b_s, out_dtype, impl)
         if not tokens_contracted:
             return c
-        # each device keeps 1/shards of the summed dW (XLA moves it to the weight's own sharding): a
-        # replicated fp32 dW, stacked by a layer scan, would cost the whole weight's size per device
+        # summed over the other batch axes; over fsdp each device keeps its 1/fsdp (XLA moves that to the
+        # weight's own sharding): a replicated fp32 dW, stacked by a layer scan, costs GiBs per device
         if scatter is None:
             return jax.lax.psum(c, BATCH)
-        return jax.lax.psum_scatter(c, BATCH, scatter_dimension=scatter, tiled=True)
+        c = jax.lax.psum(c, tuple(n for n in BATCH if n != "fsdp"))
+        return jax.lax.psum_scatter(c, "fsdp", scatter_dimension=scatter, tiled=True)
 
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(a, a_s, b, b_s)
 

@@ -336,15 +336,15 @@ def _abstract_mesh(kind: str, platform: str, shape=(2, 1, 2, 2)):
 
 @pytest.mark.parametrize("platform,kind,call", [("tpu", "TPU v5", "tpu_custom_call"), ("cuda", "NVIDIA H100", "custom_call @mosaic_gpu")])
 def test_fp8_linear_runs_its_kernels_per_shard_under_a_mesh(platform, kind, call):
-    """XLA cannot partition a Pallas call: under a 2x1x2x2 TPU / H100 mesh, ``auto`` runs all three
+    """XLA cannot partition a Pallas call: under a 1x2x2x2 TPU / H100 mesh, ``auto`` runs all three
     GEMMs of the FP8 linear (forward, dgrad, wgrad) as kernels inside shard_map, and wgrad's
-    per-shard partial products are reduce-scattered over the batch axes (not all-reduced)."""
-    mesh = _abstract_mesh(kind, "tpu" if platform == "tpu" else "gpu")
+    per-shard partial products are summed over ``expert`` and reduce-scattered over ``fsdp``."""
+    mesh = _abstract_mesh(kind, "tpu" if platform == "tpu" else "gpu", (1, 2, 2, 2))
     x, w = jax.ShapeDtypeStruct((1024, 640), jnp.bfloat16), jax.ShapeDtypeStruct((640, 512), jnp.float32)
     f = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fp8_mod.fp8_matmul(x, w))), (0, 1))
     with jax.sharding.use_abstract_mesh(mesh):
         text = _lower(f, (x, w), platform)
-        assert text.count(call) == 3 and "manual_computation" in text and "reduce_scatter" in text
+        assert text.count(call) == 3 and "manual_computation" in text and "reduce_scatter" in text and "all_reduce" in text
         # 2 x 2 = 4 batch shards of 64 tokens: wgrad's 128-token tiles do not split, jnp instead (auto)
         text = _lower(f, (jax.ShapeDtypeStruct((256, 640), jnp.bfloat16), w), platform)
         assert text.count(call) == 2
