@@ -258,7 +258,8 @@ def test_fp8_training_runs_its_kernels_per_shard_under_a_mesh():
     (64 of the 128 hidden rows: one 128-block across two devices) gathered in e4m3. Loss and gradients
     equal the plain-jnp recipe's on the same mesh, and are within FP8 tolerance of one device's (a
     partitioned program rounds differently before quantizing, and e4m3 roundings then flip)."""
-    cfg = load_config(TINY, [*SMALL, "train.seq_len=64", "model.fp8=true"])  # 128 tokens per shard
+    # 128 tokens per shard; no MTP module (only more of the same GEMMs, and half this test's time)
+    cfg = load_config(TINY, [*SMALL, "train.seq_len=64", "model.fp8=true", "model.num_nextn_predict_layers=0"])
     batch = imbalanced_batch(cfg)
     model = Transformer(cfg.model)
     state = init_state(cfg, model, jax.random.key(0))
