@@ -128,8 +128,9 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
     if dispatch == "auto":
         dispatch = "all_to_all" if platform() == "cpu" else "ragged_all_to_all"
 
+    fsdp = "fsdp" if fp8 is not None else None  # FP8: the grouped GEMMs gather the weights quantized
+
     def local(x, idx, w, w_gate, w_up, w_down):
-        fsdp = "fsdp" if fp8 is not None else None  # FP8: the grouped GEMMs gather the weights quantized
         if fsdp is None:  # FSDP: gather the weights' hidden dim
             w_gate, w_up = (jax.lax.all_gather(a, "fsdp", axis=1, tiled=True) for a in (w_gate, w_up))
             w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)

@@ -355,6 +355,27 @@ def test_fp8_linear_runs_its_kernels_per_shard_under_a_mesh(platform, kind, call
             fp8_gemm(*_operands(), impl="pallas", platform="tpu")
 
 
+@pytest.mark.parametrize("mesh_shape,k", [((2, 2, 2, 1), 256), ((1, 2, 2, 2), 255)], ids=["rows_scattered", "cols_scattered"])
+def test_fp8_linear_wgrad_reduce_scatter_equals_one_device(mesh_shape, k):
+    """The FP8 linear's kernels per shard on 8 devices: wgrad's partial dW summed over data / expert
+    and reduce-scattered over fsdp -- along dW's rows, or (K = 255 does not split) its columns, after
+    ``tensor`` -- give one device's gradients (128-token shards: the same scale tiles)."""
+    from jax.sharding import AxisType
+
+    from dsjax.sharding import AXES
+
+    rng = np.random.default_rng(7)
+    x = jnp.asarray(rng.standard_normal((1024, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, 256)) * 0.05, jnp.float32)
+    grads = lambda impl: jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(fp8_mod.fp8_matmul(x, w, impl))), (0, 1)))  # noqa: E731
+    with jax.set_mesh(jax.make_mesh(mesh_shape, AXES, axis_types=(AxisType.Auto,) * 4)):
+        assert "reduce_scatter" in grads("interpret").lower(x, w).as_text()
+        dx, dw = grads("interpret")(x, w)
+    dx1, dw1 = grads("xla")(x, w)
+    np.testing.assert_allclose(dx, dx1, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(dw, dw1, rtol=1e-5, atol=1e-5)
+
+
 def test_fp8_linear_inside_a_partial_shard_map():
     """Inside a shard_map over some mesh axes XLA partitions the others, where no Pallas kernel can
     run: ``auto`` takes jnp -- with the weight's gradient summed over the shards, as check_vma wants
