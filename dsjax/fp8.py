@@ -25,8 +25,9 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.sharding import BATCH
-from pallas_kernels.fp8_gemm import auto_partitioned, fp8_gemm, fp8_gemm_reference, requested_impl, resolve_impl
-from pallas_kernels.quant import (E4M3, E4M3_MAX, GRAD_AMAX_MIN, TILE, dequantize_blocks, pad_to, quantize_blocks,
+from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference
+from pallas_kernels.platform import auto_partitioned, requested_impl, resolve_impl
+from pallas_kernels.quant import (AMAX_MIN, E4M3, E4M3_MAX, GRAD_AMAX_MIN, TILE, dequantize_blocks, pad_to, quantize_blocks,
                                   quantize_tiles, scale_from_amax, to_e4m3)
 
 
@@ -44,17 +45,17 @@ def _fwd(x, w, impl, pow2):
 
 def _x_times_blocks(x, qw, sw, impl, pow2=False):
     """x [M, K] in 1x128 tiles times padded e4m3 blocks qw [Kp, Np] with scales sw: the forward GEMM."""
-    qx, sx = quantize_tiles(x, -1, pow2)
+    qx, sx = _tiles(x, -1, impl, pow2)
     return _gemm(qx, sx, qw, sw, x.dtype, impl)
 
 
 def _bwd(impl, pow2, res, dy):
     x, w = res
     qw, sw = quantize_blocks(w, pow2)  # the forward's blocks again; W^T's scales are their transpose
-    qg, sg = quantize_tiles(dy, -1, pow2, GRAD_AMAX_MIN)
+    qg, sg = _tiles(dy, -1, impl, pow2, GRAD_AMAX_MIN)
     dx = _gemm(qg, sg, qw.T, sw.T, x.dtype, impl)[:, : x.shape[1]]
-    qxt, sxt = quantize_tiles(x, 0, pow2)  # 128x1: tiles run along M, wgrad's K
-    qgt, sgt = quantize_tiles(dy, 0, pow2, GRAD_AMAX_MIN)
+    qxt, sxt = _tiles(x, 0, impl, pow2)  # 128x1: tiles run along M, wgrad's K
+    qgt, sgt = _tiles(dy, 0, impl, pow2, GRAD_AMAX_MIN)
     dw = _gemm(qxt.T, sxt.T, qgt, sgt, jnp.float32, impl, tokens_contracted=True)
     return like_primal(dx, x), like_primal(dw.astype(w.dtype), w)
 
@@ -99,6 +100,49 @@ def _varying(x) -> frozenset:
     return frozenset(manual.varying if manual is not None else getattr(aval, "vma", ()))
 
 
+def _per_shard(impl, tokens: int, what: str) -> bool:
+    """Under a mesh XLA partitions: whether the FP8 kernels run per shard of the batch axes (else the
+    jnp path, partitioned by XLA). ``tokens``: the rows' count in units that must not straddle shards
+    (``what`` names them). Not where a shard_map already covers some axes, nor for tokens that do not
+    split evenly: there ``auto`` takes the jnp path and an explicit kernel is an error."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if resolve_impl(impl, per_shard=True) == "xla":
+        return False
+    manual = [n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Manual]
+    if manual:  # inside a shard_map over some axes: XLA partitions the rest, and no kernel can run there
+        if requested_impl(impl) == "auto":
+            return False
+        raise ValueError(f"fp8 impl={requested_impl(impl)!r}: inside a shard_map over only {', '.join(manual)} of the "
+                         "mesh, XLA partitions the other axes and cannot partition a Pallas kernel; shard_map over "
+                         "every axis, or use fp8_impl 'auto' or 'xla'")  # fmt: skip
+    shards = math.prod(mesh.shape[n] for n in BATCH)
+    if tokens < 0 or tokens % shards:
+        if requested_impl(impl) == "auto":
+            return False
+        raise ValueError(f"fp8 impl={requested_impl(impl)!r} under a mesh: {what} do not split over the batch axes "
+                         f"data x fsdp x expert = {shards} shards; use fp8_impl 'auto' or 'xla'")  # fmt: skip
+    return True
+
+
+def _tiles(x, axis: int, impl, pow2, amax_min=AMAX_MIN):
+    """``quantize_tiles`` of activations or gradients x [tokens, features]: axis -1 1x128 tiles, axis 0
+    128x1 tiles along the tokens. Under a mesh XLA partitions, per shard of the batch axes as ``_gemm``
+    runs its GEMMs, so the quantizer kernel runs there too (no tile straddles shards: same q and s)."""
+    if not auto_partitioned():
+        return quantize_tiles(x, axis, pow2, amax_min, impl)
+    m = x.shape[0]
+    if axis % 2:
+        tokens, what = m, f"{m} tokens"
+    else:  # whole 128-token tiles per shard (a shard's own padding would move the tiles)
+        tokens, what = (m // TILE, f"{m // TILE} tiles of 128 tokens") if m % TILE == 0 else (-1, f"{m} tokens (not whole 128-tiles)")
+    if not _per_shard(impl, tokens, what):
+        return quantize_tiles(x, axis, pow2, amax_min, "xla")
+    rows = P(BATCH, None)
+    local = functools.partial(quantize_tiles, axis=axis, pow2=pow2, amax_min=amax_min, impl=impl)
+    mesh = jax.sharding.get_abstract_mesh()
+    return jax.shard_map(local, mesh=mesh, in_specs=rows, out_specs=(rows, rows), check_vma=False)(x)
+
+
 def _gemm(a, a_s, b, b_s, out_dtype, impl, tokens_contracted=False):
     """``fp8_gemm``; under a mesh XLA partitions, the kernel runs per shard (XLA cannot partition a
     Pallas call): the tokens split over the batch axes -- a's rows, or in wgrad (``tokens_contracted``)
@@ -108,24 +152,11 @@ def _gemm(a, a_s, b, b_s, out_dtype, impl, tokens_contracted=False):
     sum over ``fsdp`` is a reduce-scatter where dW's rows or columns split over it."""
     if not auto_partitioned():
         return fp8_gemm(a, a_s, b, b_s, out_dtype, impl)
-    mesh = jax.sharding.get_abstract_mesh()
-    if resolve_impl(impl, per_shard=True) == "xla":
-        return fp8_gemm_reference(a, a_s, b, b_s, out_dtype)
-    manual = [n for n, t in zip(mesh.axis_names, mesh.axis_types) if t == jax.sharding.AxisType.Manual]
-    if manual:  # inside a shard_map over some axes: XLA partitions the rest, and no kernel can run there
-        if requested_impl(impl) == "auto":
-            return fp8_gemm_reference(a, a_s, b, b_s, out_dtype)
-        raise ValueError(f"fp8 impl={requested_impl(impl)!r}: inside a shard_map over only {', '.join(manual)} of the "
-                         "mesh, XLA partitions the other axes and cannot partition a Pallas kernel; shard_map over "
-                         "every axis, or use fp8_impl 'auto' or 'xla'")  # fmt: skip
-    shards = math.prod(mesh.shape[n] for n in BATCH)
     tokens = a_s.shape[1] if tokens_contracted else a.shape[0]  # wgrad: one scale per 128 tokens
-    if tokens % shards:
-        if requested_impl(impl) == "auto":
-            return fp8_gemm_reference(a, a_s, b, b_s, out_dtype)
-        what = f"{tokens} tiles of 128 tokens" if tokens_contracted else f"{tokens} tokens"
-        raise ValueError(f"fp8 impl={requested_impl(impl)!r} under a mesh: {what} do not split over the batch axes "
-                         f"data x fsdp x expert = {shards} shards; use fp8_impl 'auto' or 'xla'")  # fmt: skip
+    what = f"{tokens} tiles of 128 tokens" if tokens_contracted else f"{tokens} tokens"
+    if not _per_shard(impl, tokens, what):
+        return fp8_gemm_reference(a, a_s, b, b_s, out_dtype)
+    mesh = jax.sharding.get_abstract_mesh()
     t = mesh.shape["tensor"]
     whole_blocks = b_s.shape[1] == b.shape[1] or b.shape[1] == b_s.shape[1] * TILE  # column scales, or padded blocks
     cols = "tensor" if t > 1 and whole_blocks and b_s.shape[1] % t == 0 else None

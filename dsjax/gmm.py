@@ -85,7 +85,7 @@ def _gmm_blocks(lhs, qw, sw, group_sizes, impl, pow2):
     expert's e4m3 blocks qw [g, Kp, Np] (scales sw). Returns (y [m, Np], padded rows, layout)."""
     dest, num_blocks, block_group = blocked_layout(group_sizes, lhs.shape[0], TILE)
     x = jnp.zeros((num_blocks * TILE, lhs.shape[1]), lhs.dtype).at[dest].set(lhs, unique_indices=True)
-    qx, sx = quantize_tiles(x, -1, pow2)
+    qx, sx = quantize_tiles(x, -1, pow2, impl=impl)
     return fp8_gmm(qx, sx, qw, sw, block_group, lhs.dtype, impl)[dest], x, dest, block_group
 
 
@@ -93,10 +93,10 @@ def _gmm_fp8_bwd(impl, pow2, gather, res, dy):
     x, rhs, dest, block_group = res
     g = jnp.zeros((x.shape[0], dy.shape[1]), dy.dtype).at[dest].set(dy, unique_indices=True)
     qw, sw = _weight_blocks(rhs, pow2, gather)
-    qg, sg = quantize_tiles(g, -1, pow2, GRAD_AMAX_MIN)
+    qg, sg = quantize_tiles(g, -1, pow2, GRAD_AMAX_MIN, impl)
     dx = fp8_gmm(qg, sg, qw.swapaxes(1, 2), sw.swapaxes(1, 2), block_group, x.dtype, impl)[dest, : x.shape[1]]
-    qxt, sxt = quantize_tiles(x, 0, pow2)
-    qgt, sgt = quantize_tiles(g, 0, pow2, GRAD_AMAX_MIN)
+    qxt, sxt = quantize_tiles(x, 0, pow2, impl=impl)
+    qgt, sgt = quantize_tiles(g, 0, pow2, GRAD_AMAX_MIN, impl)
     dw = fp8_gmm_wgrad(qxt, sxt, qgt, sgt, block_group, rhs.shape[0], impl)[:, : x.shape[1], : dy.shape[1]]
     if gather is not None:  # the slice's share of every device's partial dW, summed in fp32
         dw = jax.lax.psum_scatter(dw, gather[0], scatter_dimension=gather[1], tiled=True)
@@ -122,7 +122,7 @@ def gmm_fp8_stored(lhs, rhs: Fp8Weight, group_sizes, impl: str = "auto", pow2: b
     m, k = lhs.shape
     if m > rhs.shape[0]:
         return _gmm_blocks(lhs, rhs.padded(), rhs.scale_inv, group_sizes, impl, pow2)[0][:, : rhs.shape[2]]
-    x = dequantize_tiles(*quantize_tiles(lhs, -1, pow2))[:, :k]
+    x = dequantize_tiles(*quantize_tiles(lhs, -1, pow2, impl=impl))[:, :k]
     w = jax.tree.map(lambda a: a[_row_group(group_sizes, m)], rhs).dequantize()
     return jnp.einsum("mk,mkn->mn", x, w, precision="highest").astype(lhs.dtype)
 

@@ -20,7 +20,7 @@ kernel in Pallas interpret mode; the TPU kernel on CPU), ``xla``. ``DSJAX_FP8_IM
 On GPU, ``pallas`` is the Mosaic GPU kernel on Hopper (sm_90) and the Triton kernel elsewhere.
 """
 
-import os
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -29,10 +29,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.platform import gpu_is_hopper, target_platform
+from pallas_kernels.platform import kernel_for, resolve_impl, target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
-IMPLS = ("auto", "pallas", "interpret", "xla")
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
 
 
@@ -73,7 +72,13 @@ def fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16):
 # --- Mosaic TPU kernel ----------------------------------------------------------------------------
 
 
-def tpu_tile_body(a_ref, as_ref, b_ref, bs_ref, o_ref, acc_ref):
+def tpu_mxu_dtype(interpret: bool):
+    """The TPU kernels' MXU operand type: bf16 (exact for e4m3). Interpret mode on CPU uses fp32 -- the
+    same values, as XLA:CPU has no bf16 x bf16 -> fp32 dot for some operand layouts."""
+    return jnp.float32 if interpret else jnp.bfloat16
+
+
+def tpu_tile_body(a_ref, as_ref, b_ref, bs_ref, o_ref, acc_ref, *, mxu_dtype=jnp.bfloat16):
     """One (tm, tn) output tile, one tk-deep step of the K grid axis = tk / 128 promotions."""
     k = pl.program_id(2)
 
@@ -84,7 +89,7 @@ def tpu_tile_body(a_ref, as_ref, b_ref, bs_ref, o_ref, acc_ref):
     acc = acc_ref[...]
     for j in range(as_ref.shape[0]):  # static: the 128-deep blocks inside this K step
         ks = pl.ds(j * TILE, TILE)
-        acc = promote(acc, a_ref[:, ks], b_ref[ks, :], as_ref[j], bs_ref[j], jnp.bfloat16)
+        acc = promote(acc, a_ref[:, ks], b_ref[ks, :], as_ref[j], bs_ref[j], mxu_dtype)
     acc_ref[...] = acc
 
     @pl.when(k == pl.num_programs(2) - 1)
@@ -107,7 +112,7 @@ def fp8_gemm_tpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False
     b = pad_to(b, 1, tn)
     mp, np_ = a.shape[0], b.shape[1]
     out = pl.pallas_call(
-        tpu_tile_body,
+        functools.partial(tpu_tile_body, mxu_dtype=tpu_mxu_dtype(interpret)),
         out_shape=jax.ShapeDtypeStruct((mp, np_), out_dtype),
         grid=(mp // tm, np_ // tn, k // (s * TILE)),
         in_specs=[
@@ -243,46 +248,6 @@ def fp8_gemm_gpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False
 
 
 # --- dispatch -------------------------------------------------------------------------------------
-
-
-def requested_impl(impl: str = "auto") -> str:
-    """``DSJAX_FP8_IMPL`` over ``impl`` (the config's ``fp8_impl``), checked."""
-    impl = os.environ.get("DSJAX_FP8_IMPL") or impl
-    if impl not in IMPLS:
-        raise ValueError(f"fp8 impl={impl!r}: expected one of {', '.join(IMPLS)} (config fp8_impl or DSJAX_FP8_IMPL)")
-    return impl
-
-
-def auto_partitioned() -> bool:
-    """Whether the current mesh has an axis XLA partitions by itself (size > 1, not Manual). XLA
-    cannot partition a Pallas call: there a kernel must run per shard, inside ``jax.shard_map``."""
-    mesh = jax.sharding.get_abstract_mesh()
-    return any(n > 1 and t != jax.sharding.AxisType.Manual for n, t in zip(mesh.axis_sizes, mesh.axis_types))
-
-
-def resolve_impl(impl: str = "auto", platform: str | None = None, per_shard: bool = False) -> str:
-    """``requested_impl``, with ``auto`` -> pallas on TPU / GPU, xla elsewhere. Under a mesh XLA
-    partitions, a kernel needs a caller that runs it per shard (``per_shard``, as ``dsjax.fp8`` does);
-    for anyone else ``auto`` is xla there and an explicit kernel is an error."""
-    impl = requested_impl(impl)
-    platform = platform or target_platform()
-    partitioned = auto_partitioned() and not per_shard
-    if partitioned and impl in ("pallas", "interpret"):
-        raise ValueError(f"fp8 impl={impl!r}: under a multi-device mesh the FP8 Pallas kernels run per shard, "
-                         "inside jax.shard_map (dsjax.fp8 does this); called directly, use 'xla' or 'auto'")  # fmt: skip
-    if impl == "auto":
-        impl = "pallas" if platform in ("tpu", "gpu") and not partitioned else "xla"
-    if impl == "pallas" and platform not in ("tpu", "gpu"):
-        raise ValueError(f"fp8 impl='pallas' needs a TPU or GPU, backend is {platform!r}: use 'interpret' or 'xla'")
-    return impl
-
-
-def kernel_for(platform: str):
-    """The Pallas kernel family for a platform: ``mgpu`` (Mosaic GPU, wgmma) on Hopper, ``triton`` on
-    other GPUs, ``tpu`` (Mosaic TPU) on TPU and for interpret mode on CPU."""
-    if platform == "rocm" or (platform in ("gpu", "cuda") and not gpu_is_hopper()):
-        return "triton"
-    return "mgpu" if platform in ("gpu", "cuda") else "tpu"
 
 
 def check_operands(a, a_scale, b, b_scale, out_dtype):

@@ -14,14 +14,16 @@ picked by a scalar-prefetched table in the index maps), Mosaic GPU on Hopper and
 GPUs (the expert read in the kernel).
 """
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.fp8_gemm import (GPU_PARAMS, MGPU_TM, MGPU_TN, OUT_DTYPES, column_scales, gpu_k_loop, k_step, kernel_for,
-                                     mgpu_kernel, mgpu_tile, promote, resolve_impl, tpu_tile_body)
-from pallas_kernels.platform import target_platform
+from pallas_kernels.fp8_gemm import (GPU_PARAMS, MGPU_TM, MGPU_TN, OUT_DTYPES, column_scales, gpu_k_loop, k_step,
+                                     mgpu_kernel, mgpu_tile, promote, tpu_mxu_dtype, tpu_tile_body)
+from pallas_kernels.platform import kernel_for, resolve_impl, target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
 # --- plain jnp references --------------------------------------------------------------------------
@@ -68,7 +70,7 @@ def fp8_gmm_tpu(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, int
     np_ = b.shape[2]
     sq = pl.Squeezed()
     out = pl.pallas_call(
-        lambda grp, *refs: tpu_tile_body(*refs),
+        lambda grp, *refs: tpu_tile_body(*refs, mxu_dtype=tpu_mxu_dtype(interpret)),
         out_shape=jax.ShapeDtypeStruct((r, np_), out_dtype),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,
@@ -88,7 +90,7 @@ def fp8_gmm_tpu(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, int
     return out[:, :n]
 
 
-def _tpu_wgrad_body(grp_ref, at_ref, as_ref, b_ref, bs_ref, o_ref):
+def _tpu_wgrad_body(grp_ref, at_ref, as_ref, b_ref, bs_ref, o_ref, *, mxu_dtype=jnp.bfloat16):
     """Grid (K, N, blocks): the output tile of the block's expert stays resident while the sorted
     blocks of that expert stream past; zeroed at its first block."""
     i = pl.program_id(2)
@@ -97,7 +99,7 @@ def _tpu_wgrad_body(grp_ref, at_ref, as_ref, b_ref, bs_ref, o_ref):
     def _():
         o_ref[...] = jnp.zeros_like(o_ref)
 
-    o_ref[...] = promote(o_ref[...], at_ref[...], b_ref[...], as_ref[...], bs_ref[...], jnp.bfloat16)
+    o_ref[...] = promote(o_ref[...], at_ref[...], b_ref[...], as_ref[...], bs_ref[...], mxu_dtype)
 
 
 def fp8_gmm_wgrad_tpu(a, a_scale, b, b_scale, block_group, num_groups: int, interpret=False, tk=256, tn=256):
@@ -109,7 +111,7 @@ def fp8_gmm_wgrad_tpu(a, a_scale, b, b_scale, block_group, num_groups: int, inte
     kp, np_ = at.shape[0], b.shape[1]
     sq = pl.Squeezed()
     out = pl.pallas_call(
-        _tpu_wgrad_body,
+        functools.partial(_tpu_wgrad_body, mxu_dtype=tpu_mxu_dtype(interpret)),
         out_shape=jax.ShapeDtypeStruct((num_groups, kp, np_), jnp.float32),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=1,

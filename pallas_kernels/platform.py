@@ -1,8 +1,12 @@
-"""Which platform a program is being compiled for -- what every "auto" kernel choice follows."""
+"""Which platform a program is being compiled for, and which implementation of a kernel family runs
+there: the choices every "auto" follows (the FP8 GEMMs and quantizers share them)."""
 
+import os
 import re
 
 import jax
+
+IMPLS = ("auto", "pallas", "interpret", "xla")
 
 
 def target_platform() -> str:
@@ -24,3 +28,43 @@ def gpu_is_hopper() -> bool:
     if device is None:
         return True
     return re.search(r"\b(G?H(100|200|800|20))\b", device.device_kind) is not None
+
+
+def requested_impl(impl: str = "auto") -> str:
+    """``DSJAX_FP8_IMPL`` over ``impl`` (the config's ``fp8_impl``), checked."""
+    impl = os.environ.get("DSJAX_FP8_IMPL") or impl
+    if impl not in IMPLS:
+        raise ValueError(f"fp8 impl={impl!r}: expected one of {', '.join(IMPLS)} (config fp8_impl or DSJAX_FP8_IMPL)")
+    return impl
+
+
+def auto_partitioned() -> bool:
+    """Whether the current mesh has an axis XLA partitions by itself (size > 1, not Manual). XLA
+    cannot partition a Pallas call: there a kernel must run per shard, inside ``jax.shard_map``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return any(n > 1 and t != jax.sharding.AxisType.Manual for n, t in zip(mesh.axis_sizes, mesh.axis_types))
+
+
+def resolve_impl(impl: str = "auto", platform: str | None = None, per_shard: bool = False) -> str:
+    """``requested_impl``, with ``auto`` -> pallas on TPU / GPU, xla elsewhere. Under a mesh XLA
+    partitions, a kernel needs a caller that runs it per shard (``per_shard``, as ``dsjax.fp8`` does);
+    for anyone else ``auto`` is xla there and an explicit kernel is an error."""
+    impl = requested_impl(impl)
+    platform = platform or target_platform()
+    partitioned = auto_partitioned() and not per_shard
+    if partitioned and impl in ("pallas", "interpret"):
+        raise ValueError(f"fp8 impl={impl!r}: under a multi-device mesh the FP8 Pallas kernels run per shard, "
+                         "inside jax.shard_map (dsjax.fp8 does this); called directly, use 'xla' or 'auto'")  # fmt: skip
+    if impl == "auto":
+        impl = "pallas" if platform in ("tpu", "gpu") and not partitioned else "xla"
+    if impl == "pallas" and platform not in ("tpu", "gpu"):
+        raise ValueError(f"fp8 impl='pallas' needs a TPU or GPU, backend is {platform!r}: use 'interpret' or 'xla'")
+    return impl
+
+
+def kernel_for(platform: str):
+    """The Pallas kernel family for a platform: ``mgpu`` (Mosaic GPU, wgmma) on Hopper, ``triton`` on
+    other GPUs, ``tpu`` (Mosaic TPU) on TPU and for interpret mode on CPU."""
+    if platform == "rocm" or (platform in ("gpu", "cuda") and not gpu_is_hopper()):
+        return "triton"
+    return "mgpu" if platform in ("gpu", "cuda") else "tpu"

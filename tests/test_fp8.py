@@ -59,12 +59,16 @@ def varied(shape, seed=0):
 # --- quantizers -------------------------------------------------------------------------------------
 
 
+QUANT_IMPLS = ["xla", "interpret"]  # the jnp quantizer, and the Mosaic TPU kernel in interpret mode
+
+
+@pytest.mark.parametrize("impl", QUANT_IMPLS)
 @pytest.mark.parametrize("amax_min", [1e-4, GRAD_AMAX_MIN], ids=["activations", "gradients"])
 @pytest.mark.parametrize("axis", [-1, 0])
 @pytest.mark.parametrize("shape", [(256, 384), (70, 200)])
-def test_quantize_tiles_round_trip(shape, axis, amax_min):
+def test_quantize_tiles_round_trip(shape, axis, amax_min, impl):
     x = varied(shape) if axis == -1 else varied(shape[::-1]).T
-    q, s = quantize_tiles(jnp.asarray(x), axis, amax_min=amax_min)
+    q, s = quantize_tiles(jnp.asarray(x), axis, amax_min=amax_min, impl=impl)
     xt, qt = tiles_view(x, axis), tiles_view(np.asarray(q.astype(jnp.float32))[tuple(slice(0, d) for d in x.shape)], axis)
     st = np.moveaxis(np.asarray(s, np.float64), axis, -1)
     np.testing.assert_allclose(st, np_scales(np.abs(xt).max(-1), amax_min), rtol=1e-6)
@@ -72,12 +76,16 @@ def test_quantize_tiles_round_trip(shape, axis, amax_min):
     assert np.abs(q.astype(jnp.float32)).max() == E4M3_MAX  # each tile's amax lands on 448
 
 
-def test_quantize_padding_is_exact_zero():
+@pytest.mark.parametrize("impl", QUANT_IMPLS)
+def test_quantize_padding_is_exact_zero(impl):
     x = np.full((3, 200), -2.0, np.float32)
-    q, s = quantize_tiles(jnp.asarray(x))
+    q, s = quantize_tiles(jnp.asarray(x), impl=impl)
     assert q.shape == (3, 256) and s.shape == (3, 2)
     assert np.all(np.asarray(q[:, 200:].astype(jnp.float32)) == 0.0)
     np.testing.assert_allclose(np.asarray(q[:, :200].astype(jnp.float32)) * np.repeat(np.asarray(s), 128, 1)[:, :200], x, rtol=1e-6)
+    q, s = quantize_tiles(jnp.asarray(x.T), 0, impl=impl)  # 128x1 tiles: the 200 rows padded to 256
+    assert q.shape == (256, 3) and s.shape == (2, 3) and np.all(np.asarray(q[200:].astype(jnp.float32)) == 0.0)
+    np.testing.assert_allclose(np.asarray(q[:200].astype(jnp.float32)) * np.repeat(np.asarray(s), 128, 0)[:200], x.T, rtol=1e-6)
     w = np.full((130, 200), 3.0, np.float32)
     qw, sw = quantize_blocks(jnp.asarray(w))
     assert qw.shape == (256, 256) and sw.shape == (2, 2)
@@ -102,13 +110,14 @@ def test_quantize_blocks_round_trip(pow2):
     assert_within_e4m3(b, qb, s)
 
 
-def test_quantize_extreme_tiles_are_finite():
+@pytest.mark.parametrize("impl", QUANT_IMPLS)
+def test_quantize_extreme_tiles_are_finite(impl):
     x = np.zeros((2, 512), np.float32)
     x[:, :128] = 3e38  # huge
     x[:, 128:256] = 1e-30  # tiny (below the amax clamp)
     x[0, 384:] = np.where(np.arange(128) % 2, 3e38, 1e-38)  # both in one tile
     for pow2 in (False, True):
-        q, s = quantize_tiles(jnp.asarray(x), pow2=pow2)
+        q, s = quantize_tiles(jnp.asarray(x), pow2=pow2, impl=impl)
         qf, s = np.asarray(q.astype(jnp.float32)), np.asarray(s)
         assert np.all(np.isfinite(qf)) and np.all(np.isfinite(s)) and np.all(s > 0)
         assert np.all(qf[:, 256:384] == 0)  # the zero tile
@@ -117,6 +126,26 @@ def test_quantize_extreme_tiles_are_finite():
         assert np.all(np.abs(deq[:, 128:256]) <= SUBNORMAL_STEP / 2 * s[:, 1:2])  # flushed towards 0
         qw, sw = quantize_blocks(jnp.asarray(x.T), pow2)
         assert np.all(np.isfinite(np.asarray(qw.astype(jnp.float32)))) and np.all(np.isfinite(np.asarray(sw)))
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("shape,axis", [((1100, 1792), -1), ((1100, 640), 0)], ids=["1x128", "128x1"])
+def test_quantize_tiles_tpu_kernel_is_bitwise_the_jnp_quantizer(shape, axis, pow2):
+    """The Mosaic TPU quantizer (interpret mode) over grids of several blocks -- ragged last row
+    block (1x128), rows padded to whole 8-tile blocks and a ragged last 512-column block (128x1) --
+    gives the jnp quantizer's q and s bit for bit, with per-row magnitudes across 12 decades and
+    UE8M0 (pow2) scales or not; and the UE8M0 scales are the next power of two, as numpy says."""
+    x = jnp.asarray(varied(shape if axis == -1 else shape[::-1], seed=3).T if axis == 0 else varied(shape, seed=3))
+    x = x.at[:5].set(0).astype(jnp.bfloat16)  # zero rows: all-zero tiles
+    q, s = quantize_tiles(x, axis, pow2, GRAD_AMAX_MIN, impl="interpret")
+    qr, sr = quantize_tiles(x, axis, pow2, GRAD_AMAX_MIN, impl="xla")
+    assert q.shape == qr.shape and s.shape == sr.shape
+    np.testing.assert_array_equal(np.asarray(q.view(jnp.uint8)), np.asarray(qr.view(jnp.uint8)))
+    np.testing.assert_array_equal(np.asarray(s), np.asarray(sr))
+    if pow2:
+        amax = np.abs(tiles_view(np.asarray(x.astype(jnp.float32)), axis)).max(-1)
+        expect = 2.0 ** np.ceil(np.log2(np_scales(amax, GRAD_AMAX_MIN)))
+        np.testing.assert_array_equal(np.moveaxis(np.asarray(s, np.float64), axis, -1), expect)
 
 
 # --- GEMM kernels vs numpy dequantize-then-matmul ------------------------------------------------------
@@ -271,6 +300,9 @@ def test_tpu_kernels_lower_for_tpu():
     qd, sd = quantize_tiles(jnp.zeros((512, 576)), 0)
     text = _lower(lambda *a: fp8_gmm_wgrad(*a, 4, impl="pallas", platform="tpu"), (qt, st, qd, sd, bg), "tpu")
     assert "tpu_custom_call" in text
+    for axis in (-1, 0):
+        text = _lower(lambda x: quantize_tiles(x, axis, impl="pallas", platform="tpu"), (jnp.zeros((512, 1024), jnp.bfloat16),), "tpu")
+        assert "tpu_custom_call" in text and "f8E4M3FN" in text
 
 
 TPU_COMPILE = """
@@ -289,6 +321,8 @@ for f, args in [
     (lambda *o: fp8_gmm(*o, impl="pallas", platform="tpu"), (*jax.eval_shape(quantize_tiles, a), *jax.eval_shape(quantize_blocks, g), bg)),
     (lambda *o: fp8_gmm_wgrad(*o, 4, impl="pallas", platform="tpu"),
      (*jax.eval_shape(lambda x: quantize_tiles(x, 0), a), *jax.eval_shape(lambda x: quantize_tiles(x, 0), a[:, :576]), bg)),
+    (lambda x: quantize_tiles(x, -1, impl="pallas", platform="tpu"), (jnp.zeros((300, 1000), jnp.bfloat16),)),
+    (lambda x: quantize_tiles(x, 0, True, impl="pallas", platform="tpu"), (jnp.zeros((1100, 640), jnp.bfloat16),)),
 ]:
     jax.jit(f).trace(*map(on, args)).lower().compile()
     print("compiled")
@@ -298,12 +332,13 @@ for f, args in [
 @pytest.mark.slow
 @pytest.mark.parametrize("topology", ["v5e:1x1", "v6e:1x1"])
 def test_tpu_kernels_compile_for_tpu(topology):
-    """Beyond lowering: libtpu's compiler (Mosaic included) accepts the kernels, on this CPU host."""
+    """Beyond lowering: libtpu's compiler (Mosaic included) accepts the GEMM and quantizer kernels
+    (e4m3 stores included), on this CPU host."""
     pytest.importorskip("libtpu", reason="libtpu has no wheel for this platform (the test extra installs it on Linux)")
     env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
     out = subprocess.run([sys.executable, "-c", TPU_COMPILE, topology], capture_output=True, text=True, env=env,
                          cwd=Path(__file__).parents[1], timeout=600)  # fmt: skip
-    assert out.returncode == 0 and out.stdout.split() == ["compiled"] * 3, out.stderr[-3000:]
+    assert out.returncode == 0 and out.stdout.split() == ["compiled"] * 5, out.stderr[-3000:]
 
 
 @pytest.mark.parametrize("kind,call", [("NVIDIA H100 80GB HBM3", "mosaic_gpu"), ("NVIDIA A100-SXM4-80GB", "__gpu$xla.gpu.triton")])
@@ -334,20 +369,24 @@ def _abstract_mesh(kind: str, platform: str, shape=(2, 1, 2, 2)):
     return AbstractMesh(shape, AXES, axis_types=(AxisType.Auto,) * 4, abstract_device=AbstractDevice(kind, 132, platform))
 
 
-@pytest.mark.parametrize("platform,kind,call", [("tpu", "TPU v5", "tpu_custom_call"), ("cuda", "NVIDIA H100", "custom_call @mosaic_gpu")])
-def test_fp8_linear_runs_its_kernels_per_shard_under_a_mesh(platform, kind, call):
+@pytest.mark.parametrize("platform,kind,call,quantizers", [("tpu", "TPU v5", 'name = "tpu_tile_body"', 'name = "_tpu_'),
+                                                             ("cuda", "NVIDIA H100", "custom_call @mosaic_gpu", None)])
+def test_fp8_linear_runs_its_kernels_per_shard_under_a_mesh(platform, kind, call, quantizers):
     """XLA cannot partition a Pallas call: under a 1x2x2x2 TPU / H100 mesh, ``auto`` runs all three
     GEMMs of the FP8 linear (forward, dgrad, wgrad) as kernels inside shard_map, and wgrad's
-    per-shard partial products are summed over ``expert`` and reduce-scattered over ``fsdp``."""
+    per-shard partial products are summed over ``expert`` and reduce-scattered over ``fsdp``. On TPU
+    the four activation / gradient quantizations (x, dy in 1x128; x, dy in 128x1) are kernels too."""
     mesh = _abstract_mesh(kind, "tpu" if platform == "tpu" else "gpu", (1, 2, 2, 2))
     x, w = jax.ShapeDtypeStruct((1024, 640), jnp.bfloat16), jax.ShapeDtypeStruct((640, 512), jnp.float32)
     f = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fp8_mod.fp8_matmul(x, w))), (0, 1))
     with jax.sharding.use_abstract_mesh(mesh):
         text = _lower(f, (x, w), platform)
         assert text.count(call) == 3 and "manual_computation" in text and "reduce_scatter" in text and "all_reduce" in text
+        assert quantizers is None or text.count(quantizers) == 4
         # 2 x 2 = 4 batch shards of 64 tokens: wgrad's 128-token tiles do not split, jnp instead (auto)
         text = _lower(f, (jax.ShapeDtypeStruct((256, 640), jnp.bfloat16), w), platform)
         assert text.count(call) == 2
+        assert quantizers is None or text.count(quantizers) == 2  # the 1x128 ones
         with pytest.raises(ValueError, match="2 tiles of 128 tokens do not split over the batch axes"):
             _lower(jax.grad(lambda x, w: jnp.sum(fp8_mod.fp8_matmul(x, w, "pallas")), (0, 1)),
                    (jax.ShapeDtypeStruct((256, 640), jnp.bfloat16), w), platform)  # fmt: skip
