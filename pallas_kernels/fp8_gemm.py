@@ -78,8 +78,21 @@ def tpu_mxu_dtype(interpret: bool):
     return jnp.float32 if interpret else jnp.bfloat16
 
 
+def lane(v, idx):
+    """Column ``idx`` (traced) of a [rows, 128] value as [rows, 1], by an exact one-hot select (no
+    dynamic lane slicing). The TPU kernels keep scales lane-dense this way: an [M, K/128] array
+    read as [M, 1] columns would be laid out padded to 128 lanes, 128x its size in HBM."""
+    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, v.shape, 1) == idx, v, 0.0), axis=1, keepdims=True)
+
+
+def sublane(v, idx):
+    """Row ``idx`` (traced) of an [8, cols] value as [1, cols] (8 rows: f32's sublane tile)."""
+    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, v.shape, 0) == idx, v, 0.0), axis=0, keepdims=True)
+
+
 def tpu_tile_body(a_ref, as_ref, b_ref, bs_ref, o_ref, acc_ref, *, mxu_dtype=jnp.bfloat16):
-    """One (tm, tn) output tile, one tk-deep step of the K grid axis = tk / 128 promotions."""
+    """One (tm, tn) output tile, one tk-deep step of the K grid axis = tk / 128 promotions. as_ref:
+    A's scales for 128 K blocks [tm, 128]; bs_ref: B's for 8 K blocks [8, tn] (``tpu_scales``)."""
     k = pl.program_id(2)
 
     @pl.when(k == 0)
@@ -87,14 +100,22 @@ def tpu_tile_body(a_ref, as_ref, b_ref, bs_ref, o_ref, acc_ref, *, mxu_dtype=jnp
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
     acc = acc_ref[...]
-    for j in range(as_ref.shape[0]):  # static: the 128-deep blocks inside this K step
-        ks = pl.ds(j * TILE, TILE)
-        acc = promote(acc, a_ref[:, ks], b_ref[ks, :], as_ref[j], bs_ref[j], mxu_dtype)
+    steps = a_ref.shape[1] // TILE  # static: the 128-deep blocks inside this K step
+    for j in range(steps):
+        ks, kb = pl.ds(j * TILE, TILE), k * steps + j
+        a_s, b_s = lane(as_ref[...], jax.lax.rem(kb, TILE)), sublane(bs_ref[...], jax.lax.rem(kb, 8))
+        acc = promote(acc, a_ref[:, ks], b_ref[ks, :], a_s, b_s, mxu_dtype)
     acc_ref[...] = acc
 
     @pl.when(k == pl.num_programs(2) - 1)
     def _():
         o_ref[...] = acc.astype(o_ref.dtype)
+
+
+def tpu_scales(a_scale, b_col_scales):
+    """A's [M, Kb] and B's per-column [..., Kb, N] scales padded for the blocks ``tpu_tile_body``
+    reads: A's K blocks to a multiple of 128 (lanes), B's to a multiple of 8 (sublanes)."""
+    return pad_to(a_scale, 1, TILE), pad_to(b_col_scales, -2, 8)
 
 
 def k_step(kb: int) -> int:
@@ -108,8 +129,8 @@ def fp8_gemm_tpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False
     s = k_step(k // TILE)
     tm, tn = min(tm, -(-m // 32) * 32), min(tn, -(-n // TILE) * TILE)  # e4m3 tiles are (32, 128)
     a, a_scale = pad_to(a, 0, tm), pad_to(a_scale, 0, tm)
-    bs = pad_to(column_scales(b_scale, n), 1, tn)
-    b = pad_to(b, 1, tn)
+    b, bs = pad_to(b, 1, tn), pad_to(column_scales(b_scale, n), 1, tn)
+    a_scale, bs = tpu_scales(a_scale, bs)
     mp, np_ = a.shape[0], b.shape[1]
     out = pl.pallas_call(
         functools.partial(tpu_tile_body, mxu_dtype=tpu_mxu_dtype(interpret)),
@@ -117,15 +138,15 @@ def fp8_gemm_tpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False
         grid=(mp // tm, np_ // tn, k // (s * TILE)),
         in_specs=[
             pl.BlockSpec((tm, s * TILE), lambda i, j, kk: (i, kk)),
-            pl.BlockSpec((s, tm, 1), lambda i, j, kk: (kk, i, 0)),  # a_s as [Kb, M, 1]: a column per block
+            pl.BlockSpec((tm, TILE), lambda i, j, kk: (i, jax.lax.div(kk * s, TILE))),  # scales of 128 K blocks
             pl.BlockSpec((s * TILE, tn), lambda i, j, kk: (kk, j)),
-            pl.BlockSpec((s, 1, tn), lambda i, j, kk: (kk, 0, j)),  # b_s as [Kb, 1, N]: a row per block
+            pl.BlockSpec((8, tn), lambda i, j, kk: (jax.lax.div(kk * s, 8), j)),  # of 8 K blocks
         ],
         out_specs=pl.BlockSpec((tm, tn), lambda i, j, kk: (i, j)),
         scratch_shapes=[pltpu.VMEM((tm, tn), jnp.float32)],
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(a, a_scale.T[:, :, None], b, bs[:, None, :])
+    )(a, a_scale, b, bs)
     return out[:m, :n]
 
 

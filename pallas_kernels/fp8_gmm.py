@@ -22,7 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.fp8_gemm import (GPU_PARAMS, MGPU_TM, MGPU_TN, OUT_DTYPES, column_scales, gpu_k_loop, k_step,
-                                     mgpu_kernel, mgpu_tile, promote, tpu_mxu_dtype, tpu_tile_body)
+                                     lane, mgpu_kernel, mgpu_tile, promote, sublane, tpu_mxu_dtype, tpu_scales,
+                                     tpu_tile_body)
 from pallas_kernels.platform import kernel_for, resolve_impl, target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
@@ -65,8 +66,8 @@ def fp8_gmm_tpu(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, int
     n = b.shape[2]
     s = k_step(k // TILE)
     tn = min(tn, -(-n // TILE) * TILE)
-    bs = pad_to(column_scales(b_scale, n), 2, tn)
-    b = pad_to(b, 2, tn)
+    b, bs = pad_to(b, 2, tn), pad_to(column_scales(b_scale, n), 2, tn)
+    a_scale, bs = tpu_scales(a_scale, bs)
     np_ = b.shape[2]
     sq = pl.Squeezed()
     out = pl.pallas_call(
@@ -77,37 +78,39 @@ def fp8_gmm_tpu(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, int
             grid=(r // TILE, np_ // tn, k // (s * TILE)),
             in_specs=[
                 pl.BlockSpec((TILE, s * TILE), lambda i, j, kk, grp: (i, kk)),
-                pl.BlockSpec((s, TILE, 1), lambda i, j, kk, grp: (kk, i, 0)),
+                pl.BlockSpec((TILE, TILE), lambda i, j, kk, grp: (i, jax.lax.div(kk * s, TILE))),
                 pl.BlockSpec((sq, s * TILE, tn), lambda i, j, kk, grp: (grp[i], kk, j)),
-                pl.BlockSpec((sq, s, 1, tn), lambda i, j, kk, grp: (grp[i], kk, 0, j)),
+                pl.BlockSpec((sq, 8, tn), lambda i, j, kk, grp: (grp[i], jax.lax.div(kk * s, 8), j)),
             ],
             out_specs=pl.BlockSpec((TILE, tn), lambda i, j, kk, grp: (i, j)),
             scratch_shapes=[pltpu.VMEM((TILE, tn), jnp.float32)],
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(block_group.astype(jnp.int32), a, a_scale.T[:, :, None], b, bs[:, :, None, :])
+    )(block_group.astype(jnp.int32), a, a_scale, b, bs)
     return out[:, :n]
 
 
 def _tpu_wgrad_body(grp_ref, at_ref, as_ref, b_ref, bs_ref, o_ref, *, mxu_dtype=jnp.bfloat16):
     """Grid (K, N, blocks): the output tile of the block's expert stays resident while the sorted
-    blocks of that expert stream past; zeroed at its first block."""
+    blocks of that expert stream past; zeroed at its first block. Block i's scales: column i % 128 of
+    A^T's [tk, 128] and row i % 8 of B's [8, tn] (lane-dense, as ``tpu_tile_body``'s)."""
     i = pl.program_id(2)
 
     @pl.when((i == 0) | (grp_ref[jnp.maximum(i - 1, 0)] != grp_ref[i]))
     def _():
         o_ref[...] = jnp.zeros_like(o_ref)
 
-    o_ref[...] = promote(o_ref[...], at_ref[...], b_ref[...], as_ref[...], bs_ref[...], mxu_dtype)
+    a_s, b_s = lane(as_ref[...], jax.lax.rem(i, TILE)), sublane(bs_ref[...], jax.lax.rem(i, 8))
+    o_ref[...] = promote(o_ref[...], at_ref[...], b_ref[...], a_s, b_s, mxu_dtype)
 
 
 def fp8_gmm_wgrad_tpu(a, a_scale, b, b_scale, block_group, num_groups: int, interpret=False, tk=256, tn=256):
     r, k = a.shape
     n = b.shape[1]
     tk, tn = min(tk, -(-k // TILE) * TILE), min(tn, -(-n // TILE) * TILE)
-    at, as_ = pad_to(a.T, 0, tk), pad_to(a_scale, 1, tk)  # A^T [Kp, R]: its 128x1 tiles become rows
-    b, bs = pad_to(b, 1, tn), pad_to(b_scale, 1, tn)
+    at, b = pad_to(a.T, 0, tk), pad_to(b, 1, tn)  # A^T [Kp, R]: its 128x1 tiles become rows
+    ast, bs = tpu_scales(pad_to(a_scale.T, 0, tk), pad_to(b_scale, 1, tn))  # A^T's scales [Kp, NB]
     kp, np_ = at.shape[0], b.shape[1]
     sq = pl.Squeezed()
     out = pl.pallas_call(
@@ -118,15 +121,15 @@ def fp8_gmm_wgrad_tpu(a, a_scale, b, b_scale, block_group, num_groups: int, inte
             grid=(kp // tk, np_ // tn, r // TILE),
             in_specs=[
                 pl.BlockSpec((tk, TILE), lambda kk, j, i, grp: (kk, i)),
-                pl.BlockSpec((sq, tk, 1), lambda kk, j, i, grp: (i, kk, 0)),  # a_s as [NB, K, 1]
+                pl.BlockSpec((tk, TILE), lambda kk, j, i, grp: (kk, jax.lax.div(i, TILE))),  # scales of 128 blocks
                 pl.BlockSpec((TILE, tn), lambda kk, j, i, grp: (i, j)),
-                pl.BlockSpec((sq, 1, tn), lambda kk, j, i, grp: (i, 0, j)),  # b_s as [NB, 1, N]
+                pl.BlockSpec((8, tn), lambda kk, j, i, grp: (jax.lax.div(i, 8), j)),  # of 8 blocks
             ],
             out_specs=pl.BlockSpec((sq, tk, tn), lambda kk, j, i, grp: (grp[i], kk, j)),
         ),
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=interpret,
-    )(block_group.astype(jnp.int32), at, as_[:, :, None], b, bs[:, None, :])
+    )(block_group.astype(jnp.int32), at, ast, b, bs)
     return out[:, :k, :n]
 
 

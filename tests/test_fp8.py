@@ -226,6 +226,31 @@ def test_fp8_grouped_gemms_match_dequantized(family):
         assert np.all(dw[2] == 0) and np.abs(dw - ref_w).max() <= 1e-5 * np.abs(ref_w).max()
 
 
+def test_tpu_kernels_pick_each_blocks_scales_past_128_blocks():
+    """The TPU kernels read scales lane-dense, 128 K blocks (or 128-row blocks) to a block and 8 to a
+    sublane tile, picking one per step: with 136 K blocks -- and a grouped wgrad over 136 row
+    blocks -- whose magnitudes span 1e-4 .. 1e4 block by block, a wrong pick shows in the outputs."""
+    rng = np.random.default_rng(11)
+    nb = 136
+    mag = lambda rows: np.repeat(10.0 ** rng.uniform(-4, 4, (rows, nb)), 128, axis=1)  # noqa: E731  [rows, nb * 128]
+    x, w = rng.standard_normal((128, nb * 128)) * mag(128), rng.standard_normal((nb * 128, 256)) * mag(256).T
+    qa, sa = quantize_tiles(jnp.asarray(x, jnp.float32))
+    qb, sb = quantize_blocks(jnp.asarray(np.stack([w, -w]), jnp.float32))
+    ref = dequantized(qa, sa, 1) @ dequantized(qb[0], sb[0])
+    y = np.asarray(fp8_gemm_tpu(qa, sa, qb[0], sb[0], jnp.float32, interpret=True), np.float64)
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    y = np.asarray(fgg.fp8_gmm_tpu(qa, sa, qb, sb, jnp.array([1]), jnp.float32, interpret=True), np.float64)
+    assert np.abs(y + ref).max() <= 1e-5 * np.abs(ref).max()  # expert 1 holds -w
+    block_group = np.repeat(np.arange(4), [30, 40, 0, 66])  # 136 row blocks, sorted by expert
+    qxt, sxt = quantize_tiles(jnp.asarray(rng.standard_normal((nb * 128, 128)) * mag(128).T, jnp.float32), 0)
+    qgt, sgt = quantize_tiles(jnp.asarray(rng.standard_normal((nb * 128, 256)) * mag(256).T, jnp.float32), 0)
+    parts = [dequantized(qxt, sxt, 0)[i * 128 : (i + 1) * 128].T @ dequantized(qgt, sgt, 0)[i * 128 : (i + 1) * 128]
+             for i in range(nb)]  # fmt: skip
+    ref_w = np.stack([sum((parts[i] for i in np.flatnonzero(block_group == e)), np.zeros((128, 256))) for e in range(4)])
+    dw = np.asarray(fgg.fp8_gmm_wgrad_tpu(qxt, sxt, qgt, sgt, jnp.asarray(block_group), 4, interpret=True))
+    assert np.abs(dw[[0, 1, 3]] - ref_w[[0, 1, 3]]).max() <= 1e-5 * np.abs(ref_w).max()
+
+
 # --- dispatch and bad input ----------------------------------------------------------------------
 
 
