@@ -133,8 +133,10 @@ def _tiles(x, axis: int, impl, pow2, amax_min=AMAX_MIN):
     m = x.shape[0]
     if axis % 2:
         tokens, what = m, f"{m} tokens"
-    else:  # whole 128-token tiles per shard (a shard's own padding would move the tiles)
-        tokens, what = (m // TILE, f"{m // TILE} tiles of 128 tokens") if m % TILE == 0 else (-1, f"{m} tokens (not whole 128-tiles)")
+    elif m % TILE == 0:  # whole 128-token tiles per shard (a shard's own padding would move the tiles)
+        tokens, what = m // TILE, f"{m // TILE} tiles of 128 tokens"
+    else:
+        tokens, what = -1, f"{m} tokens (not whole 128-token tiles)"
     if not _per_shard(impl, tokens, what):
         return quantize_tiles(x, axis, pow2, amax_min, "xla")
     rows = P(BATCH, None)

@@ -73,21 +73,19 @@ def fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16):
 
 
 def tpu_mxu_dtype(interpret: bool):
-    """The TPU kernels' MXU operand type: bf16 (exact for e4m3). Interpret mode on CPU uses fp32 -- the
-    same values, as XLA:CPU has no bf16 x bf16 -> fp32 dot for some operand layouts."""
+    """The TPU kernels' MXU operand type: bf16 (exact for e4m3). Interpret mode on CPU uses fp32, the
+    same values: XLA:CPU failed on the interpreted wgrad ("Unsupported element type for DotThunk:
+    BF16 x BF16 = F32") once its operands came from the interpreted quantizer."""
     return jnp.float32 if interpret else jnp.bfloat16
 
 
-def lane(v, idx):
-    """Column ``idx`` (traced) of a [rows, 128] value as [rows, 1], by an exact one-hot select (no
-    dynamic lane slicing). The TPU kernels keep scales lane-dense this way: an [M, K/128] array
-    read as [M, 1] columns would be laid out padded to 128 lanes, 128x its size in HBM."""
-    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, v.shape, 1) == idx, v, 0.0), axis=1, keepdims=True)
-
-
-def sublane(v, idx):
-    """Row ``idx`` (traced) of an [8, cols] value as [1, cols] (8 rows: f32's sublane tile)."""
-    return jnp.sum(jnp.where(jax.lax.broadcasted_iota(jnp.int32, v.shape, 0) == idx, v, 0.0), axis=0, keepdims=True)
+def pick(v, idx, axis: int):
+    """Entry ``idx`` (traced) along ``axis`` of a 2-D value, keeping the dim (size 1), by an exact
+    one-hot select rather than a dynamic slice. The TPU kernels read scales lane-dense and pick one
+    K block's this way: an [M, K/128] array read as [M, 1] columns would be laid out padded to 128
+    lanes, 128x its size in HBM."""
+    hit = jax.lax.broadcasted_iota(jnp.int32, v.shape, axis) == idx
+    return jnp.sum(jnp.where(hit, v, 0.0), axis=axis, keepdims=True)
 
 
 def tpu_tile_body(a_ref, as_ref, b_ref, bs_ref, o_ref, acc_ref, *, mxu_dtype=jnp.bfloat16):
@@ -99,11 +97,11 @@ def tpu_tile_body(a_ref, as_ref, b_ref, bs_ref, o_ref, acc_ref, *, mxu_dtype=jnp
     def _():
         acc_ref[...] = jnp.zeros_like(acc_ref)
 
-    acc = acc_ref[...]
+    acc, a_scales, b_scales = acc_ref[...], as_ref[...], bs_ref[...]
     steps = a_ref.shape[1] // TILE  # static: the 128-deep blocks inside this K step
     for j in range(steps):
         ks, kb = pl.ds(j * TILE, TILE), k * steps + j
-        a_s, b_s = lane(as_ref[...], jax.lax.rem(kb, TILE)), sublane(bs_ref[...], jax.lax.rem(kb, 8))
+        a_s, b_s = pick(a_scales, jax.lax.rem(kb, TILE), 1), pick(b_scales, jax.lax.rem(kb, 8), 0)
         acc = promote(acc, a_ref[:, ks], b_ref[ks, :], a_s, b_s, mxu_dtype)
     acc_ref[...] = acc
 

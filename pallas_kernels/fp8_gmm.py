@@ -22,8 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.fp8_gemm import (GPU_PARAMS, MGPU_TM, MGPU_TN, OUT_DTYPES, column_scales, gpu_k_loop, k_step,
-                                     lane, mgpu_kernel, mgpu_tile, promote, sublane, tpu_mxu_dtype, tpu_scales,
-                                     tpu_tile_body)
+                                     mgpu_kernel, mgpu_tile, pick, promote, tpu_mxu_dtype, tpu_scales, tpu_tile_body)
 from pallas_kernels.platform import kernel_for, resolve_impl, target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
@@ -101,7 +100,7 @@ def _tpu_wgrad_body(grp_ref, at_ref, as_ref, b_ref, bs_ref, o_ref, *, mxu_dtype=
     def _():
         o_ref[...] = jnp.zeros_like(o_ref)
 
-    a_s, b_s = lane(as_ref[...], jax.lax.rem(i, TILE)), sublane(bs_ref[...], jax.lax.rem(i, 8))
+    a_s, b_s = pick(as_ref[...], jax.lax.rem(i, TILE), 1), pick(bs_ref[...], jax.lax.rem(i, 8), 0)
     o_ref[...] = promote(o_ref[...], at_ref[...], b_ref[...], a_s, b_s, mxu_dtype)
 
 
