@@ -90,7 +90,17 @@ def gathered_blocks(w, axis: str, dim: int, pow2: bool = False):
     partial = jnp.zeros((*w.shape[:-2], block_count(rows * n_slices), w.shape[-1] // TILE), jnp.float32)
     s = scale_from_amax(jax.lax.pmax(partial.at[..., block, :].max(row_amax), axis), pow2)
     q = to_e4m3(w, jnp.repeat(s[..., block, :], TILE, axis=-1))
-    return pad_to(jax.lax.all_gather(q, axis, axis=q.ndim - 2, tiled=True), -2), s
+    return pad_to(gather_along(q, axis, -2), -2), s
+
+
+def gather_along(x, axis: str, dim: int):
+    """``all_gather(x, axis, axis=dim, tiled=True)`` gathered along a new leading dim and only then put
+    in place. Gathered in place along an inner dim, the TPU collective wants that dim outermost in x's
+    layout, and XLA obliges by copying the whole layer-stacked weight into that layout once per step:
+    another stacked fp32 weight per device, GiBs at V3's depth."""
+    dim %= x.ndim
+    pieces = jnp.moveaxis(jax.lax.all_gather(x, axis, axis=0, tiled=False), 0, dim)  # [..., n, x.shape[dim], ...]
+    return pieces.reshape(*x.shape[:dim], -1, *x.shape[dim + 1 :])
 
 
 def _varying(x) -> frozenset:
