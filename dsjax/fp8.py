@@ -6,7 +6,7 @@
 
 each promoted to fp32 every 128 elements of K (``pallas_kernels.fp8_gemm``). W is the fp32 master
 weight (quantized from it on every call, "online"); y and dx come out in x's dtype, dW in fp32.
-Under a mesh the kernels run per shard (``_gemm``); the quantizers are jnp, partitioned by XLA.
+Under a mesh the kernels run per shard (``_gemm``, ``_tiles``).
 ``fp8_dense_general`` is the ``nn.DenseGeneral`` that uses it: same parameter, init and axes.
 
 FP8 inference (``cfg.fp8_weights``) keeps W itself in e4m3 with one fp32 ``scale_inv`` per 128x128
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dsjax.sharding import BATCH
+from dsjax.sharding import BATCH, gather_along
 from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference
 from pallas_kernels.platform import auto_partitioned, requested_impl, resolve_impl
 from pallas_kernels.quant import (AMAX_MIN, E4M3, E4M3_MAX, GRAD_AMAX_MIN, TILE, dequantize_blocks, pad_to, quantize_blocks,
@@ -91,16 +91,6 @@ def gathered_blocks(w, axis: str, dim: int, pow2: bool = False):
     s = scale_from_amax(jax.lax.pmax(partial.at[..., block, :].max(row_amax), axis), pow2)
     q = to_e4m3(w, jnp.repeat(s[..., block, :], TILE, axis=-1))
     return pad_to(gather_along(q, axis, -2), -2), s
-
-
-def gather_along(x, axis: str, dim: int):
-    """``all_gather(x, axis, axis=dim, tiled=True)`` gathered along a new leading dim and only then put
-    in place. Gathered in place along an inner dim, the TPU collective wants that dim outermost in x's
-    layout, and XLA obliges by copying the whole layer-stacked weight into that layout once per step:
-    another stacked fp32 weight per device, GiBs at V3's depth."""
-    dim %= x.ndim
-    pieces = jnp.moveaxis(jax.lax.all_gather(x, axis, axis=0, tiled=False), 0, dim)  # [..., n, x.shape[dim], ...]
-    return pieces.reshape(*x.shape[:dim], -1, *x.shape[dim + 1 :])
 
 
 def _varying(x) -> frozenset:

@@ -129,6 +129,17 @@ def constrain(x, logical: tuple[str | None, ...]):
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec(logical)))
 
 
+def gather_along(x, axis: str, dim: int):
+    """``all_gather(x, axis, axis=dim, tiled=True)`` inside a shard_map (FSDP's weight gather), gathered
+    along a new leading dim and only then put in place. Gathered in place along an inner dim, the TPU
+    collective wants that dim outermost in x's layout, and XLA obliges by copying the whole
+    layer-stacked weight into that layout once per step: one more stacked weight per device, GiBs at
+    V3's depth (the routed experts' [E, H, I] slices of H)."""
+    dim %= x.ndim
+    pieces = jax.numpy.moveaxis(jax.lax.all_gather(x, axis, axis=0, tiled=False), 0, dim)  # [.., n, x.shape[dim], ..]
+    return pieces.reshape(*x.shape[:dim], -1, *x.shape[dim + 1 :])
+
+
 def put(tree, shardings_tree):
     """Host values -> global arrays with the given shardings (every process passes the whole value)."""
 
