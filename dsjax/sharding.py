@@ -21,6 +21,7 @@ import math
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 
@@ -131,12 +132,12 @@ def constrain(x, logical: tuple[str | None, ...]):
 
 def gather_along(x, axis: str, dim: int):
     """``all_gather(x, axis, axis=dim, tiled=True)`` inside a shard_map (FSDP's weight gather), gathered
-    along a new leading dim and only then put in place. Gathered in place along an inner dim, the TPU
-    collective wants that dim outermost in x's layout, and XLA obliges by copying the whole
-    layer-stacked weight into that layout once per step: one more stacked weight per device, GiBs at
-    V3's depth (the routed experts' [E, H, I] slices of H)."""
+    along a new leading dim and only then put in place. Gathered in place along an inner dim, the
+    TPU compiler gave the collective a layout with that dim outermost and met it by copying the
+    whole layer-stacked weight into that layout once per step, outside the layer loop: one more
+    stacked weight per device, 1.6 GiB per routed-expert matrix at V3's depth (bench/RESULTS.md)."""
     dim %= x.ndim
-    pieces = jax.numpy.moveaxis(jax.lax.all_gather(x, axis, axis=0, tiled=False), 0, dim)  # [.., n, x.shape[dim], ..]
+    pieces = jnp.moveaxis(jax.lax.all_gather(x, axis, axis=0, tiled=False), 0, dim)  # [.., n, x.shape[dim], ..]
     return pieces.reshape(*x.shape[:dim], -1, *x.shape[dim + 1 :])
 
 
