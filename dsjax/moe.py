@@ -131,7 +131,7 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
     fsdp = "fsdp" if fp8 is not None else None  # FP8: the grouped GEMMs gather the weights quantized
 
     def local(x, idx, w, w_gate, w_up, w_down):
-        if fsdp is None:  # FSDP: gather the weights' hidden dim
+        if fsdp is None:  # FSDP: gather the weights' hidden dim (in place: FP8's gather_along measured worse here)
             w_gate, w_up = (jax.lax.all_gather(a, "fsdp", axis=1, tiled=True) for a in (w_gate, w_up))
             w_down = jax.lax.all_gather(w_down, "fsdp", axis=2, tiled=True)
         t, k = idx.shape
