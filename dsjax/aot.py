@@ -34,13 +34,7 @@ GIB = 2**30
 
 def plan(cfg: Config, topology: str) -> dict:
     """Compiles the train step for ``topology`` (e.g. 'v5e:2x2', 'v5p:8x8x8'); returns the figures."""
-    from jax.experimental import topologies
-
-    try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology)
-    except Exception as e:  # no libtpu, or a name it does not know
-        raise ConfigError(f"--topology {topology!r}: {e} (the TPU compiler comes with pip install -e '.[tpu]')") from None
-    devices = topo.devices
+    devices = tpu_devices(topology)
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check(mesh, cfg.model, t.batch_size // t.microbatches)
@@ -84,6 +78,27 @@ def plan(cfg: Config, topology: str) -> dict:
         "compile_s": time.perf_counter() - start,
         "pallas_kernel_calls": lowered.as_text().count("tpu_custom_call"),  # Mosaic kernels in the step
     }  # fmt: skip
+
+
+def tpu_devices(topology: str) -> list:
+    """The devices of a TPU topology (e.g. 'v5e:1x1', 'v5p:8x8x8') to compile for, from a host without one."""
+    from jax.experimental import topologies
+
+    def devices(**kw):
+        return topologies.get_topology_desc(platform="tpu", topology_name=topology, **kw).devices
+
+    try:
+        return devices()
+    except Exception as e:  # no libtpu, or a name it does not know
+        error = e
+    # libtpu <= 0.0.48 (JAX 0.11) lays every slice out in 2x2 hosts: a smaller slice is one host of its own.
+    dims = topology.partition(":")[2].split("x")
+    if "chips_per_host_bounds" in str(error) and all(d.isdigit() for d in dims):
+        try:
+            return devices(chips_per_host_bounds=tuple(int(d) for d in dims + ["1"] * (3 - len(dims))))
+        except Exception as e:
+            error = e
+    raise ConfigError(f"--topology {topology!r}: {error} (the TPU compiler comes with pip install -e '.[tpu]')")
 
 
 def head(topology, devices, mesh, cfg: Config) -> dict:

@@ -232,6 +232,37 @@ def test_aot_planner_compiles_for_a_tpu_topology():
     assert "per chip: arguments" in out.stdout and "of 16 GiB HBM: fits" in out.stdout
 
 
+def test_tpu_topology_below_one_host_on_older_libtpu(monkeypatch):
+    """libtpu 0.0.48 (JAX 0.11) refuses a slice smaller than its default 2x2 host ('v5e:1x1');
+    tpu_devices then asks for that slice as one host. Other refusals are a ConfigError naming it."""
+    from jax.experimental import topologies
+
+    from dsjax.aot import tpu_devices
+
+    calls = []
+
+    class Topology:
+        devices = ["chip"]
+
+    def fake(platform, topology_name, **kw):  # what libtpu 0.0.48 answers
+        calls.append((topology_name, kw))
+        if topology_name.startswith("v9"):
+            raise RuntimeError("INVALID_ARGUMENT: Invalid TPU external name: TPU v9")
+        if not kw or topology_name == "v5e:4x4":  # 4x4 stands for a refusal the retry cannot mend
+            raise RuntimeError(f'Topology layout "{topology_name}" is not divisible by the given (or default) '
+                               'chips_per_host_bounds "2x2x1"')  # fmt: skip
+        return Topology()
+
+    monkeypatch.setattr(topologies, "get_topology_desc", fake)
+    assert tpu_devices("v5e:1x1") == ["chip"]
+    assert calls == [("v5e:1x1", {}), ("v5e:1x1", {"chips_per_host_bounds": (1, 1, 1)})]
+    assert tpu_devices("v5p:2x1x1") == ["chip"] and calls[-1][1] == {"chips_per_host_bounds": (2, 1, 1)}
+    with pytest.raises(ConfigError, match="'v9z:1x1'.*Invalid TPU external name"):
+        tpu_devices("v9z:1x1")
+    with pytest.raises(ConfigError, match="'v5e:4x4'.*not divisible"):
+        tpu_devices("v5e:4x4")
+
+
 @pytest.mark.slow
 def test_attention_kernel_runs_per_shard_under_a_mesh():
     """Pallas calls cannot be partitioned by XLA: under a mesh the flash kernel (interpret mode
