@@ -29,7 +29,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.platform import kernel_for, resolve_impl, target_platform
+from pallas_kernels.platform import forward_only, kernel_for, resolve_impl, target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
 OUT_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float32))
@@ -297,5 +297,6 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, impl: str = "auto",
     if impl == "xla":
         return fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype)
     kernel = {"mgpu": fp8_gemm_mgpu, "triton": fp8_gemm_gpu, "tpu": fp8_gemm_tpu}[kernel_for(platform)]
-    return kernel(a, a_scale, b, b_scale, out_dtype, interpret=impl == "interpret")
+    run = functools.partial(kernel, out_dtype=out_dtype, interpret=impl == "interpret")
+    return forward_only("fp8_gemm", run, a, a_scale, b, b_scale)
 

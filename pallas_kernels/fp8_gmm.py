@@ -23,7 +23,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.fp8_gemm import (GPU_PARAMS, MGPU_TM, MGPU_TN, OUT_DTYPES, column_scales, gpu_k_loop, k_step,
                                      mgpu_kernel, mgpu_tile, pick, promote, tpu_mxu_dtype, tpu_scales, tpu_tile_body)
-from pallas_kernels.platform import kernel_for, resolve_impl, target_platform
+from pallas_kernels.platform import forward_only, kernel_for, resolve_impl, target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
 # --- plain jnp references --------------------------------------------------------------------------
@@ -278,7 +278,8 @@ def fp8_gmm(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, impl="a
     if impl == "xla":
         return fp8_gmm_reference(a, a_scale, b, b_scale, block_group, out_dtype)
     kernel = {"mgpu": fp8_gmm_mgpu, "triton": fp8_gmm_gpu, "tpu": fp8_gmm_tpu}[kernel_for(platform)]
-    return kernel(a, a_scale, b, b_scale, block_group, out_dtype, interpret=impl == "interpret")
+    run = functools.partial(kernel, out_dtype=out_dtype, interpret=impl == "interpret")
+    return forward_only("fp8_gmm", run, a, a_scale, b, b_scale, block_group)
 
 
 def fp8_gmm_wgrad(a, a_scale, b, b_scale, block_group, num_groups: int, impl="auto", platform=None):
@@ -293,6 +294,7 @@ def fp8_gmm_wgrad(a, a_scale, b, b_scale, block_group, num_groups: int, impl="au
     if impl == "xla":
         return fp8_gmm_wgrad_reference(a, a_scale, b, b_scale, block_group, num_groups)
     kernel = {"mgpu": fp8_gmm_wgrad_mgpu, "triton": fp8_gmm_wgrad_gpu, "tpu": fp8_gmm_wgrad_tpu}[kernel_for(platform)]
-    out = kernel(a, a_scale, b, b_scale, block_group, num_groups, interpret=impl == "interpret")
+    run = functools.partial(kernel, num_groups=num_groups, interpret=impl == "interpret")
+    out = forward_only("fp8_gmm_wgrad", run, a, a_scale, b, b_scale, block_group)
     present = jnp.zeros(num_groups, bool).at[block_group].set(True)  # the TPU / Mosaic GPU kernels never write empty experts
     return jnp.where(present[:, None, None], out, 0.0)

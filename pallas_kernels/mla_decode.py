@@ -27,6 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.flash_mla import MASKED, _dot, _dot_nt, _params
+from pallas_kernels.platform import forward_only
 
 BACKENDS = ("tpu", "gpu", "interpret")
 DEFAULTS = {"tpu": (128, 128, 4), "gpu": (64, 64, 4), "interpret": (64, 64, 2)}  # block_m, block_t, num_splits; GPU untuned
@@ -105,7 +106,7 @@ def mla_decode(q_lat, q_pe, c_kv, k_pe, lengths, scale: float, *, backend: str =
     row = lambda d: pl.BlockSpec((None, block_m, d), lambda b, i, c: (b, i, 0))  # noqa: E731
     cache = lambda d: pl.BlockSpec((None, chunk, d), lambda b, i, c: (b, c, 0))  # noqa: E731
     part = lambda d: pl.BlockSpec((None, None, block_m, d), lambda b, i, c: (b, c, i, 0))  # noqa: E731
-    o, m, l = pl.pallas_call(
+    kernel = pl.pallas_call(
         functools.partial(_decode_kernel, scale=float(scale), block_t=block_t, num_keys=t),
         grid=(b, m_pad // block_m, num_splits),
         in_specs=[row(r), row(dr), cache(r), cache(dr), row(1)],
@@ -113,5 +114,6 @@ def mla_decode(q_lat, q_pe, c_kv, k_pe, lengths, scale: float, *, backend: str =
         out_shape=[jax.ShapeDtypeStruct((b, num_splits, m_pad, d), jnp.float32) for d in (r, 1, 1)],
         name="mla_decode",
         **_params(backend, 3, num_warps=8),  # GPU: a [block_m, 512] fp32 accumulator per program
-    )(q_lat, q_pe, c_kv, k_pe, lengths)
+    )
+    o, m, l = forward_only("mla_decode", kernel, q_lat, q_pe, c_kv, k_pe, lengths)
     return combine(o, m, l)[:, :rows].astype(c_kv.dtype)

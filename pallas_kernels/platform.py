@@ -68,3 +68,19 @@ def kernel_for(platform: str):
     if platform == "rocm" or (platform in ("gpu", "cuda") and not gpu_is_hopper()):
         return "triton"
     return "mgpu" if platform in ("gpu", "cuda") else "tpu"
+
+
+def forward_only(name: str, kernel, *args):
+    """``kernel(*args)``: a Pallas call that nothing differentiates (the FP8 GEMMs inside
+    ``dsjax.fp8``'s own custom_vjp, FP8 inference, latent decoding), wrapped so that dead-code
+    elimination drops it when its outputs go unused. JAX 0.11's DCE keeps every pallas_call, and Flax's
+    ``nn.scan`` refuses a layer body whose kept ops read the carry ("broadcasted variable has a data
+    dependency on the scan body"); a custom_vjp call is dropped whole. Its gradient is an error naming it."""
+
+    def no_gradient(*_):
+        raise TypeError(f"{name}: a Pallas kernel without a gradient rule was differentiated; use impl='xla' "
+                        "(the jnp reference) to differentiate through it")  # fmt: skip
+
+    call = jax.custom_vjp(kernel)
+    call.defvjp(lambda *a: (kernel(*a), None), no_gradient)
+    return call(*args)

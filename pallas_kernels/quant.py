@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.platform import kernel_for, resolve_impl, target_platform
+from pallas_kernels.platform import forward_only, kernel_for, resolve_impl, target_platform
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0  # largest finite e4m3fn value
@@ -67,7 +67,9 @@ def quantize_tiles(x, axis: int = -1, pow2: bool = False, amax_min: float = AMAX
     platform = platform or target_platform()
     impl = resolve_impl(impl, platform)
     if x.ndim == 2 and impl != "xla" and kernel_for(platform) == "tpu":
-        return quantize_tiles_tpu(x, axis % 2, pow2, amax_min, interpret=impl == "interpret")
+        interpret = impl == "interpret"
+        run = functools.partial(quantize_tiles_tpu, axis=axis % 2, pow2=pow2, amax_min=amax_min, interpret=interpret)
+        return forward_only("quantize_tiles", run, x)
     return quantize_tiles_reference(x, axis, pow2, amax_min)
 
 

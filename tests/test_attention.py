@@ -182,7 +182,8 @@ def test_kernels_lower_for_tpu_and_gpu(backend):
 def test_model_lowers_for_tpu_with_the_kernels():
     """attention_impl auto, compiled for a TPU from this CPU host (the compile-only path): training
     uses the flash kernels (forward, dQ, dK/dV per layer stack), decoding the latent decode kernel."""
-    cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=2"]).model  # 1 dense + 1 MoE stack
+    # 1 dense + 1 MoE stack; no MTP: JAX 0.11 keeps its unused forward kernel in the lowered module
+    cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=2", "model.num_nextn_predict_layers=0"]).model
     model, variables = Transformer(cfg), nn.meta.unbox(abstract_variables(cfg))
     tokens, step = jax.ShapeDtypeStruct((2, 300), jnp.int32), jax.ShapeDtypeStruct((2, 1), jnp.int32)
 
@@ -244,9 +245,10 @@ def test_model_gradients_interpret_equal_xla(tiny):
         assert_close(g / scale, w / scale, 1e-4)
 
 
-def test_decode_with_kernel_equals_decode_without(tiny):
+def test_decode_with_kernel_equals_decode_without(tiny, jax_0_11_dce):
     """Prefill of right-padded prompts (S > 1, causal over the cache), then single-token steps with
-    every row at its own position, through Transformer.decode: logits and cache equal."""
+    every row at its own position, through Transformer.decode: logits and cache equal. With JAX 0.11's
+    dead-code elimination, which keeps Pallas calls: nn.scan must still trace the kernel's layer body."""
     cfg, variables = tiny
     rng = np.random.default_rng(6)
     prompts = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 9)))
