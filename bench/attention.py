@@ -12,6 +12,9 @@
    per row at the last position: split-K kernel (``pallas_kernels.mla_decode``) vs the jnp
    reference; effective bandwidth = bytes of cache read / time (the acceptance shape: batch 64,
    context 4096, 128 heads).
+Each row also gives the output's relative error (``rel_err``: ||out - ref|| / ||ref||) against the jnp
+reference computed in fp32 on the same bf16 inputs, so a run on an accelerator checks the compiled
+kernels as it times them (bf16 rounding alone gives ~3e-3; ``matches_reference``: <= 1e-2).
 On CPU there is no compiled kernel: the kernel rows are Pallas interpret mode (a correctness path,
 timed only so the benchmark runs end to end; its speed means nothing). Prints JSON.
 """
@@ -47,6 +50,12 @@ def sig(x: float) -> float:
     return float(f"{x:.3g}")
 
 
+def rel_err(out, ref) -> float:
+    """||out - ref|| / ||ref|| in fp32, to 3 significant digits."""
+    out = out.astype(jnp.float32)
+    return sig(float(jnp.linalg.norm(out - ref) / jnp.linalg.norm(ref)))
+
+
 def prefill_fns(kernel_backend: str, on_gpu: bool):
     """name -> attention(q_nope, q_pe, k_nope, k_pe, v, segment_ids) -> [b, s, h, dv]."""
     scale = (DN + DR) ** -0.5
@@ -73,6 +82,8 @@ def prefill(b: int, s: int, h: int, kernel_backend: str, on_gpu: bool, repeats: 
     cot = jax.random.normal(ks[5], (b, s, h, DV), jnp.bfloat16)
     flops = 2 * b * h * s * s / 2 * (DN + DR + DV)  # causal half: q.k (192) and p.v (128)
     row = {"batch": b, "seq": s, "heads": h}
+    f32 = [x.astype(jnp.float32) for x in args[:5]]
+    ref = jax.jit(lambda *a: mla_attention_reference(*a, AttentionMask.causal(args[5]), (DN + DR) ** -0.5))(*f32)
     for name, fn in prefill_fns(kernel_backend, on_gpu).items():
         fwd = jax.jit(fn)
         fwd_bwd = jax.jit(lambda *a, fn=fn: jax.vjp(lambda *x: fn(*x, a[5]), *a[:5])[1](cot))
@@ -81,9 +92,11 @@ def prefill(b: int, s: int, h: int, kernel_backend: str, on_gpu: bool, repeats: 
         except Exception as e:  # e.g. cuDNN refusing a shape: report it, keep the others
             row[name] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
             continue
+        err = rel_err(fwd(*args), ref)
         row[name] = {
             "fwd_ms": round(f_ms, 3), "fwd_tflops": sig(flops / f_ms / 1e9),
             "fwd_bwd_ms": round(fb_ms, 3), "fwd_bwd_tflops": sig(3.5 * flops / fb_ms / 1e9),
+            "rel_err": err, "matches_reference": err <= 1e-2,
         }  # fmt: skip
     return row
 
@@ -101,9 +114,12 @@ def decode(b: int, t: int, h: int, kernel_backend: str, repeats: int) -> dict:
         "xla (jnp reference)": lambda ql, qp, c, kp: latent_attention_reference(ql, qp, c, kp, AttentionMask.cache(positions), scale),
     }  # fmt: skip
     row = {"batch": b, "context": t, "heads": h, "cache_bytes": cache_bytes}
+    f32 = [x.astype(jnp.float32) for x in (q_lat, q_pe, c_kv, k_pe)]
+    ref = jax.jit(lambda *a: latent_attention_reference(*a, AttentionMask.cache(positions), scale))(*f32)
     for name, fn in fns.items():
         ms = best_ms(jax.jit(fn), q_lat, q_pe, c_kv, k_pe, repeats=repeats)
-        row[name] = {"ms": round(ms, 4), "effective_GB_per_s": sig(cache_bytes / ms / 1e6)}
+        err = rel_err(jax.jit(fn)(q_lat, q_pe, c_kv, k_pe).reshape(ref.shape), ref)
+        row[name] = {"ms": round(ms, 4), "effective_GB_per_s": sig(cache_bytes / ms / 1e6), "rel_err": err, "matches_reference": err <= 1e-2}
     return row
 
 

@@ -119,6 +119,55 @@ def test_decode_equals_reference(s, t, block_t, splits, dtype):
     assert_close(got.reshape(want.shape), want, TOL[dtype])
 
 
+# -- the kernels compiled on this machine's accelerator (interpreted on CPU) ---------------------
+
+# On a TPU or GPU these run the real Mosaic / Triton kernels with the backend's default blocks
+# (`XLA_PYTHON_CLIENT_PREALLOCATE=false pytest tests/test_attention.py` on a lent GPU); the tests
+# above use small interpret-mode blocks that the compilers' tile rules do not all accept.
+ON_DEVICE = jax.default_backend() if jax.default_backend() in ("tpu", "gpu") else "interpret"
+
+
+def test_flash_on_this_backend_equals_reference_at_v3_head_dims():
+    """DeepSeek-V3 head dims (q/k 192 = 128 + 64, v 128), bf16, packed documents, a sequence that is
+    not a multiple of the default blocks: forward and all five gradients against jax.grad of the
+    jnp reference on the same bf16 inputs, computed in fp32."""
+    b, s, h = 1, 200, 2
+    args = expanded_inputs(11, b, s, h, dn=128, dr=64, dv=128, dtype=jnp.bfloat16)
+    seg = packed_segments(np.random.default_rng(11), b, s)
+    cot = jax.random.normal(jax.random.key(12), (b, s, h, 128), jnp.float32)
+    scale = 192**-0.5
+
+    def run(attend, *a):
+        return jax.value_and_grad(lambda *x: jnp.sum(attend(*x).astype(jnp.float32) * cot), argnums=range(5))(*a)
+
+    got_out = jax.jit(lambda *a: flash_mla(*a, seg, scale, backend=ON_DEVICE))(*args)
+    want_out = mla_attention_reference(*(x.astype(jnp.float32) for x in args), AttentionMask.causal(seg), scale)
+    assert got_out.dtype == jnp.bfloat16
+    assert_close(got_out, want_out, TOL[jnp.bfloat16])
+    _, got = jax.jit(lambda *a: run(lambda *x: flash_mla(*x, seg, scale, backend=ON_DEVICE), *a))(*args)
+    _, want = run(lambda *x: mla_attention_reference(*x, AttentionMask.causal(seg), scale), *(x.astype(jnp.float32) for x in args))
+    for name, g, w in zip(("q_nope", "q_pe", "k_nope", "k_pe", "v"), got, want):
+        assert g.shape == w.shape and g.dtype == jnp.bfloat16, name
+        rel = float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w))
+        assert rel <= 1e-2, f"{name}: relative error {rel:.3g}"  # bf16 rounding: ~3e-3
+
+
+def test_decode_on_this_backend_equals_reference_at_v3_latent_dims():
+    """Latent 512 + rope 64, 16 heads, bf16, one and three tokens per row at random positions in a
+    cache that is not a multiple of the default block, default blocks and splits."""
+    for s, t in ((1, 300), (3, 200)):
+        b, h = 2, 16
+        q_lat, q_pe, c_kv, k_pe = latent_inputs(t + s, b, s, t, h, r=512, dr=64, dtype=jnp.bfloat16)
+        positions = jnp.asarray(np.random.default_rng(t).integers(0, t, (b, s)))
+        lengths = jnp.broadcast_to((positions + 1)[:, :, None], (b, s, h)).reshape(b, s * h)
+        flat = lambda x: x.reshape(b, s * h, -1)  # noqa: E731
+        got = jax.jit(lambda *a: mla_decode(*a, 0.07, backend=ON_DEVICE))(flat(q_lat), flat(q_pe), c_kv, k_pe, lengths)
+        f32 = (x.astype(jnp.float32) for x in (q_lat, q_pe, c_kv, k_pe))
+        want = latent_attention_reference(*f32, AttentionMask.cache(positions), 0.07)
+        assert got.dtype == jnp.bfloat16
+        assert_close(got.reshape(want.shape), want, TOL[jnp.bfloat16])
+
+
 # -- dispatch (the model tests below run both dispatch functions both ways) ----------------------
 
 
