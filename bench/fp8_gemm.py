@@ -10,9 +10,10 @@ operands, so theirs is bf16 rounding, and ``matches_reference`` is ``rel_err <= 
 per-tensor dots show their own quantization's distance). A kernel that fails to compile or run is
 recorded with its error, the other rows still measured. Operands are quantized
 before timing (GEMM only); output bf16. M = 4096, (N, K) as in V3 (REFERENCE §7: DeepGEMM reaches
-1520 TFLOP/s at 4096 x 7168 x 16384 on H800).
+1520 TFLOP/s at 4096 x 7168 x 16384 on H800). ``--sweep`` adds a row per Mosaic GPU tile
+configuration (``mosaic_gpu_tn{N tile}_s{TMA ring depth}``): one run on a lent H100 tunes it.
 
-    python -m bench.fp8_gemm [--quick] [--impls pallas mosaic_gpu triton xla bf16_dot fp8_per_tensor_dot] [--repeats 10]
+    python -m bench.fp8_gemm [--quick] [--sweep] [--impls pallas mosaic_gpu triton xla bf16_dot fp8_per_tensor_dot] [--repeats 10]
 """
 
 import argparse
@@ -28,7 +29,8 @@ from pallas_kernels.quant import E4M3, quantize_blocks, quantize_tiles, scale_fr
 
 DEEPSEEK_NK = [(7168, 16384), (4096, 7168), (7168, 2048), (2112, 7168)]
 QUICK_NK = [(512, 1024), (256, 512)]  # CPU: exercise the script, not the hardware
-BLOCK_SCALED = ("pallas", "mosaic_gpu", "triton", "interpret", "xla")  # rows that must equal the jnp reference
+MGPU_SWEEP = {f"mosaic_gpu_tn{tn}_s{stages}": (tn, stages) for tn in (64, 128, 256) for stages in (2, 3, 4, 6)}
+BLOCK_SCALED = ("pallas", "mosaic_gpu", "triton", "interpret", "xla", *MGPU_SWEEP)  # rows that must equal the jnp reference
 
 
 def gemms(x, w):
@@ -46,7 +48,9 @@ def gemms(x, w):
         "xla": (jax.jit(lambda *o: fp8_gemm(*o, impl="xla")), (qa, sa, qb, sb)),
         "bf16_dot": (jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))),
         "fp8_per_tensor_dot": (jax.jit(per_tensor), (pa.astype(E4M3), pb.astype(E4M3), ta, tb)),
-    }
+        **{name: (jax.jit(lambda *o, tn=tn, st=st: fp8_gemm_mgpu(*o, tn=tn, stages=st)), (qa, sa, qb, sb))
+           for name, (tn, st) in MGPU_SWEEP.items()},
+    }  # fmt: skip
 
 
 def time_it(f, args, repeats: int) -> float:
@@ -64,12 +68,13 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="small shapes (M=256) for a CPU")
     ap.add_argument("--impls", nargs="+", default=None,
                     help="default: pallas (TPU/GPU), mosaic_gpu and triton (GPU), xla, bf16_dot, fp8_per_tensor_dot")
+    ap.add_argument("--sweep", action="store_true", help="also each Mosaic GPU tile configuration (MGPU_SWEEP)")
     ap.add_argument("--m", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=10)
     a = ap.parse_args(argv)
     backend = jax.default_backend()
     kernels = {"tpu": ["pallas"], "gpu": ["pallas", "mosaic_gpu", "triton"]}.get(backend, [])
-    impls = a.impls or kernels + ["xla", "bf16_dot", "fp8_per_tensor_dot"]
+    impls = (a.impls or kernels + ["xla", "bf16_dot", "fp8_per_tensor_dot"]) + (list(MGPU_SWEEP) if a.sweep else [])
     m = a.m or (256 if a.quick else 4096)
     rows = []
     for n, k in QUICK_NK if a.quick else DEEPSEEK_NK:

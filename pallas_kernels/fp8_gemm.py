@@ -11,8 +11,9 @@ Implementations side by side, one dispatch (``fp8_gemm``):
 - ``fp8_gemm_tpu``: Mosaic TPU kernel, grid (M, N, K) tiles, fp32 VMEM accumulator. Tiles are
   loaded as e4m3 (half the HBM bytes of bf16) and fed to the MXU as bf16 (exact for e4m3; v5e/v5p
   have no fp8 MXU and v6e runs fp8 at the bf16 rate).
-- ``fp8_gemm_mgpu``: Mosaic GPU kernel for Hopper: TMA-pipelined e4m3 tiles, one wgmma per 128-deep
-  block into a fresh fp32 accumulator, promoted in registers (DeepGEMM's scheme).
+- ``fp8_gemm_mgpu``: Mosaic GPU kernel for Hopper, warp-specialized: a TMA warpgroup streams e4m3
+  tiles and scales, two compute warpgroups run one wgmma per 128-deep block into a fresh fp32
+  accumulator and promote it in registers (DeepGEMM's scheme).
 - ``fp8_gemm_gpu``: Triton-backend Pallas kernel (GPUs without wgmma): e4m3 operands straight into
   ``tl.dot``, fp32 partial per K block, promoted in registers.
 ``impl``: ``auto`` (pallas on TPU/GPU, xla on CPU), ``pallas``, ``interpret`` (the backend's
@@ -150,7 +151,8 @@ def fp8_gemm_tpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False
 
 # --- GPU kernel (Mosaic GPU, Hopper wgmma) ---------------------------------------------------------
 
-MGPU_TM, MGPU_TN, MGPU_STAGES = 64, 128, 4  # one warpgroup per 64 x 128 tile; untuned (no GPU to tune on)
+MGPU_WG_M, MGPU_WGS = 64, 2  # rows per compute warpgroup (wgmma's M), compute warpgroups per CTA
+MGPU_TM, MGPU_TN, MGPU_STAGES = MGPU_WG_M * MGPU_WGS, 128, 4  # CTA tile, TMA ring depth; untuned (no GPU yet)
 
 
 def mgpu_swizzled(cols: int, dtype):
@@ -160,59 +162,74 @@ def mgpu_swizzled(cols: int, dtype):
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-def mgpu_tile(a_rows, bt_cols, scales, steps, first, o_smem, o_gmem):
-    """One (tm, tn) output tile on Hopper. Step j multiplies A's [tm, 128] and B^T's [tn, 128] column
-    blocks ``first + j`` (8-bit wgmma takes both operands K-major) into a fresh fp32 accumulator,
-    then promotes it: acc += part * s_a[:, None] * s_b[None, :], ``scales(j)`` giving the GMEM refs
-    of s_a [tm] and s_b [tn]. ``steps`` may be traced (the wgrad's expert has a dynamic block count)."""
-    tm, tn = o_smem.shape
+def mgpu_tile(a_rows, sa_rows, bt_cols, sb_cols, steps, first, o_gmem, stages=MGPU_STAGES):
+    """One (MGPU_TM, tn) output tile on Hopper, warp-specialized (DeepGEMM's scheme): a memory
+    warpgroup streams step j's operands by TMA into a ring of ``stages`` SMEM slots -- A's [TM, 128]
+    and B^T's [tn, 128] column blocks ``first + j`` (8-bit wgmma takes both K-major) and their
+    scales, rows ``first + j`` of s_a [Kb, TM] and s_b [Kb, tn] -- while two compute warpgroups,
+    64 rows each, multiply every 128-deep block into a fresh fp32 accumulator and promote it in
+    registers: acc += part * s_a[:, None] * s_b[None, :]. One warpgroup's promotion overlaps the
+    other's wgmma. ``steps`` may be traced (the wgrad's expert has a dynamic block count)."""
+    tn = bt_cols.shape[0]
+    wg = jax.lax.axis_index("wg")
+    wg_rows = pl.ds(wg * MGPU_WG_M, MGPU_WG_M)
     row, col = plgpu.Layout.WGMMA.reduce(1), plgpu.Layout.WGMMA.reduce(0)
 
-    def step(idx, a_smem, bt_smem, acc):
+    def step(_, a_smem, sa_smem, bt_smem, sb_smem, acc):
+        s_a = plgpu.load(sa_smem.at[0, wg_rows], layout=row, optimized=False)  # before the wgmma: its latency hides
+        s_b = plgpu.load(sb_smem.at[0], layout=col, optimized=False)
+
         def mma(part_ref):
-            plgpu.wgmma(part_ref, a_smem, bt_smem.T)
+            plgpu.wgmma(part_ref, a_smem.at[wg_rows], bt_smem.T)
             return part_ref[...]  # waits for the wgmma
 
-        part = pl.run_scoped(mma, plgpu.ACC((tm, tn), jnp.float32))
-        sa_ref, sb_ref = scales(idx[0])
-        s_a = plgpu.load(sa_ref, layout=row, optimized=False)
-        s_b = plgpu.load(sb_ref, layout=col, optimized=False)
-        return acc + part * jax.lax.broadcast_in_dim(s_a, (tm, tn), [0]) * jax.lax.broadcast_in_dim(s_b, (tm, tn), [1])
+        part = pl.run_scoped(mma, plgpu.ACC((MGPU_WG_M, tn), jnp.float32))
+        scale = jax.lax.broadcast_in_dim(s_a, part.shape, [0]) * jax.lax.broadcast_in_dim(s_b, part.shape, [1])
+        return acc + part * scale
 
-    spec = lambda rows: plgpu.BlockSpec((rows, TILE), lambda j: (0, first + j), transforms=mgpu_swizzled(TILE, E4M3))
-    acc = plgpu.emit_pipeline(
-        step, grid=(steps,), in_specs=[spec(tm), spec(tn)], max_concurrent_steps=MGPU_STAGES,
-        init_carry=plgpu.layout_cast(jnp.zeros((tm, tn), jnp.float32), plgpu.Layout.WGMMA),
-    )(a_rows, bt_cols)  # fmt: skip
-    o_smem[...] = acc.astype(o_smem.dtype)
-    plgpu.commit_smem()
-    plgpu.copy_smem_to_gmem(o_smem, o_gmem)
-    plgpu.wait_smem_to_gmem(0)
+    def scoped(o_smem):
+        def compute(pipeline):  # the compute warpgroups: the K loop, then the epilogue (registers -> SMEM -> TMA)
+            acc = pipeline(plgpu.layout_cast(jnp.zeros((MGPU_WG_M, tn), jnp.float32), plgpu.Layout.WGMMA))
+            o_smem[wg] = acc.astype(o_smem.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[wg_rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        operand = lambda rows: plgpu.BlockSpec((rows, TILE), lambda j: (0, first + j), transforms=mgpu_swizzled(TILE, E4M3))  # noqa: E731
+        scales = lambda cols: plgpu.BlockSpec((1, cols), lambda j: (first + j, 0))  # noqa: E731
+        plgpu.emit_pipeline_warp_specialized(
+            step, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=MGPU_WGS,
+            in_specs=[operand(MGPU_TM), scales(MGPU_TM), operand(tn), scales(tn)],
+            max_concurrent_steps=stages, compute_context=compute,
+        )(a_rows, sa_rows, bt_cols, sb_cols)  # fmt: skip
+
+    out_tile = plgpu.SMEM((MGPU_WGS, MGPU_WG_M, tn), o_gmem.dtype, transforms=mgpu_swizzled(tn, o_gmem.dtype))
+    pl.run_scoped(scoped, out_tile, collective_axes="wg")
 
 
 def mgpu_kernel(body, out_shape, out_dtype, grid, names, interpret):
-    """``plgpu.kernel`` over ``grid`` with an SMEM staging tile for the output; GPU interpret mode on CPU."""
-    tile = (MGPU_TM, MGPU_TN)
+    """``plgpu.kernel`` over ``grid``, 2 compute + 1 memory warpgroups per CTA. ``interpret``: True for
+    GPU interpret mode (on CPU), or its ``plgpu.InterpretGPUParams`` (``detect_races=True``: the tests)."""
     return plgpu.kernel(
         body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=grid, grid_names=names,
-        scratch_types=[plgpu.SMEM(tile, out_dtype, transforms=mgpu_swizzled(MGPU_TN, out_dtype))],
-        interpret=plgpu.InterpretGPUParams() if interpret else None,
+        num_threads=MGPU_WGS + 1, thread_name="wg",
+        interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
     )  # fmt: skip
 
 
-def fp8_gemm_mgpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False):
+def fp8_gemm_mgpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False, tn=MGPU_TN, stages=MGPU_STAGES):
     m, k = a.shape
     n = b.shape[1]
-    tm, tn = MGPU_TM, MGPU_TN
+    tm = MGPU_TM
     a, sa = pad_to(a, 0, tm), pad_to(a_scale, 0, tm).T  # a_s as [Kb, M]: a step's scales contiguous
     bt, sb = pad_to(b, 1, tn).T, pad_to(column_scales(b_scale, n), 1, tn)  # B^T [N, K]: K-major
     mp, np_ = a.shape[0], bt.shape[0]
 
-    def body(a_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem, o_smem):
+    def body(a_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem):
         rows = pl.ds(jax.lax.axis_index("m") * tm, tm)
         cols = pl.ds(jax.lax.axis_index("n") * tn, tn)
-        scales = lambda j: (sa_gmem.at[j, rows], sb_gmem.at[j, cols])
-        mgpu_tile(a_gmem.at[rows], bt_gmem.at[cols], scales, k // TILE, 0, o_smem, o_gmem.at[rows, cols])
+        mgpu_tile(a_gmem.at[rows], sa_gmem.at[:, rows], bt_gmem.at[cols], sb_gmem.at[:, cols], k // TILE, 0,
+                  o_gmem.at[rows, cols], stages)  # fmt: skip
 
     out = mgpu_kernel(body, (mp, np_), out_dtype, (mp // tm, np_ // tn), ("m", "n"), interpret)(a, sa, bt, sb)
     return out[:m, :n]

@@ -143,12 +143,12 @@ def fp8_gmm_mgpu(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, in
     sa, sb = a_scale.T, pad_to(column_scales(b_scale, n), 2, tn)  # [Kb, R], [G, Kb, N]
     np_ = bt.shape[1]
 
-    def body(grp_gmem, a_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem, o_smem):
+    def body(grp_gmem, a_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem):
         i = jax.lax.axis_index("m")
         g = grp_gmem[i * tm // TILE]  # the expert of this tile's 128-row block
         rows, cols = pl.ds(i * tm, tm), pl.ds(jax.lax.axis_index("n") * tn, tn)
-        scales = lambda j: (sa_gmem.at[j, rows], sb_gmem.at[g, j, cols])
-        mgpu_tile(a_gmem.at[rows], bt_gmem.at[g, cols], scales, k // TILE, 0, o_smem, o_gmem.at[rows, cols])
+        mgpu_tile(a_gmem.at[rows], sa_gmem.at[:, rows], bt_gmem.at[g, cols], sb_gmem.at[g, :, cols], k // TILE, 0,
+                  o_gmem.at[rows, cols])  # fmt: skip
 
     call = mgpu_kernel(body, (r, np_), out_dtype, (r // tm, np_ // tn), ("m", "n"), interpret)
     return call(block_group.astype(jnp.int32), a, sa, bt, sb)[:, :n]
@@ -165,15 +165,15 @@ def fp8_gmm_wgrad_mgpu(a, a_scale, b, b_scale, block_group, num_groups: int, int
     start = jnp.searchsorted(block_group, groups, side="left").astype(jnp.int32)
     count = jnp.searchsorted(block_group, groups, side="right").astype(jnp.int32) - start
 
-    def body(start_gmem, count_gmem, at_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem, o_smem):
+    def body(start_gmem, count_gmem, at_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem):
         g = jax.lax.axis_index("g")
         first, steps = start_gmem[g], count_gmem[g]
         rows, cols = pl.ds(jax.lax.axis_index("m") * tm, tm), pl.ds(jax.lax.axis_index("n") * tn, tn)
-        scales = lambda j: (sa_gmem.at[first + j, rows], sb_gmem.at[first + j, cols])
 
         @pl.when(steps > 0)  # an expert without rows is left unwritten (the dispatch zeroes it)
         def _():
-            mgpu_tile(at_gmem.at[rows], bt_gmem.at[cols], scales, steps, first, o_smem, o_gmem.at[g, rows, cols])
+            mgpu_tile(at_gmem.at[rows], sa_gmem.at[:, rows], bt_gmem.at[cols], sb_gmem.at[:, cols], steps, first,
+                      o_gmem.at[g, rows, cols])  # fmt: skip
 
     grid = (num_groups, kp // tm, np_ // tn)
     call = mgpu_kernel(body, (num_groups, kp, np_), jnp.float32, grid, ("g", "m", "n"), interpret)
