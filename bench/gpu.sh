@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# What a lent GPU machine checks, one phase per device call (each well inside its 10-minute limit);
+# logs and JSON land in $OUT (the device tool's return folder), else ./gpu_out.
+#
+#   bash bench/gpu.sh tests            # kernel tests compiled on the GPU (FP8 GEMMs, attention)
+#   bash bench/gpu.sh bench            # bench.fp8_gemm --sweep, bench.attention (timed + checked)
+#   bash bench/gpu.sh quality [key=value ...] --seeds 0 1 2   # FP8 vs fp32 training pairs (bench.fp8_train)
+#
+# The machine's python3 has JAX and the test tools but not grain (the data loader): `quality`
+# installs it from ./.whl, which a session fills beforehand (README, "Running on a GPU").
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-gpu_out}
+mkdir -p "$out"
+export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1  # several processes share the GPU
+py=${PYTHON:-python3}
+phase=${1:?usage: bash bench/gpu.sh tests|bench|quality [key=value ...] --seeds SEED...}
+shift
+{ date -u +%FT%TZ; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader; $py -c 'import jax; print(jax.__version__, jax.devices())'; } > "$out/device.txt" 2>&1
+
+case $phase in
+tests)
+  timeout 540 $py -m pytest -p no:cacheprovider -n 4 tests/test_fp8.py tests/test_attention.py 2>&1 | tee "$out/tests.log"
+  ;;
+bench)
+  timeout 360 $py -m bench.fp8_gemm --sweep > "$out/fp8_gemm.json" 2> "$out/fp8_gemm.err"
+  timeout 200 $py -m bench.attention > "$out/attention.json" 2> "$out/attention.err"
+  tail -c 3000 "$out/fp8_gemm.json"
+  ;;
+quality)
+  $py -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site
+  timeout 560 $py -m bench.fp8_train --jobs 3 --output-dir /tmp/fp8_train "$@" > "$out/fp8_train.json" 2> "$out/fp8_train.err"
+  for f in /tmp/fp8_train/*/metrics.jsonl; do  # each run's last validation, even if time ran out before the JSON
+    echo "$(basename "$(dirname "$f")") $(grep val_loss "$f" | tail -n 1)"
+  done | tee "$out/fp8_train_val.txt"
+  ;;
+*)
+  echo "unknown phase $phase: tests, bench or quality" >&2
+  exit 2
+  ;;
+esac
