@@ -18,6 +18,7 @@ configuration (``mosaic_gpu_tn{N tile}_s{TMA ring depth}``): one run on a lent H
 
 import argparse
 import json
+import sys
 import time
 
 import jax
@@ -99,6 +100,7 @@ def main(argv=None):
                 if "ms" in row[name]:
                     row[name]["vs_bf16_dot"] = round(row["bf16_dot"]["ms"] / row[name]["ms"], 3)
         rows.append(row)
+        print(json.dumps(row), file=sys.stderr, flush=True)  # each row as it lands, should the run be cut short
     print(json.dumps({"benchmark": "fp8_gemm", **environment(), "out_dtype": "bfloat16", "rows": rows}, indent=2))
 
 
