@@ -162,14 +162,16 @@ def mgpu_swizzled(cols: int, dtype):
     return plgpu.TilingTransform((8, swizzle * 8 // bits)), plgpu.SwizzleTransform(swizzle)
 
 
-def mgpu_tile(a_rows, sa_rows, bt_cols, sb_cols, steps, first, o_gmem, stages=MGPU_STAGES):
+def mgpu_tile(a_rows, sa_rows, bt_cols, sb_cols, steps, first, o_gmem, stages=MGPU_STAGES, b_blocks=False):
     """One (MGPU_TM, tn) output tile on Hopper, warp-specialized (DeepGEMM's scheme): a memory
     warpgroup streams step j's operands by TMA into a ring of ``stages`` SMEM slots -- A's [TM, 128]
     and B^T's [tn, 128] column blocks ``first + j`` (8-bit wgmma takes both K-major) and their
     scales, rows ``first + j`` of s_a [Kb, TM] and s_b [Kb, tn] -- while two compute warpgroups,
     64 rows each, multiply every 128-deep block into a fresh fp32 accumulator and promote it in
     registers: acc += part * s_a[:, None] * s_b[None, :]. One warpgroup's promotion overlaps the
-    other's wgmma. ``steps`` may be traced (the wgrad's expert has a dynamic block count)."""
+    other's wgmma. ``steps`` may be traced (the wgrad's expert has a dynamic block count).
+    ``b_blocks``: B has 128x128 block scales and the tile lies in one block column (tn <= 128), so
+    s_b is one number per step and the promotion one FMA per element: acc += part * (s_a s_b)[:, None]."""
     tn = bt_cols.shape[0]
     wg = jax.lax.axis_index("wg")
     wg_rows = pl.ds(wg * MGPU_WG_M, MGPU_WG_M)
@@ -177,15 +179,16 @@ def mgpu_tile(a_rows, sa_rows, bt_cols, sb_cols, steps, first, o_gmem, stages=MG
 
     def step(_, a_smem, sa_smem, bt_smem, sb_smem, acc):
         s_a = plgpu.load(sa_smem.at[0, wg_rows], layout=row, optimized=False)  # before the wgmma: its latency hides
-        s_b = plgpu.load(sb_smem.at[0], layout=col, optimized=False)
+        s_b = sb_smem[0, 0] if b_blocks else plgpu.load(sb_smem.at[0], layout=col, optimized=False)
 
         def mma(part_ref):
             plgpu.wgmma(part_ref, a_smem.at[wg_rows], bt_smem.T)
             return part_ref[...]  # waits for the wgmma
 
         part = pl.run_scoped(mma, plgpu.ACC((MGPU_WG_M, tn), jnp.float32))
-        scale = jax.lax.broadcast_in_dim(s_a, part.shape, [0]) * jax.lax.broadcast_in_dim(s_b, part.shape, [1])
-        return acc + part * scale
+        if b_blocks:
+            return acc + part * jax.lax.broadcast_in_dim(s_a * s_b, part.shape, [0])
+        return acc + part * jax.lax.broadcast_in_dim(s_a, part.shape, [0]) * jax.lax.broadcast_in_dim(s_b, part.shape, [1])
 
     def scoped(o_smem):
         def compute(pipeline):  # the compute warpgroups: the K loop, then the epilogue (registers -> SMEM -> TMA)
@@ -225,11 +228,13 @@ def fp8_gemm_mgpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=Fals
     bt, sb = pad_to(b, 1, tn).T, pad_to(column_scales(b_scale, n), 1, tn)  # B^T [N, K]: K-major
     mp, np_ = a.shape[0], bt.shape[0]
 
+    b_blocks = b_scale.shape[-1] != n and TILE % tn == 0
+
     def body(a_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem):
         rows = pl.ds(jax.lax.axis_index("m") * tm, tm)
         cols = pl.ds(jax.lax.axis_index("n") * tn, tn)
         mgpu_tile(a_gmem.at[rows], sa_gmem.at[:, rows], bt_gmem.at[cols], sb_gmem.at[:, cols], k // TILE, 0,
-                  o_gmem.at[rows, cols], stages)  # fmt: skip
+                  o_gmem.at[rows, cols], stages, b_blocks)  # fmt: skip
 
     out = mgpu_kernel(body, (mp, np_), out_dtype, (mp // tm, np_ // tn), ("m", "n"), interpret)(a, sa, bt, sb)
     return out[:m, :n]

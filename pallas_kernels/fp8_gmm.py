@@ -148,7 +148,7 @@ def fp8_gmm_mgpu(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, in
         g = grp_gmem[i * tm // TILE]  # the expert of this tile's 128-row block
         rows, cols = pl.ds(i * tm, tm), pl.ds(jax.lax.axis_index("n") * tn, tn)
         mgpu_tile(a_gmem.at[rows], sa_gmem.at[:, rows], bt_gmem.at[g, cols], sb_gmem.at[g, :, cols], k // TILE, 0,
-                  o_gmem.at[rows, cols])  # fmt: skip
+                  o_gmem.at[rows, cols], b_blocks=b_scale.shape[-1] != n and TILE % tn == 0)  # fmt: skip
 
     call = mgpu_kernel(body, (r, np_), out_dtype, (r // tm, np_ // tn), ("m", "n"), interpret)
     return call(block_group.astype(jnp.int32), a, sa, bt, sb)[:, :n]
