@@ -20,7 +20,7 @@ shift
 
 case $phase in
 tests)
-  timeout 540 $py -m pytest -p no:cacheprovider -n 4 tests/test_fp8.py tests/test_attention.py 2>&1 | tee "$out/tests.log"
+  timeout 540 $py -m pytest -p no:cacheprovider -n 4 -m accelerator tests/test_fp8.py tests/test_attention.py 2>&1 | tee "$out/tests.log"
   ;;
 bench)
   timeout 360 $py -m bench.fp8_gemm --sweep > "$out/fp8_gemm.json" 2> "$out/fp8_gemm.err"

@@ -122,11 +122,12 @@ def test_decode_equals_reference(s, t, block_t, splits, dtype):
 # -- the kernels compiled on this machine's accelerator (interpreted on CPU) ---------------------
 
 # On a TPU or GPU these run the real Mosaic / Triton kernels with the backend's default blocks
-# (`XLA_PYTHON_CLIENT_PREALLOCATE=false pytest tests/test_attention.py` on a lent GPU); the tests
+# (`XLA_PYTHON_CLIENT_PREALLOCATE=false pytest -m accelerator tests/test_attention.py` on a lent GPU); the tests
 # above use small interpret-mode blocks that the compilers' tile rules do not all accept.
 ON_DEVICE = jax.default_backend() if jax.default_backend() in ("tpu", "gpu") else "interpret"
 
 
+@pytest.mark.accelerator
 def test_flash_on_this_backend_equals_reference_at_v3_head_dims():
     """DeepSeek-V3 head dims (q/k 192 = 128 + 64, v 128), bf16, packed documents, a sequence that is
     not a multiple of the default blocks: forward and all five gradients against jax.grad of the
@@ -152,6 +153,7 @@ def test_flash_on_this_backend_equals_reference_at_v3_head_dims():
         assert rel <= 1e-2, f"{name}: relative error {rel:.3g}"  # bf16 rounding: ~3e-3
 
 
+@pytest.mark.accelerator
 def test_decode_on_this_backend_equals_reference_at_v3_latent_dims():
     """Latent 512 + rope 64, 16 heads, bf16, one and three tokens per row at random positions in a
     cache that is not a multiple of the default block, default blocks and splits."""

@@ -161,11 +161,13 @@ def dequantized(q, s, tiles_axis=None):
     return q * np.repeat(np.repeat(s, 128, -2), 128, -1)[..., : q.shape[-2], : q.shape[-1]]
 
 
-# Each kernel family runs compiled on its own hardware (on a lent GPU: `pytest tests/test_fp8.py`) and
-# in interpret mode elsewhere (Mosaic GPU's interpret mode checks wgmma's layouts and TMA too).
+# Each kernel family runs compiled on its own hardware (on a lent GPU: `pytest -m accelerator
+# tests/test_fp8.py`) and in interpret mode elsewhere (Mosaic GPU's interpret mode checks wgmma's
+# layouts and TMA too). The other tests assume the CPU backend (its 8 simulated devices for meshes).
 ON_TPU = jax.default_backend() == "tpu"
 ON_GPU = jax.default_backend() == "gpu"
 ON_HOPPER = ON_GPU and gpu_is_hopper()
+KERNEL_IMPL = "pallas" if ON_TPU or ON_GPU else "interpret"  # the dispatch's kernel on this machine
 KERNELS = {
     "reference": lambda *a: fp8_gemm_reference(*a),
     "tpu": lambda *a: fp8_gemm_tpu(*a, interpret=not ON_TPU),
@@ -174,6 +176,7 @@ KERNELS = {
 }
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("mkn", [(256, 512, 256), (100, 300, 200)], ids=["aligned", "ragged"])
 @pytest.mark.parametrize("b_tiles", ["blocks", "columns"])
@@ -208,6 +211,7 @@ GROUPED = {  # each kernel family's grouped GEMM and wgrad, compiled on its hard
 }
 
 
+@pytest.mark.accelerator
 @pytest.mark.parametrize("family", GROUPED)
 def test_fp8_grouped_gemms_match_dequantized(family):
     gmm, wgrad = GROUPED[family]
@@ -522,8 +526,9 @@ def cosine(a, b):
 DY_SCALES = pytest.mark.parametrize("dy_scale", [1.0, 1e-7], ids=["dy~1", "dy~1e-7"])
 
 
+@pytest.mark.accelerator
 @DY_SCALES
-@pytest.mark.parametrize("impl", ["xla", "interpret"])
+@pytest.mark.parametrize("impl", ["xla", KERNEL_IMPL])
 def test_fp8_linear_gradients_close_to_bf16(impl, dy_scale):
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(kx, (300, 200), jnp.bfloat16)
@@ -553,7 +558,7 @@ def test_fp8_grouped_matmul_gradients_close(dy_scale):
     np.testing.assert_allclose(gmm_fp8(x, w, sizes, "interpret"), y, rtol=1e-5, atol=1e-5)
 
 
-FSDP8 = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,))
+FSDP8 = jax.make_mesh((8,), ("fsdp",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices("cpu")[:8])
 
 
 @pytest.mark.parametrize("pow2", [False, True])
@@ -735,7 +740,8 @@ def test_fp8_linear_on_stored_weights_matches_dequantized_matmul():
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
-@pytest.mark.parametrize("impl", ["xla", "interpret"])
+@pytest.mark.accelerator
+@pytest.mark.parametrize("impl", ["xla", KERNEL_IMPL])
 @pytest.mark.parametrize("rows", [3, 300], ids=["decode_rows", "prefill_blocks"])
 def test_grouped_matmul_on_stored_experts_matches_dequantized(impl, rows):
     """Experts stored as Fp8Weight [g, K, N] (ragged K, N): few rows (<= groups) take the gathered-rows
