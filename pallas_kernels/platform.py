@@ -16,18 +16,39 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
-def gpu_is_hopper() -> bool:
-    """Whether the target GPU has wgmma (sm_90: H100 / H200 / H800 / H20 / GH200), from the mesh's
-    abstract device or the local GPU. With neither known (a CPU host), Hopper: V3's FP8 recipe's GPU."""
+HOPPER_KINDS = r"\bG?H(100|200|800|20)\b"  # sm_90: wgmma
+FP8_KINDS = HOPPER_KINDS + r"|\b(L4|L40S?|RTX (40|50)\d0( Ti)?|RTX \d+ Ada|G?B(100|200|300))\b"  # sm_89+: Ada, Hopper, Blackwell
+
+
+def _target_gpu() -> tuple[tuple[int, int] | None, str | None]:
+    """(compute capability, device kind) of the GPU compiled for: the mesh's abstract device (kind
+    only) or the local GPU; (None, None) with neither (a CPU host)."""
     device = jax.sharding.get_abstract_mesh().abstract_device
     if device is None and jax.default_backend() == "gpu":
-        capability = getattr(jax.devices()[0], "compute_capability", None)
-        if capability is not None:
-            return str(capability).split(".")[0] == "9"
         device = jax.devices()[0]
-    if device is None:
-        return True
-    return re.search(r"\b(G?H(100|200|800|20))\b", device.device_kind) is not None
+        try:
+            return tuple(int(c) for c in str(device.compute_capability).split(".")[:2]), device.device_kind
+        except (AttributeError, ValueError):  # no NVIDIA capability (e.g. ROCm's gfx names): go by the kind
+            pass
+    return None, device.device_kind if device is not None else None
+
+
+def gpu_is_hopper() -> bool:
+    """Whether the target GPU has wgmma (sm_90: H100 / H200 / H800 / H20 / GH200). With no GPU known
+    (a CPU host), Hopper: V3's FP8 recipe's GPU."""
+    capability, kind = _target_gpu()
+    if capability is not None:
+        return capability[0] == 9
+    return kind is None or re.search(HOPPER_KINDS, kind) is not None
+
+
+def gpu_has_fp8() -> bool:
+    """Whether the target GPU converts e4m3 (sm_89+: Ada, Hopper, Blackwell). Older ones (A100: sm_80)
+    cannot compile the FP8 kernels -- Triton aborts the process there -- so their ``auto`` is jnp."""
+    capability, kind = _target_gpu()
+    if capability is not None:
+        return capability >= (8, 9)
+    return kind is None or re.search(FP8_KINDS, kind) is not None
 
 
 def requested_impl(impl: str = "auto") -> str:
@@ -46,7 +67,7 @@ def auto_partitioned() -> bool:
 
 
 def resolve_impl(impl: str = "auto", platform: str | None = None, per_shard: bool = False) -> str:
-    """``requested_impl``, with ``auto`` -> pallas on TPU / GPU, xla elsewhere. Under a mesh XLA
+    """``requested_impl``, with ``auto`` -> pallas on TPU / FP8 GPUs, xla elsewhere. Under a mesh XLA
     partitions, a kernel needs a caller that runs it per shard (``per_shard``, as ``dsjax.fp8`` does);
     for anyone else ``auto`` is xla there and an explicit kernel is an error."""
     impl = requested_impl(impl)
@@ -55,10 +76,14 @@ def resolve_impl(impl: str = "auto", platform: str | None = None, per_shard: boo
     if partitioned and impl in ("pallas", "interpret"):
         raise ValueError(f"fp8 impl={impl!r}: under a multi-device mesh the FP8 Pallas kernels run per shard, "
                          "inside jax.shard_map (dsjax.fp8 does this); called directly, use 'xla' or 'auto'")  # fmt: skip
+    fp8_gpu = platform != "gpu" or gpu_has_fp8()
     if impl == "auto":
-        impl = "pallas" if platform in ("tpu", "gpu") and not partitioned else "xla"
+        impl = "pallas" if platform in ("tpu", "gpu") and fp8_gpu and not partitioned else "xla"
     if impl == "pallas" and platform not in ("tpu", "gpu"):
         raise ValueError(f"fp8 impl='pallas' needs a TPU or GPU, backend is {platform!r}: use 'interpret' or 'xla'")
+    if impl == "pallas" and not fp8_gpu:
+        raise ValueError(f"fp8 impl='pallas' needs a GPU with FP8 (compute capability >= 8.9: Ada, Hopper, Blackwell), "
+                         f"this one is {_target_gpu()[1]!r}: use 'xla' or 'auto'")  # fmt: skip
     return impl
 
 

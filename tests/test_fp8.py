@@ -313,14 +313,18 @@ def test_dispatch_picks_by_backend_and_env(monkeypatch):
     fp8_gemm(*ops)  # auto on CPU
     fp8_gemm(*ops, impl="auto", platform="tpu")
     fp8_gemm(*ops, impl="auto", platform="gpu")  # no GPU known: Hopper
-    for kind in ("NVIDIA H200", "NVIDIA A100-SXM4-80GB", "NVIDIA L40S"):  # wgmma only on Hopper
+    for kind in ("NVIDIA H200", "NVIDIA L40S", "NVIDIA GeForce RTX 4090"):  # wgmma only on Hopper
         with jax.sharding.use_abstract_mesh(_abstract_mesh(kind, "gpu", (1, 1, 1, 1))):
+            fp8_gemm(*ops, impl="pallas", platform="gpu")
+    with jax.sharding.use_abstract_mesh(_abstract_mesh("NVIDIA A100-SXM4-80GB", "gpu", (1, 1, 1, 1))):
+        fp8_gemm(*ops, impl="auto", platform="gpu")  # no e4m3 before sm_89: jnp
+        with pytest.raises(ValueError, match="needs a GPU with FP8 .*'NVIDIA A100-SXM4-80GB'"):
             fp8_gemm(*ops, impl="pallas", platform="gpu")
     fp8_gemm(*ops, impl="interpret")
     monkeypatch.setenv("DSJAX_FP8_IMPL", "xla")
     fp8_gemm(*ops, impl="pallas", platform="gpu")  # the env var wins over the config
     assert calls == ["xla", ("tpu", False), ("mosaic_gpu", False), ("mosaic_gpu", False), ("triton", False),
-                     ("triton", False), ("tpu", True), "xla"]  # fmt: skip
+                     ("triton", False), "xla", ("tpu", True), "xla"]  # fmt: skip
     monkeypatch.setenv("DSJAX_FP8_IMPL", "tritonn")
     with pytest.raises(ValueError, match="'tritonn'.*DSJAX_FP8_IMPL"):
         fp8_gemm(*ops)
@@ -410,10 +414,11 @@ def test_tpu_kernels_compile_for_tpu(topology):
     assert out.returncode == 0 and out.stdout.split() == ["compiled"] * 5, out.stderr[-3000:]
 
 
-@pytest.mark.parametrize("kind,call", [("NVIDIA H100 80GB HBM3", "mosaic_gpu"), ("NVIDIA A100-SXM4-80GB", "__gpu$xla.gpu.triton")])
+@pytest.mark.parametrize("kind,call", [("NVIDIA H100 80GB HBM3", "mosaic_gpu"), ("NVIDIA L4", "__gpu$xla.gpu.triton")])
 def test_gpu_kernels_lower_for_cuda(kind, call):
     """No GPU here: an abstract GPU gives the lowering its compute capability. Hopper gets the Mosaic
-    GPU kernels (their lowering checks the wgmma operand layouts), other GPUs the Triton ones."""
+    GPU kernels (their lowering checks the wgmma operand layouts), other FP8 GPUs (sm_89+: Ada,
+    Blackwell) the Triton ones. (Older GPUs have no e4m3: their ``auto`` is jnp, see the dispatch test.)"""
     qa, sa = quantize_tiles(jnp.zeros((512, 1024)))
     qb, sb = quantize_blocks(jnp.zeros((1024, 576)))
     bg = jnp.array([0, 1, 1, 3])
