@@ -27,9 +27,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from pallas_kernels.platform import gpu_big_shared_memory
+
 MASKED = float(jnp.finfo(jnp.float32).min)  # score of a masked (query, key) pair, as the reference
 BACKENDS = ("tpu", "gpu", "interpret")
 DEFAULT_BLOCKS = {"tpu": (128, 128), "gpu": (128, 64), "interpret": (64, 64)}  # (block_q, block_k); GPU untuned
+SMALL_SMEM_GPU_BLOCKS = (64, 64)  # ~99 KiB of shared memory (A10, L4, RTX): <= 89 KiB (tools/gpu_compile.py, L4)
 
 
 def _dot_nt(a, b):
@@ -271,7 +274,8 @@ def flash_mla(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, backe
     for (name, shape), x in zip(want.items(), (q_pe, k_nope, k_pe, v, segment_ids)):
         if x.shape != shape:
             raise ValueError(f"flash_mla: {name} has shape {x.shape}, expected {shape} (from q_nope {q_nope.shape})")
-    dq, dk = DEFAULT_BLOCKS[backend]
+    small_gpu = backend == "gpu" and not gpu_big_shared_memory()  # (128, 64)'s dK/dV kernel needs 201 KiB on an H100
+    dq, dk = SMALL_SMEM_GPU_BLOCKS if small_gpu else DEFAULT_BLOCKS[backend]
     block_q, block_k = block_q or _fit(dq, s, backend), block_k or _fit(dk, s, backend)
     check_blocks(backend, block_q, block_k)
 

@@ -27,10 +27,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.flash_mla import MASKED, _dot, _dot_nt, _params
-from pallas_kernels.platform import forward_only
+from pallas_kernels.platform import forward_only, gpu_big_shared_memory
 
 BACKENDS = ("tpu", "gpu", "interpret")
 DEFAULTS = {"tpu": (128, 128, 4), "gpu": (64, 64, 4), "interpret": (64, 64, 2)}  # block_m, block_t, num_splits; GPU untuned
+SMALL_SMEM_GPU = (32, 32, 4)  # ~99 KiB of shared memory (A10, L4, RTX): 74 KiB; (64, 64) takes 216 KiB on an H100
 
 
 def _decode_kernel(ql_ref, qp_ref, ckv_ref, kp_ref, len_ref, o_ref, m_ref, l_ref, *, scale, block_t, num_keys):
@@ -88,7 +89,7 @@ def mla_decode(q_lat, q_pe, c_kv, k_pe, lengths, scale: float, *, backend: str =
     for (name, shape), x in zip(want.items(), (q_pe, c_kv, k_pe, lengths)):
         if x.shape != shape:
             raise ValueError(f"mla_decode: {name} has shape {x.shape}, expected {shape} (from q_lat {q_lat.shape}, c_kv {c_kv.shape})")
-    dm, dt, dc = DEFAULTS[backend]
+    dm, dt, dc = SMALL_SMEM_GPU if backend == "gpu" and not gpu_big_shared_memory() else DEFAULTS[backend]
     floor = 16 if backend == "gpu" else 8
     block_m = block_m or max(floor, min(dm, pl.next_power_of_2(rows)))
     block_t = block_t or dt

@@ -51,6 +51,19 @@ def gpu_has_fp8() -> bool:
     return kind is None or re.search(FP8_KINDS, kind) is not None
 
 
+BIG_SMEM_KINDS = r"\b(G?H(100|200|800|20)|G?B(100|200|300)|A100|A800|A30)\b"
+
+
+def gpu_big_shared_memory() -> bool:
+    """Whether a block on the target GPU can use >= 160 KiB of shared memory (sm_80 / sm_87 / sm_90 /
+    sm_100: A100, A30, H100, B200) rather than ~99 KiB (sm_86 / sm_89 / sm_120: A10, L4, L40S, RTX).
+    With no GPU known (a CPU host), big: Hopper's."""
+    capability, kind = _target_gpu()
+    if capability is not None:
+        return capability in ((8, 0), (8, 7)) or capability[0] in (9, 10)
+    return kind is None or re.search(BIG_SMEM_KINDS, kind) is not None
+
+
 def requested_impl(impl: str = "auto") -> str:
     """``DSJAX_FP8_IMPL`` over ``impl`` (the config's ``fp8_impl``), checked."""
     impl = os.environ.get("DSJAX_FP8_IMPL") or impl

@@ -170,6 +170,30 @@ def test_decode_on_this_backend_equals_reference_at_v3_latent_dims():
         assert_close(got.reshape(want.shape), want, TOL[jnp.bfloat16])
 
 
+@pytest.mark.parametrize("kind,flash,decode", [("NVIDIA H100 80GB HBM3", (128, 64), (64, 64)),
+                                               ("NVIDIA A100-SXM4-80GB", (128, 64), (64, 64)),
+                                               ("NVIDIA L4", (64, 64), (32, 32))])  # fmt: skip
+def test_gpu_blocks_fit_the_gpus_shared_memory(monkeypatch, kind, flash, decode):
+    """The default GPU blocks follow the GPU's shared memory: (128, 64) flash blocks need 201 KiB in
+    the dK/dV kernel and (64, 64) decode blocks 216 KiB on an H100 (A100: 138 / 152 of 163 KiB), past
+    the ~99 KiB of an L4 / A10 / RTX, which get smaller ones (89 / 74 KiB; `tools/gpu_compile.py`
+    compiled them for all three without a GPU)."""
+    import pallas_kernels.flash_mla as flash_module
+    import pallas_kernels.mla_decode as decode_module
+
+    seen = []
+    monkeypatch.setattr(flash_module, "check_blocks", lambda backend, *blocks: seen.append(blocks))
+    monkeypatch.setattr(decode_module, "check_blocks", lambda backend, m, t, splits: seen.append((m, t)))
+    sds = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    device = AbstractDevice(device_kind=kind, num_cores=100, platform="gpu")
+    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+        jax.eval_shape(lambda *a: flash_mla(*a, 0.1, backend="gpu"), sds(1, 512, 2, 128), sds(1, 512, 2, 64),
+                       sds(1, 512, 2, 128), sds(1, 512, 64), sds(1, 512, 2, 128), sds(1, 512, dt=jnp.int32))  # fmt: skip
+        jax.eval_shape(lambda *a: mla_decode(*a, 0.1, backend="gpu"), sds(1, 128, 512), sds(1, 128, 64),
+                       sds(1, 1024, 512), sds(1, 1024, 64), sds(1, 128, dt=jnp.int32))  # fmt: skip
+    assert seen == [flash, decode]
+
+
 # -- dispatch (the model tests below run both dispatch functions both ways) ----------------------
 
 

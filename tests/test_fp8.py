@@ -330,6 +330,23 @@ def test_dispatch_picks_by_backend_and_env(monkeypatch):
         fp8_gemm(*ops)
 
 
+@pytest.mark.parametrize("kind,hopper,fp8,big_smem", [
+    ("NVIDIA H100 80GB HBM3", True, True, True), ("NVIDIA GH200 480GB", True, True, True),
+    ("NVIDIA B200", False, True, True), ("NVIDIA A100-SXM4-80GB", False, False, True),
+    ("NVIDIA A10", False, False, False), ("NVIDIA L4", False, True, False),
+    ("NVIDIA GeForce RTX 4090", False, True, False), ("Tesla T4", False, False, False),
+])  # fmt: skip
+def test_gpu_features_from_the_device_kind(kind, hopper, fp8, big_smem):
+    """Compiling for an abstract GPU (no local one) reads wgmma (sm_90), e4m3 (sm_89+) and >= 160 KiB
+    of shared memory per block (sm_80 / 87 / 90 / 100) from its kind; a CPU host assumes Hopper."""
+    from pallas_kernels.platform import gpu_big_shared_memory, gpu_has_fp8
+
+    with jax.sharding.use_abstract_mesh(_abstract_mesh(kind, "gpu", (1, 1, 1, 1))):
+        assert (gpu_is_hopper(), gpu_has_fp8(), gpu_big_shared_memory()) == (hopper, fp8, big_smem)
+    if jax.default_backend() == "cpu":
+        assert gpu_is_hopper() and gpu_has_fp8() and gpu_big_shared_memory()
+
+
 def test_bad_input_raises_clear_errors():
     qa, sa, qb, sb = _operands()
     with pytest.raises(ValueError, match="impl='mosaic'"):
