@@ -6,8 +6,8 @@
 
 Softmax in fp32; masked scores are finfo(f32).min. ``impl``: "xla" = the jnp reference, "pallas" =
 the kernel compiled for this backend (Mosaic on TPU, Triton on GPU), "interpret" = the kernel run
-by the Pallas interpreter (any backend: how CPU tests check it), "auto" = pallas on TPU / GPU, xla
-on CPU. Kernels: ``pallas_kernels.flash_mla`` (forward + backward), ``pallas_kernels.mla_decode``.
+by the Pallas interpreter (any backend: how CPU tests check it), "auto" = pallas on TPU / GPU
+(Ampere or newer), xla elsewhere. Kernels: ``pallas_kernels.flash_mla`` (forward + backward), ``pallas_kernels.mla_decode``.
 """
 
 import flax.struct
@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.sharding import BATCH, platform
+from pallas_kernels.platform import gpu_runs_triton
 
 IMPLS = ("auto", "xla", "pallas", "interpret")
 
@@ -80,10 +81,14 @@ def resolve_impl(impl: str) -> str:
     """"xla", "pallas" or "interpret" for this platform; ValueError naming a bad choice."""
     if impl not in IMPLS:
         raise ValueError(f"attention_impl must be one of {IMPLS}, got {impl!r}")
+    kernel_gpu = platform() != "gpu" or gpu_runs_triton()  # a T4 / V100 compiles no Triton kernel
     if impl == "auto":
-        return "pallas" if platform() in ("tpu", "gpu") else "xla"
+        return "pallas" if platform() in ("tpu", "gpu") and kernel_gpu else "xla"
     if impl == "pallas" and platform() not in ("tpu", "gpu"):
         raise ValueError(f"attention_impl='pallas' needs a TPU or GPU, this is {platform()!r}: use 'interpret' or 'xla'")
+    if impl == "pallas" and not kernel_gpu:
+        raise ValueError("attention_impl='pallas' needs an Ampere or newer GPU (sm_80+: its kernels are Triton's), "
+                         "this one is older: use 'xla' or 'auto'")  # fmt: skip
     return impl
 
 

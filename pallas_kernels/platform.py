@@ -51,6 +51,20 @@ def gpu_has_fp8() -> bool:
     return kind is None or re.search(FP8_KINDS, kind) is not None
 
 
+AMPERE_ON_KINDS = FP8_KINDS + r"|\b(A100|A800|A30|A40|A10G?|A16|A2|RTX A\d+|RTX 30\d0( Ti)?)\b"  # sm_80+
+
+
+def gpu_runs_triton() -> bool:
+    """Whether XLA compiles Triton kernels for the target GPU: an NVIDIA one from sm_80 (Ampere) on --
+    a T4 or V100 is refused ("Triton support is only enabled for Ampere GPUs") -- or a non-NVIDIA one."""
+    capability, kind = _target_gpu()
+    if capability is not None:
+        return capability >= (8, 0)
+    if kind is None or not re.search(r"NVIDIA|Tesla|Quadro", kind):
+        return True
+    return re.search(AMPERE_ON_KINDS, kind) is not None
+
+
 BIG_SMEM_KINDS = r"\b(G?H(100|200|800|20)|G?B(100|200|300)|A100|A800|A30)\b"
 
 

@@ -170,6 +170,18 @@ def test_decode_on_this_backend_equals_reference_at_v3_latent_dims():
         assert_close(got.reshape(want.shape), want, TOL[jnp.bfloat16])
 
 
+def test_attention_auto_skips_gpus_without_triton():
+    """XLA compiles no Triton kernel before sm_80 (a T4 -- Colab's -- or a V100): there ``auto`` is the
+    jnp path and ``pallas`` a named error, instead of a FAILED_PRECONDITION from the compiler."""
+    for kind, want in (("Tesla T4", "xla"), ("NVIDIA A10G", "pallas"), ("NVIDIA H100 80GB HBM3", "pallas")):
+        device = AbstractDevice(device_kind=kind, num_cores=40, platform="gpu")
+        with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
+            assert resolve_impl("auto") == want, kind
+            if want == "xla":
+                with pytest.raises(ValueError, match="needs an Ampere or newer GPU"):
+                    resolve_impl("pallas")
+
+
 @pytest.mark.parametrize("kind,flash,decode", [("NVIDIA H100 80GB HBM3", (128, 64), (64, 64)),
                                                ("NVIDIA A100-SXM4-80GB", (128, 64), (64, 64)),
                                                ("NVIDIA L4", (64, 64), (32, 32))])  # fmt: skip

@@ -330,21 +330,23 @@ def test_dispatch_picks_by_backend_and_env(monkeypatch):
         fp8_gemm(*ops)
 
 
-@pytest.mark.parametrize("kind,hopper,fp8,big_smem", [
-    ("NVIDIA H100 80GB HBM3", True, True, True), ("NVIDIA GH200 480GB", True, True, True),
-    ("NVIDIA B200", False, True, True), ("NVIDIA A100-SXM4-80GB", False, False, True),
-    ("NVIDIA A10", False, False, False), ("NVIDIA L4", False, True, False),
-    ("NVIDIA GeForce RTX 4090", False, True, False), ("Tesla T4", False, False, False),
+@pytest.mark.parametrize("kind,hopper,fp8,big_smem,triton", [
+    ("NVIDIA H100 80GB HBM3", True, True, True, True), ("NVIDIA GH200 480GB", True, True, True, True),
+    ("NVIDIA B200", False, True, True, True), ("NVIDIA A100-SXM4-80GB", False, False, True, True),
+    ("NVIDIA A10G", False, False, False, True), ("NVIDIA L4", False, True, False, True),
+    ("NVIDIA GeForce RTX 4090", False, True, False, True), ("Tesla T4", False, False, False, False),
+    ("Tesla V100-SXM2-16GB", False, False, False, False), ("AMD Instinct MI300X", False, False, False, True),
 ])  # fmt: skip
-def test_gpu_features_from_the_device_kind(kind, hopper, fp8, big_smem):
-    """Compiling for an abstract GPU (no local one) reads wgmma (sm_90), e4m3 (sm_89+) and >= 160 KiB
-    of shared memory per block (sm_80 / 87 / 90 / 100) from its kind; a CPU host assumes Hopper."""
-    from pallas_kernels.platform import gpu_big_shared_memory, gpu_has_fp8
+def test_gpu_features_from_the_device_kind(kind, hopper, fp8, big_smem, triton):
+    """Compiling for an abstract GPU (no local one) reads wgmma (sm_90), e4m3 (sm_89+), >= 160 KiB of
+    shared memory per block (sm_80 / 87 / 90 / 100) and Triton (sm_80+, as XLA allows it) from its
+    kind; a CPU host assumes Hopper."""
+    from pallas_kernels.platform import gpu_big_shared_memory, gpu_has_fp8, gpu_runs_triton
 
     with jax.sharding.use_abstract_mesh(_abstract_mesh(kind, "gpu", (1, 1, 1, 1))):
-        assert (gpu_is_hopper(), gpu_has_fp8(), gpu_big_shared_memory()) == (hopper, fp8, big_smem)
+        assert (gpu_is_hopper(), gpu_has_fp8(), gpu_big_shared_memory(), gpu_runs_triton()) == (hopper, fp8, big_smem, triton)
     if jax.default_backend() == "cpu":
-        assert gpu_is_hopper() and gpu_has_fp8() and gpu_big_shared_memory()
+        assert gpu_is_hopper() and gpu_has_fp8() and gpu_big_shared_memory() and gpu_runs_triton()
 
 
 def test_bad_input_raises_clear_errors():

@@ -10,7 +10,7 @@ through the dispatch (``impl="pallas"``), which refuses GPUs without e4m3 by nam
 
 Needs the CUDA plugin (``pip install "jax[cuda13]"``, ~4.5 GB; not in the test extra), no GPU:
 
-    python tools/gpu_compile.py [--gpus h100 a100 l4] > gpu_compile.json
+    python tools/gpu_compile.py [--gpus h100 a100 l4 t4] > gpu_compile.json
 """
 
 import argparse
@@ -28,6 +28,7 @@ GPUS = {
     "h100": ("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, 233472, 1.98, 84929347584, 3352320000000, 52428800),
     "a100": ("NVIDIA A100-SXM4-80GB", (8, 0), 108, 166912, 167936, 1.41, 85095874560, 2039000000000, 41943040),
     "l4": ("NVIDIA L4", (8, 9), 58, 101376, 102400, 2.04, 23580639232, 300000000000, 50331648),
+    "t4": ("Tesla T4", (7, 5), 40, 65536, 65536, 1.59, 15828320256, 320000000000, 4194304),
 }
 
 
