@@ -1,13 +1,17 @@
-"""Compile-only planning: will this training step fit on that TPU slice? No TPU needed.
+"""Compile-only planning: will this training step fit on that TPU slice or GPU? No TPU or GPU needed.
 
     python -m dsjax.aot --config configs/deepseek_v3_671b.yaml --topology v5p:8x8x8 \
         mesh.fsdp=64 mesh.expert=8 train.seq_len=4096 train.batch_size=512 model.remat=full
+    python -m dsjax.aot --config configs/tiny.yaml --topology h100:1 model.fp8=true
 
 AOT-compiles the real train step (``dsjax.trainer.make_train_step``, the same as ``train.py`` runs)
-for the topology's devices through ``jax.experimental.topologies`` (needs ``pip install -e
-".[tpu]"``: libtpu's compiler, run on this CPU host) and prints the per-chip memory the compiler
-plans -- arguments (parameters, optimizer state, batch), temporaries (activations, gradients,
-buffers), total against the chip's HBM -- and the compiled FLOPs per chip per step.
+for the topology's devices through ``jax.experimental.topologies`` and prints the per-chip memory
+the compiler plans -- arguments (parameters, optimizer state, batch), temporaries (activations,
+gradients, buffers), total against the chip's HBM -- and the compiled FLOPs per chip per step.
+TPU slices need libtpu's compiler (``pip install -e ".[tpu]"``); GPUs (``h100:N``, ``a100:N``,
+``l4:N``, ``t4:N``: N GPUs of one host) XLA's CUDA plugin (``pip install "jax[cuda13]"``), which
+compiles for a described GPU (``GPUS``) without one: the Triton kernels to the GPU's code, the Mosaic
+GPU kernels as far as lowering (their PTX is built when the program loads on the GPU).
 """
 
 from __future__ import annotations
@@ -27,14 +31,24 @@ from dsjax.flops import training_flops_per_token
 from dsjax.model import Transformer
 from dsjax.trainer import init_state, make_train_step, state_shardings
 
-# HBM per chip (GiB) by jax device_kind.
-HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32, "TPU7x": 192}
 GIB = 2**30
+# GPUs to compile for: name -> (device kind, compute capability, SMs, shared memory per block (opt-in)
+# and per SM, clock GHz, memory bytes, memory B/s, L2 bytes) -- what XLA's GpuTargetConfig describes.
+GPUS = {
+    "h100": ("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, 233472, 1.98, 84929347584, 3352320000000, 52428800),
+    "a100": ("NVIDIA A100-SXM4-80GB", (8, 0), 108, 166912, 167936, 1.41, 85095874560, 2039000000000, 41943040),
+    "l4": ("NVIDIA L4", (8, 9), 58, 101376, 102400, 2.04, 23580639232, 300000000000, 50331648),
+    "t4": ("Tesla T4", (7, 5), 40, 65536, 65536, 1.59, 15828320256, 320000000000, 4194304),
+}
+# HBM per chip (GiB) by jax device_kind.
+HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32, "TPU7x": 192,
+           **{g[0]: round(g[6] / GIB, 1) for g in GPUS.values()}}  # fmt: skip
+KERNEL_CALLS = ("@tpu_custom_call(", "@mosaic_gpu_v2(", "@__gpu$xla.gpu.triton(")  # Pallas kernels in lowered StableHLO
 
 
 def plan(cfg: Config, topology: str) -> dict:
     """Compiles the train step for ``topology`` (e.g. 'v5e:2x2', 'v5p:8x8x8'); returns the figures."""
-    devices = tpu_devices(topology)
+    devices = gpu_devices(topology) if topology.partition(":")[0] in GPUS else tpu_devices(topology)
     t = cfg.train
     mesh = sharding.make_mesh(cfg.mesh, devices)
     sharding.check(mesh, cfg.model, t.batch_size // t.microbatches)
@@ -62,7 +76,7 @@ def plan(cfg: Config, topology: str) -> dict:
                 "note": "the TPU compiler stopped: temporaries alone exceed HBM"}  # fmt: skip
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # none from XLA's GPU compiler
     kind = devices[0].device_kind
     args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
     out_new = mem.output_size_in_bytes - mem.alias_size_in_bytes  # donated state: outputs reuse inputs
@@ -76,7 +90,7 @@ def plan(cfg: Config, topology: str) -> dict:
         "compiled_flops_per_chip": float(cost.get("flops", float("nan"))),
         "model_flops_per_chip": training_flops_per_token(cfg.model, t.seq_len) * tokens_per_step / len(devices),
         "compile_s": time.perf_counter() - start,
-        "pallas_kernel_calls": lowered.as_text().count("tpu_custom_call"),  # Mosaic kernels in the step
+        "pallas_kernel_calls": sum(lowered.as_text().count(call) for call in KERNEL_CALLS),
     }  # fmt: skip
 
 
@@ -99,6 +113,38 @@ def tpu_devices(topology: str) -> list:
         except Exception as e:
             error = e
     raise ConfigError(f"--topology {topology!r}: {error} (the TPU compiler comes with pip install -e '.[tpu]')")
+
+
+def gpu_target_config(name: str) -> str:
+    """XLA's GpuTargetConfigProto (text) for one of ``GPUS``."""
+    kind, (major, minor), sms, smem_block, smem_sm, ghz, mem, bw, l2 = GPUS[name]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {smem_sm} threads_per_core_limit: 2048 core_count: {sms} fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {bw} l2_cache_size: {l2} clock_rate_ghz: {ghz} device_memory_size: {mem}
+  shared_memory_per_block_optin: {smem_block}
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+  registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA" dnn_version_info {{ major: 9 minor: 10 }} runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "{kind}"
+"""
+
+
+def gpu_devices(topology: str) -> list:
+    """The devices of ``name:N`` (N GPUs of one host, e.g. 'h100:8') to compile for, from a host without them."""
+    from jax.experimental import topologies
+
+    name, _, count = topology.partition(":")
+    if not (count or "1").isdigit():
+        raise ConfigError(f"--topology {topology!r}: a GPU topology is NAME:COUNT, e.g. h100:8 ({', '.join(GPUS)})")
+    try:
+        return topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(name),
+                                            topology=f"1x1x{count or 1}").devices  # fmt: skip
+    except Exception as e:  # no CUDA plugin, or it refuses
+        raise ConfigError(f"--topology {topology!r}: {type(e).__name__}: {e} (compiling for a GPU without one needs "
+                          "XLA's CUDA plugin: pip install 'jax[cuda13]')") from None  # fmt: skip
 
 
 def head(topology, devices, mesh, cfg: Config) -> dict:
@@ -124,17 +170,19 @@ def table(r: dict) -> str:
         f"            total {r['total_gib']:12.2f} GiB   of {hbm} HBM: {verdict}",
         f"  FLOPs per chip per step: analytic model {r['model_flops_per_chip']:.3e}; XLA cost analysis "
         f"{r['compiled_flops_per_chip']:.3e} (counts a layer-scan body once, Pallas kernels not at all)",
-        f"  Pallas (Mosaic) kernel calls in the step: {r['pallas_kernel_calls']}; compiled in {r['compile_s']:.0f} s",
+        f"  Pallas kernel calls in the step: {r['pallas_kernel_calls']}; compiled in {r['compile_s']:.0f} s",
     ])  # fmt: skip
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--topology", required=True, help="TPU topology, e.g. v5e:2x2, v5p:8x8x8, v6e:16x16")
+    ap.add_argument("--topology", required=True, help=f"TPU slice (v5e:2x2, v5p:8x8x8, v6e:16x16) or GPUs ({', '.join(GPUS)}: e.g. h100:8)")
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON line too")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. mesh.expert=8 model.remat=full")
     a = ap.parse_intermixed_args(argv)
+    if a.topology.partition(":")[0] in GPUS:  # a host without that GPU: its runtime stays down, its compiler is used
+        jax.config.update("jax_platforms", "cpu")
     try:
         r = plan(load_config(a.config, a.overrides), a.topology)
     except ConfigError as e:

@@ -263,6 +263,40 @@ def test_tpu_topology_below_one_host_on_older_libtpu(monkeypatch):
         tpu_devices("v5e:4x4")
 
 
+def test_gpu_topologies_ask_xla_for_a_described_gpu(monkeypatch):
+    """``--topology h100:8``: eight GPUs of one host, compiled for from their description (XLA's
+    GpuTargetConfig: compute capability, SMs, shared memory, memory) with no GPU present; without
+    XLA's CUDA plugin, or with a malformed name, a ConfigError that says what to do."""
+    from jax.experimental import topologies
+
+    from dsjax.aot import GPUS, HBM_GIB, gpu_devices
+
+    calls = []
+
+    class Topology:
+        devices = ["gpu"] * 8
+
+    def fake(platform, target_config, topology):
+        calls.append((platform, target_config, topology))
+        if "Tesla T4" in target_config:  # stands for a host without the CUDA plugin
+            raise NotImplementedError("topology not implemented for cuda")
+        return Topology()
+
+    monkeypatch.setattr(topologies, "get_topology_desc", fake)
+    assert gpu_devices("h100:8") == ["gpu"] * 8
+    platform, config, topology = calls[-1]
+    assert (platform, topology) == ("cuda", "1x1x8")
+    for field in ("major: 9 minor: 0", "core_count: 132", "shared_memory_per_block_optin: 232448",
+                  'device_description_str: "NVIDIA H100 80GB HBM3"'):  # fmt: skip
+        assert field in config
+    assert gpu_devices("l4")[0] == "gpu" and calls[-1][2] == "1x1x1" and "major: 8 minor: 9" in calls[-1][1]
+    with pytest.raises(ConfigError, match=r"'t4:1'.*not implemented for cuda.*pip install 'jax\[cuda13\]'"):
+        gpu_devices("t4:1")
+    with pytest.raises(ConfigError, match="NAME:COUNT"):
+        gpu_devices("h100:x8")
+    assert HBM_GIB["NVIDIA H100 80GB HBM3"] == 79.1 and set(GPUS) == {"h100", "a100", "l4", "t4"}
+
+
 @pytest.mark.slow
 def test_attention_kernel_runs_per_shard_under_a_mesh():
     """Pallas calls cannot be partitioned by XLA: under a mesh the flash kernel (interpret mode

@@ -8,7 +8,8 @@ Mosaic GPU kernels (Hopper's FP8 GEMMs) are lowered and embedded; their PTX is b
 program loads on the device, so here they are checked only as far as lowering. The FP8 GEMMs go
 through the dispatch (``impl="pallas"``), which refuses GPUs without e4m3 by name.
 
-Needs the CUDA plugin (``pip install "jax[cuda13]"``, ~4.5 GB; not in the test extra), no GPU:
+Needs the CUDA plugin (``pip install "jax[cuda13]"``, ~4.5 GB; not in the test extra), no GPU. The
+GPUs are ``dsjax.aot.GPUS`` (``python -m dsjax.aot --topology h100:1`` compiles a whole train step):
 
     python tools/gpu_compile.py [--gpus h100 a100 l4 t4] > gpu_compile.json
 """
@@ -22,33 +23,6 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-# name -> (device kind, compute capability, SMs, shared memory per block opt-in / per SM, clock GHz, HBM bytes, HBM B/s, L2 bytes)
-GPUS = {
-    "h100": ("NVIDIA H100 80GB HBM3", (9, 0), 132, 232448, 233472, 1.98, 84929347584, 3352320000000, 52428800),
-    "a100": ("NVIDIA A100-SXM4-80GB", (8, 0), 108, 166912, 167936, 1.41, 85095874560, 2039000000000, 41943040),
-    "l4": ("NVIDIA L4", (8, 9), 58, 101376, 102400, 2.04, 23580639232, 300000000000, 50331648),
-    "t4": ("Tesla T4", (7, 5), 40, 65536, 65536, 1.59, 15828320256, 320000000000, 4194304),
-}
-
-
-def target_config(name: str) -> str:
-    """The GpuTargetConfigProto text XLA compiles against."""
-    kind, (major, minor), sms, smem_block, smem_sm, ghz, mem, bw, l2 = GPUS[name]
-    return f"""gpu_device_info {{
-  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
-  shared_memory_per_core: {smem_sm} threads_per_core_limit: 2048 core_count: {sms} fpus_per_core: 128
-  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
-  memory_bandwidth: {bw} l2_cache_size: {l2} clock_rate_ghz: {ghz} device_memory_size: {mem}
-  shared_memory_per_block_optin: {smem_block}
-  cuda_compute_capability {{ major: {major} minor: {minor} }}
-  registers_per_core_limit: 65536 registers_per_block_limit: 65536
-}}
-platform_name: "CUDA"
-dnn_version_info {{ major: 9 minor: 10 }}
-runtime_version {{ major: 13 minor: 0 }}
-device_description_str: "{kind}"
-"""
 
 
 def cases():
@@ -89,11 +63,11 @@ KERNEL = re.compile(r"kCustomKernel .*?\] (\S+) grid: \[([\d, ]+)\] threads: \[(
 
 def compile_for(name: str, dump: Path) -> dict:
     import jax
-    from jax.experimental import topologies
     from jax.sharding import AbstractDevice, AbstractMesh, SingleDeviceSharding
 
-    topology = topologies.get_topology_desc(platform="cuda", target_config=target_config(name), topology="1x1x1")
-    on_target = SingleDeviceSharding(topology.devices[0])
+    from dsjax.aot import GPUS, gpu_devices
+
+    on_target = SingleDeviceSharding(gpu_devices(f"{name}:1")[0])
     kind, _, sms = GPUS[name][:3]
     results = {}
     for case, (f, shapes) in cases().items():
@@ -114,16 +88,17 @@ def compile_for(name: str, dump: Path) -> dict:
 
 
 def main():
+    dump = Path(tempfile.mkdtemp(prefix="gpu_compile_"))  # XLA's thunk sequences: each kernel's shared memory
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()  # before JAX starts
+    import jax
+
+    from bench.common import environment
+    from dsjax.aot import GPUS
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpus", nargs="+", choices=sorted(GPUS), default=sorted(GPUS))
     a = ap.parse_args()
-    dump = Path(tempfile.mkdtemp(prefix="gpu_compile_"))
-    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_dump_to={dump}".strip()
-    import jax
-
     jax.config.update("jax_platforms", "cpu")  # no GPU runtime: compile-only devices from the target configs
-    from bench.common import environment
-
     print(json.dumps({"tool": "gpu_compile", **environment(), **{g: compile_for(g, dump) for g in a.gpus}}, indent=2))
 
 
