@@ -16,8 +16,12 @@ def target_platform() -> str:
     return device.platform if device is not None else jax.default_backend()
 
 
+# What a GPU can do, read from its device kind where no local GPU gives its compute capability (an
+# abstract mesh's device: compiling for a GPU from a host without it).
 HOPPER_KINDS = r"\bG?H(100|200|800|20)\b"  # sm_90: wgmma
 FP8_KINDS = HOPPER_KINDS + r"|\b(L4|L40S?|RTX (40|50)\d0( Ti)?|RTX \d+ Ada|G?B(100|200|300))\b"  # sm_89+: Ada, Hopper, Blackwell
+AMPERE_ON_KINDS = FP8_KINDS + r"|\b(A100|A800|A30|A40|A10G?|A16|A2|RTX A\d+|RTX 30\d0( Ti)?)\b"  # sm_80+
+BIG_SMEM_KINDS = HOPPER_KINDS + r"|\b(G?B(100|200|300)|A100|A800|A30)\b"  # >= 160 KiB shared memory per block
 
 
 def _target_gpu() -> tuple[tuple[int, int] | None, str | None]:
@@ -51,9 +55,6 @@ def gpu_has_fp8() -> bool:
     return kind is None or re.search(FP8_KINDS, kind) is not None
 
 
-AMPERE_ON_KINDS = FP8_KINDS + r"|\b(A100|A800|A30|A40|A10G?|A16|A2|RTX A\d+|RTX 30\d0( Ti)?)\b"  # sm_80+
-
-
 def gpu_runs_triton() -> bool:
     """Whether XLA compiles Triton kernels for the target GPU: an NVIDIA one from sm_80 (Ampere) on --
     a T4 or V100 is refused ("Triton support is only enabled for Ampere GPUs") -- or a non-NVIDIA one."""
@@ -63,9 +64,6 @@ def gpu_runs_triton() -> bool:
     if kind is None or not re.search(r"NVIDIA|Tesla|Quadro", kind):
         return True
     return re.search(AMPERE_ON_KINDS, kind) is not None
-
-
-BIG_SMEM_KINDS = r"\b(G?H(100|200|800|20)|G?B(100|200|300)|A100|A800|A30)\b"
 
 
 def gpu_big_shared_memory() -> bool:
