@@ -50,6 +50,12 @@ def column_scales(b_scale, n: int):
     return jnp.repeat(b_scale, TILE, axis=-1)[..., :n]
 
 
+def mgpu_column_scales(b_scale, n: int, tn: int):
+    """B's scales for ``mgpu_tile``: per column, padded to whole ``tn`` tiles, and ``b_blocks``: whether
+    they are 128x128 block scales with every tile inside one block column (one number per K step)."""
+    return pad_to(column_scales(b_scale, n), -1, tn), b_scale.shape[-1] != n and TILE % tn == 0
+
+
 # --- plain jnp reference (the CPU fallback) -------------------------------------------------------
 
 
@@ -225,10 +231,8 @@ def fp8_gemm_mgpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=Fals
     n = b.shape[1]
     tm = MGPU_TM
     a, sa = pad_to(a, 0, tm), pad_to(a_scale, 0, tm).T  # a_s as [Kb, M]: a step's scales contiguous
-    bt, sb = pad_to(b, 1, tn).T, pad_to(column_scales(b_scale, n), 1, tn)  # B^T [N, K]: K-major
+    bt, (sb, b_blocks) = pad_to(b, 1, tn).T, mgpu_column_scales(b_scale, n, tn)  # B^T [N, K]: K-major
     mp, np_ = a.shape[0], bt.shape[0]
-
-    b_blocks = b_scale.shape[-1] != n and TILE % tn == 0
 
     def body(a_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem):
         rows = pl.ds(jax.lax.axis_index("m") * tm, tm)

@@ -22,7 +22,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.fp8_gemm import (GPU_PARAMS, MGPU_TM, MGPU_TN, OUT_DTYPES, column_scales, gpu_k_loop, k_step,
-                                     mgpu_kernel, mgpu_tile, pick, promote, tpu_mxu_dtype, tpu_scales, tpu_tile_body)
+                                     mgpu_column_scales, mgpu_kernel, mgpu_tile, pick, promote, tpu_mxu_dtype,
+                                     tpu_scales, tpu_tile_body)
 from pallas_kernels.platform import forward_only, kernel_for, resolve_impl, target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
@@ -140,7 +141,7 @@ def fp8_gmm_mgpu(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, in
     n = b.shape[2]
     tm, tn = MGPU_TM, MGPU_TN
     bt = pad_to(b, 2, tn).swapaxes(1, 2)  # B^T per expert [G, N, K]: K-major for the 8-bit wgmma
-    sa, sb = a_scale.T, pad_to(column_scales(b_scale, n), 2, tn)  # [Kb, R], [G, Kb, N]
+    sa, (sb, b_blocks) = a_scale.T, mgpu_column_scales(b_scale, n, tn)  # [Kb, R], [G, Kb, N]
     np_ = bt.shape[1]
 
     def body(grp_gmem, a_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem):
@@ -148,7 +149,7 @@ def fp8_gmm_mgpu(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, in
         g = grp_gmem[i * tm // TILE]  # the expert of this tile's 128-row block
         rows, cols = pl.ds(i * tm, tm), pl.ds(jax.lax.axis_index("n") * tn, tn)
         mgpu_tile(a_gmem.at[rows], sa_gmem.at[:, rows], bt_gmem.at[g, cols], sb_gmem.at[g, :, cols], k // TILE, 0,
-                  o_gmem.at[rows, cols], b_blocks=b_scale.shape[-1] != n and TILE % tn == 0)  # fmt: skip
+                  o_gmem.at[rows, cols], b_blocks=b_blocks)  # fmt: skip
 
     call = mgpu_kernel(body, (r, np_), out_dtype, (r // tm, np_ // tn), ("m", "n"), interpret)
     return call(block_group.astype(jnp.int32), a, sa, bt, sb)[:, :n]
