@@ -14,13 +14,21 @@ relative difference <= 0.5% (V3 reports < 0.25% at scale).
 everything up to STEP, so what a tiny run decides early (which experts win the routing) is the
 same in both, and the difference is what FP8 does to training from there on.
 
+Pairs pile up over many calls (a lent GPU's 10-minute calls, sessions on a CPU): ``--summarize DIR...``
+reads the runs already in those output directories, pairs them by seed, and prints the same report
+over all of them -- the mean with its standard error and 95% interval, the median, how many pairs
+meet the target, and about how many pairs would bound the mean inside it at this spread.
+
     python -m bench.fp8_train [--config configs/tiny.yaml] [--seeds 0 1 2] [--jobs 2] [--control]
                               [--branch-at STEP] [key=value ...]
+    python -m bench.fp8_train --summarize runs/fp8_train [more output dirs ...]
 """
 
 import argparse
 import contextlib
 import json
+import math
+import re
 import shutil
 import statistics
 import sys
@@ -30,10 +38,11 @@ from multiprocessing import get_context
 from pathlib import Path
 
 from bench.common import environment
-from dsjax.config import load_config
+from dsjax.config import ConfigError, apply_overrides, load_config
 
 
 VARIANTS = {"baseline": [], "fp8": ["model.fp8=true"], "control": ["train.microbatches=2"]}
+TARGET = 0.005  # issue 6: |final validation loss, FP8 vs baseline| <= 0.5% relative
 
 
 def run(config: str, output_dir: str, variant: str, seed: int, overrides: list[str], branch_at: int | None = None) -> dict:
@@ -48,8 +57,12 @@ def run(config: str, output_dir: str, variant: str, seed: int, overrides: list[s
     with contextlib.redirect_stdout(sys.stderr):  # the run's own log lines: stdout carries only the JSON
         last = train(cfg, resume=branch_at is not None, progress=False)
     minutes = (time.perf_counter() - t0) / 60
-    return {"seed": seed, "val_loss": last["val_loss"], "train_loss": last["loss"], "minutes": round(minutes, 2),
-            "steps": cfg.train.steps, "dtype": cfg.model.dtype, "fp8_impl": cfg.model.fp8_impl}  # fmt: skip
+    return record(cfg, last["val_loss"], last["loss"]) | {"minutes": round(minutes, 2)}
+
+
+def record(cfg, val_loss: float, train_loss: float) -> dict:
+    return {"seed": cfg.train.seed, "val_loss": val_loss, "train_loss": train_loss, "steps": cfg.train.steps,
+            "dtype": cfg.model.dtype, "fp8_impl": cfg.model.fp8_impl}  # fmt: skip
 
 
 def branch(source: Path, cfg, step: int) -> None:
@@ -68,6 +81,105 @@ def branch(source: Path, cfg, step: int) -> None:
     ckpt.save_config(cfg, dst)
 
 
+def collect(dirs: list[str]) -> tuple[dict, list[str]]:
+    """The finished runs under the output directories ``dirs`` as {(variant, seed): record}, and the
+    unfinished ones (their last validation before their own ``train.steps``) by directory.
+
+    Refused, naming the runs: one whose config lacks its variant's settings, runs whose configs
+    differ in anything but the seed, the names and the variants' own keys (pairs of different
+    experiments), and a variant of a seed finished twice with different losses (which one counts would
+    be a guess; a rerun that repeats its loss, as these deterministic runs do, counts once)."""
+    per_run = {"train.seed", "train.run_name", "train.output_dir", "train.keep_checkpoints"}
+    per_run |= {o.split("=")[0] for v in VARIANTS.values() for o in v}
+    done, where, unfinished, shared = {}, {}, [], None
+    for d in map(Path, dirs):
+        if not d.is_dir():
+            raise SystemExit(f"--summarize: {d} is not a directory")
+        for rd in sorted(d.iterdir()):
+            m = re.fullmatch(r"(baseline|fp8|control)_seed(\d+)", rd.name)
+            if not (m and (rd / "config.yaml").is_file()):
+                continue
+            try:
+                cfg = load_config(rd / "config.yaml")
+            except ConfigError as e:
+                raise SystemExit(f"--summarize: {rd}: {e}") from None
+            flat = flatten(cfg.to_dict())
+            if flat != flatten(apply_overrides(cfg.to_dict(), VARIANTS[m[1]])):
+                raise SystemExit(f"--summarize: {rd} is named {m[1]} but its config lacks {VARIANTS[m[1]]}")
+            rest = {k: v for k, v in flat.items() if k not in per_run}
+            if shared is None:
+                shared = (rd, rest)
+            elif rest != shared[1]:
+                keys = sorted(k for k in rest.keys() | shared[1].keys() if rest.get(k) != shared[1].get(k))
+                raise SystemExit(f"--summarize: {rd} and {shared[0]} are different experiments ({', '.join(keys)} differ)")
+            rows = metrics(rd)
+            evals, steps = [r for r in rows if "val_loss" in r], [r for r in rows if "loss" in r]
+            if not evals or evals[-1]["step"] != cfg.train.steps:
+                last = f"step {evals[-1]['step']}" if evals else "none yet"
+                unfinished.append(f"{rd} (last validation: {last}; train.steps={cfg.train.steps})")
+                continue
+            key, rec = (m[1], cfg.train.seed), record(cfg, evals[-1]["val_loss"], steps[-1]["loss"] if steps else None)
+            if key in where and done[key]["val_loss"] != rec["val_loss"]:
+                raise SystemExit(f"--summarize: {rd.name} finished in {where[key]} and in {rd} with different "
+                                 f"losses ({done[key]['val_loss']} vs {rec['val_loss']}); keep one of them")  # fmt: skip
+            where.setdefault(key, rd)
+            done.setdefault(key, rec)
+    return done, unfinished
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out |= flatten(v, f"{prefix}{k}.") if isinstance(v, dict) else {prefix + k: v}
+    return out
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """A run's metrics.jsonl rows, up to a line cut short by a run stopped mid-write."""
+    rows = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").is_file() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break
+    return rows
+
+
+def summary(rel: list[float]) -> dict:
+    """How well the pairs pin the mean relative difference: its standard error and 95% interval
+    (Student t), the median, the pairs within the target, and about how many pairs would put the
+    95% interval inside the target at this mean and spread (normal approximation)."""
+    n, mean = len(rel), statistics.fmean(rel)
+    out = {"pairs": n, "mean_relative_difference": round(mean, 5),
+           "median_relative_difference": round(statistics.median(rel), 5),
+           "pairs_within_target": sum(abs(r) <= TARGET for r in rel)}  # fmt: skip
+    if n > 1:
+        from scipy.stats import t
+
+        sd = statistics.stdev(rel)
+        se, half = sd / math.sqrt(n), t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+        out |= {"standard_error": round(se, 5), "interval_95": [round(mean - half, 5), round(mean + half, 5)],
+                "pairs_for_interval_inside_target": math.ceil((1.96 * sd / (TARGET - abs(mean))) ** 2)
+                if abs(mean) < TARGET else None}  # fmt: skip
+    return out
+
+
+def report(done: dict, header: dict) -> dict:
+    """FP8 (and control) against the baseline, over every seed that has both runs of a pair."""
+    base = {s: r for (v, s), r in sorted(done.items()) if v == "baseline"}
+    losses = [r["val_loss"] for r in base.values()]
+    out = {"benchmark": "fp8_train", **header, "baseline": list(base.values()),
+           "baseline_seed_spread": round(statistics.stdev(losses) / statistics.fmean(losses), 5) if len(losses) > 1 else None}  # fmt: skip
+    for v, name in (("fp8", "val_loss"), ("control", "control")):
+        seeds = sorted(s for w, s in done if w == v and s in base)
+        if not seeds:
+            continue
+        rel = [done[v, s]["val_loss"] / base[s]["val_loss"] - 1 for s in seeds]
+        out |= {v: [done[v, s] for s in seeds], f"{name}_relative_difference": [round(r, 5) for r in rel]}
+        out |= summary(rel) if v == "fp8" else {"control_summary": summary(rel)}
+    return out | {"target_abs_mean_relative_difference": TARGET}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", default="configs/tiny.yaml")
@@ -77,8 +189,16 @@ def main(argv=None):
     ap.add_argument("--control", action="store_true", help="per seed, also the baseline in two microbatches")
     ap.add_argument("--branch-at", type=int, metavar="STEP",
                     help="start the FP8 and control runs from the baseline's checkpoint at STEP")  # fmt: skip
+    ap.add_argument("--summarize", nargs="+", metavar="DIR", help="report the finished runs in these output dirs; run nothing")
     ap.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
     a = ap.parse_args(argv)
+    if a.summarize:
+        done, unfinished = collect(a.summarize)
+        if not any(v == "fp8" and ("baseline", s) in done for v, s in done):
+            raise SystemExit(f"--summarize: no finished baseline/fp8 pair in {' '.join(a.summarize)}; unfinished: {unfinished}")
+        out = report(done, {"date": environment()["date"], "summarized": a.summarize, "unfinished": unfinished})
+        print(json.dumps(out, indent=2))
+        return out
     variants = ["baseline", "fp8", *(["control"] if a.control else [])]
     overrides = a.overrides
     if a.branch_at is not None:  # checked before anything runs; the baselines keep every checkpoint
@@ -98,28 +218,7 @@ def main(argv=None):
                 done.update(zip([r[2:4] for r in phase], pool.map(run, *zip(*phase))))
         else:
             done.update({r[2:4]: run(*r) for r in phase})
-    by = {v: [done[v, seed] for seed in a.seeds] for v in variants}
-    base, fp8 = by["baseline"], by["fp8"]
-
-    def relative(runs):
-        return [(r["val_loss"] - b["val_loss"]) / b["val_loss"] for b, r in zip(base, runs)]
-
-    rel = relative(fp8)
-    losses = [b["val_loss"] for b in base]
-    out = {
-        "benchmark": "fp8_train",
-        **environment(),
-        "config": a.config, "overrides": a.overrides,
-        "baseline": base,
-        "fp8": fp8,
-        "val_loss_relative_difference": [round(r, 5) for r in rel],
-        "mean_relative_difference": round(statistics.fmean(rel), 5),
-        "baseline_seed_spread": round(statistics.stdev(losses) / statistics.fmean(losses), 5) if len(losses) > 1 else None,
-        **({"control": by["control"], "control_relative_difference": [round(r, 5) for r in relative(by["control"])]}
-           if a.control else {}),
-        "branch_at": a.branch_at,
-        "target_abs_mean_relative_difference": 0.005,
-    }  # fmt: skip
+    out = report(done, {**environment(), "config": a.config, "overrides": a.overrides, "branch_at": a.branch_at})
     print(json.dumps(out, indent=2))
     return out
 

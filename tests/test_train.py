@@ -429,3 +429,66 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     _, a = ckpt.restore_model(tmp_path / "killed", step=steps)
     _, b = ckpt.restore_model(tmp_path / "whole", step=steps)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def _fake_run(out: Path, variant: str, seed: int, final: float, done=300, extra=(), cut=False):
+    """A finished-looking bench.fp8_train run: its saved config and metrics rows (no training)."""
+    from bench.fp8_train import VARIANTS
+
+    cfg = load_config(TINY, [*extra, *VARIANTS[variant], f"train.seed={seed}", f"train.run_name={variant}_seed{seed}",
+                             f"train.output_dir={out}", "train.steps=300"])  # fmt: skip
+    ckpt.save_config(cfg, out / f"{variant}_seed{seed}")
+    rows = [{"step": s, "loss": 9.0} for s in (10, 20)]
+    rows += [{"step": s, "val_loss": final if s == done else 2.5} for s in range(100, done + 1, 100)]
+    text = "".join(json.dumps(r) + "\n" for r in rows) + ('{"step": 310, "lo' if cut else "")
+    (out / f"{variant}_seed{seed}" / "metrics.jsonl").write_text(text)
+
+
+def test_fp8_quality_summary_pools_pairs_across_output_dirs(tmp_path):
+    """`bench.fp8_train --summarize`: pairs by seed over several output dirs, unfinished runs set
+    aside, a repeated run counted once; mean, standard error and the t-interval against numpy and
+    the tabulated t quantile (df 4: 2.7764), and the pairs that bound the mean inside 0.5%."""
+    from bench.fp8_train import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    base = [2.0, 1.9, 1.95, 2.05, 1.98]
+    fp8 = [2.01, 1.88, 1.97, 2.05, 2.02]
+    for s in range(5):
+        _fake_run(a if s < 3 else b, "baseline", s, base[s])
+        _fake_run(a if s % 2 else b, "fp8", s, fp8[s], cut=s == 4)
+    _fake_run(b, "baseline", 1, base[1])  # a rerun, same result: counted once
+    _fake_run(b, "fp8", 7, 2.2, done=200)  # stopped at step 200: unfinished, not paired
+    out = main(["--summarize", str(a), str(b)])
+    rel = np.array(fp8) / np.array(base) - 1
+    assert out["pairs"] == 5 and [r["seed"] for r in out["fp8"]] == [0, 1, 2, 3, 4]
+    np.testing.assert_allclose(out["val_loss_relative_difference"], rel, atol=1e-5)
+    np.testing.assert_allclose(out["mean_relative_difference"], rel.mean(), atol=1e-5)
+    se = rel.std(ddof=1) / math.sqrt(5)
+    np.testing.assert_allclose(out["standard_error"], se, atol=1e-5)
+    np.testing.assert_allclose(out["interval_95"], [rel.mean() - 2.7764 * se, rel.mean() + 2.7764 * se], atol=1e-5)
+    assert out["pairs_within_target"] == int((np.abs(rel) <= 0.005).sum())
+    need = (1.96 * rel.std(ddof=1) / (0.005 - abs(rel.mean()))) ** 2
+    assert out["pairs_for_interval_inside_target"] == math.ceil(need)
+    assert len(out["unfinished"]) == 1 and "fp8_seed7" in out["unfinished"][0] and "step 200" in out["unfinished"][0]
+    assert "control" not in out
+
+
+@pytest.mark.parametrize("case", ["rerun differs", "other experiment", "mislabeled"])
+def test_fp8_quality_summary_refuses_runs_it_cannot_pair(tmp_path, case):
+    from bench.fp8_train import main
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    _fake_run(a, "baseline", 0, 2.0)
+    _fake_run(a, "fp8", 0, 2.01)
+    if case == "rerun differs":
+        _fake_run(b, "fp8", 0, 2.02)
+        match = "fp8_seed0 finished in .* with different losses"
+    elif case == "other experiment":
+        _fake_run(b, "fp8", 1, 2.02, extra=["train.learning_rate=0.001"])
+        match = "different experiments \\(train.learning_rate differ\\)"
+    else:
+        _fake_run(b, "baseline", 1, 2.02)
+        (b / "baseline_seed1").rename(b / "fp8_seed1")
+        match = "named fp8 but its config lacks"
+    with pytest.raises(SystemExit, match=match):
+        main(["--summarize", str(a), str(b)])
