@@ -12,7 +12,8 @@ relative difference <= 0.5% (V3 reports < 0.25% at scale).
 ``--branch-at STEP`` starts the FP8 (and control) runs from the baseline's own checkpoint at STEP
 (weights, optimizer, router bias, data position) instead of from scratch: the pair then shares
 everything up to STEP, so what a tiny run decides early (which experts win the routing) is the
-same in both, and the difference is what FP8 does to training from there on.
+same in both, and the difference is what FP8 does to training from there on. Each such run leaves
+``branched_from.json`` in its directory, so ``--summarize`` never pools it with runs from scratch.
 
 Pairs pile up over many calls (a lent GPU's 10-minute calls, sessions on a CPU): ``--summarize DIR...``
 reads the runs already in those output directories, pairs them by seed, and prints the same report
@@ -43,6 +44,7 @@ from dsjax.config import ConfigError, apply_overrides, load_config
 
 VARIANTS = {"baseline": [], "fp8": ["model.fp8=true"], "control": ["train.microbatches=2"]}
 TARGET = 0.005  # issue 6: |final validation loss, FP8 vs baseline| <= 0.5% relative
+BRANCHED = "branched_from.json"  # in a --branch-at run's directory: the baseline and step it started from
 
 
 def run(config: str, output_dir: str, variant: str, seed: int, overrides: list[str], branch_at: int | None = None) -> dict:
@@ -79,19 +81,33 @@ def branch(source: Path, cfg, step: int) -> None:
     rows = (source / "metrics.jsonl").read_text().splitlines()
     (dst / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
     ckpt.save_config(cfg, dst)
+    (dst / BRANCHED).write_text(json.dumps({"source": str(source), "step": step}) + "\n")  # for --summarize
 
 
-def collect(dirs: list[str]) -> tuple[dict, list[str]]:
-    """The finished runs under the output directories ``dirs`` as {(variant, seed): record}, and the
-    unfinished ones (their last validation before their own ``train.steps``) by directory.
+def branched_at(run_dir: Path) -> int | None:
+    """The baseline step a ``--branch-at`` run started from; None for a run from scratch."""
+    marker = run_dir / BRANCHED
+    return json.loads(marker.read_text())["step"] if marker.is_file() else None
+
+
+def collect(dirs: list[str]) -> tuple[dict, list[str], int | None]:
+    """The finished runs under the output directories ``dirs`` as {(variant, seed): record}, the
+    unfinished ones (their last validation before their own ``train.steps``) by directory, and the
+    step the FP8/control runs branched from their baselines at (None: from scratch).
 
     Refused, naming the runs: one whose config lacks its variant's settings, runs whose configs
     differ in anything but the seed, the names and the variants' own keys (pairs of different
-    experiments), and a variant of a seed finished twice with different losses (which one counts would
-    be a guess; a rerun that repeats its loss, as these deterministic runs do, counts once)."""
+    experiments), FP8/control runs started from scratch next to ones branched from a baseline
+    checkpoint, or branched at different steps (their configs are the same; the marker ``branch``
+    leaves tells them apart), and a variant of a seed finished twice with different losses (which one
+    counts would be a guess; a rerun that repeats its loss, as these deterministic runs do, counts once)."""
     per_run = {"train.seed", "train.run_name", "train.output_dir", "train.keep_checkpoints"}
     per_run |= {o.split("=")[0] for v in VARIANTS.values() for o in v}
-    done, where, unfinished, shared = {}, {}, [], None
+    done, where, unfinished, shared, start = {}, {}, [], None, None
+
+    def how(at):
+        return "from scratch" if at is None else f"branched at step {at}"
+
     for d in map(Path, dirs):
         if not d.is_dir():
             raise SystemExit(f"--summarize: {d} is not a directory")
@@ -112,6 +128,12 @@ def collect(dirs: list[str]) -> tuple[dict, list[str]]:
             elif rest != shared[1]:
                 keys = sorted(k for k in rest.keys() | shared[1].keys() if rest.get(k) != shared[1].get(k))
                 raise SystemExit(f"--summarize: {rd} and {shared[0]} are different experiments ({', '.join(keys)} differ)")
+            if m[1] != "baseline":  # a baseline is the same run in both kinds of experiment
+                at = branched_at(rd)
+                if start is None:
+                    start = (rd, at)
+                elif at != start[1]:
+                    raise SystemExit(f"--summarize: {rd} was run {how(at)}, {start[0]} {how(start[1])}: different experiments")
             rows = metrics(rd)
             evals, steps = [r for r in rows if "val_loss" in r], [r for r in rows if "loss" in r]
             if not evals or evals[-1]["step"] != cfg.train.steps:
@@ -124,7 +146,7 @@ def collect(dirs: list[str]) -> tuple[dict, list[str]]:
                                  f"losses ({done[key]['val_loss']} vs {rec['val_loss']}); keep one of them")  # fmt: skip
             where.setdefault(key, rd)
             done.setdefault(key, rec)
-    return done, unfinished
+    return done, unfinished, start[1] if start else None
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -193,10 +215,11 @@ def main(argv=None):
     ap.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
     a = ap.parse_args(argv)
     if a.summarize:
-        done, unfinished = collect(a.summarize)
+        done, unfinished, branch_at = collect(a.summarize)
         if not any(v == "fp8" and ("baseline", s) in done for v, s in done):
             raise SystemExit(f"--summarize: no finished baseline/fp8 pair in {' '.join(a.summarize)}; unfinished: {unfinished}")
-        out = report(done, {"date": environment()["date"], "summarized": a.summarize, "unfinished": unfinished})
+        header = {"date": environment()["date"], "summarized": a.summarize, "branch_at": branch_at, "unfinished": unfinished}
+        out = report(done, header)
         print(json.dumps(out, indent=2))
         return out
     variants = ["baseline", "fp8", *(["control"] if a.control else [])]

@@ -473,6 +473,33 @@ def test_fp8_quality_summary_pools_pairs_across_output_dirs(tmp_path):
     assert "control" not in out
 
 
+def test_fp8_quality_branched_runs_are_marked_and_never_pooled_with_runs_from_scratch(tmp_path):
+    """`--branch-at`'s runs start from their baseline's checkpoint (copied, with the metrics up to it)
+    and say so in a marker; `--summarize` reports the step, and refuses to pool them with FP8 runs
+    from scratch, whose configs are the same."""
+    from bench.fp8_train import branch, main
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for s in (0, 1):
+        _fake_run(a, "baseline", s, 2.0 + s / 10)
+        (a / f"baseline_seed{s}" / "checkpoints" / "200").mkdir(parents=True)
+        (a / f"baseline_seed{s}" / "checkpoints" / "200" / "commit_success.txt").write_text("")
+        cfg = load_config(TINY, ["model.fp8=true", f"train.seed={s}", f"train.run_name=fp8_seed{s}", f"train.output_dir={b}"])
+        branch(a / f"baseline_seed{s}", cfg, 200)
+        started = [json.loads(r) for r in (b / f"fp8_seed{s}" / "metrics.jsonl").read_text().splitlines()]
+        assert max(r["step"] for r in started) == 200 and (b / f"fp8_seed{s}" / "checkpoints" / "200").is_dir()
+        _fake_run(b, "fp8", s, 2.01 + s / 10)  # as if it had trained on to step 300
+    with pytest.raises(SystemExit, match="already holds checkpoints"):
+        branch(a / "baseline_seed0", cfg, 200)  # a run that already has checkpoints is never overwritten
+    out = main(["--summarize", str(a), str(b)])
+    assert out["branch_at"] == 200 and out["pairs"] == 2
+    _fake_run(c, "fp8", 2, 2.2)
+    _fake_run(c, "baseline", 2, 2.2)
+    assert main(["--summarize", str(c)])["branch_at"] is None
+    with pytest.raises(SystemExit, match=f"{c / 'fp8_seed2'} was run from scratch, {b / 'fp8_seed0'} branched at step 200"):
+        main(["--summarize", str(a), str(b), str(c)])
+
+
 @pytest.mark.parametrize("case", ["rerun differs", "other experiment", "mislabeled"])
 def test_fp8_quality_summary_refuses_runs_it_cannot_pair(tmp_path, case):
     from bench.fp8_train import main
