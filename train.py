@@ -77,6 +77,23 @@ def plot(metrics_path: Path, out: Path) -> None:
     fig.savefig(out, dpi=100)
 
 
+def check_kernels(cfg: Config, mesh) -> None:
+    """``model.attention_impl`` / ``model.fp8_impl`` (or ``DSJAX_FP8_IMPL``) that the mesh's devices
+    cannot run -- 'pallas' on a CPU, FP8 kernels on a GPU without FP8 -- as a ConfigError before
+    anything is written or compiled: the same choice the model makes when it is traced."""
+    from dsjax.attention import resolve_impl as attention_impl
+    from pallas_kernels.platform import resolve_impl as fp8_impl
+
+    m = cfg.model
+    with jax.set_mesh(mesh):
+        try:
+            attention_impl(m.attention_impl)
+            if m.fp8 or m.fp8_weights:
+                fp8_impl(m.fp8_impl, per_shard=True)  # dsjax.fp8 runs its kernels per shard
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
+
 def prepare_run(cfg: Config, resume: bool) -> tuple[Path, bool]:
     """Creates or checks the run directory; returns (path, whether a checkpoint will be restored)."""
     directory = ckpt.run_dir(cfg)
@@ -102,6 +119,7 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
     train_split, val_split = load_splits(cfg.data, t.seq_len, tokenizer)
     mesh = sharding.make_mesh(cfg.mesh)
     sharding.check(mesh, cfg.model, t.batch_size // t.microbatches)  # before anything compiles
+    check_kernels(cfg, mesh)
     main_process = jax.process_index() == 0
     directory, restoring = prepare_run(cfg, resume)
     model = model or Transformer(cfg.model)

@@ -344,6 +344,21 @@ def test_config_errors_before_compiling(capsys):
         load_config(TINY, ["train.seq_len=long"])
 
 
+def test_kernel_choices_the_devices_cannot_run_are_config_errors(tmp_path, capsys, monkeypatch):
+    """'pallas' kernels on this CPU suite's devices, or a bad DSJAX_FP8_IMPL: an error naming the
+    choice, exit code 2, before the run directory is made or anything traced."""
+    out = [f"train.output_dir={tmp_path}"]
+    assert jax.default_backend() == "cpu"  # the suite's platform: 'pallas' cannot run here
+    assert train_script.main([*out, "model.attention_impl=pallas"]) == 2
+    assert "attention_impl='pallas' needs a TPU or GPU, this is 'cpu'" in capsys.readouterr().err
+    assert train_script.main([*out, "model.fp8=true", "model.fp8_impl=pallas"]) == 2
+    assert "fp8 impl='pallas' needs a TPU or GPU, backend is 'cpu'" in capsys.readouterr().err
+    monkeypatch.setenv("DSJAX_FP8_IMPL", "triton")
+    assert train_script.main([*out, "model.fp8=true"]) == 2
+    assert "fp8 impl='triton': expected one of auto, pallas, interpret, xla" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 
