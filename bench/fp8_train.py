@@ -18,7 +18,9 @@ same in both, and the difference is what FP8 does to training from there on. Eac
 Pairs pile up over many calls (a lent GPU's 10-minute calls, sessions on a CPU): ``--summarize DIR...``
 reads the runs already in those output directories, pairs them by seed, and prints the same report
 over all of them -- the mean with its standard error and 95% interval, the median, how many pairs
-meet the target, and about how many pairs would bound the mean inside it at this spread.
+meet the target, and about how many pairs would bound the mean inside it at this spread. A call
+cut short loses nothing: called again with the same output directory, a run that finished is
+reused (these runs are deterministic) and one that has checkpoints resumes from its latest.
 
     python -m bench.fp8_train [--config configs/tiny.yaml] [--seeds 0 1 2] [--jobs 2] [--control]
                               [--branch-at STEP] [key=value ...]
@@ -48,18 +50,62 @@ BRANCHED = "branched_from.json"  # in a --branch-at run's directory: the baselin
 
 
 def run(config: str, output_dir: str, variant: str, seed: int, overrides: list[str], branch_at: int | None = None) -> dict:
+    from dsjax.checkpoint import run_dir
     from train import train  # the repository's training loop (train.py at the root)
 
     name = f"{variant}_seed{seed}"
     cfg = load_config(config, [*overrides, *VARIANTS[variant], f"train.seed={seed}", f"train.run_name={name}",
                                f"train.output_dir={output_dir}", "train.sample_tokens=0"])  # fmt: skip
-    if branch_at is not None:
+    if prior := earlier(cfg, branch_at):
+        return prior | {"reused": True}
+    if branch_at is not None and branched_at(run_dir(cfg)) is None:
         branch(Path(output_dir) / f"baseline_seed{seed}", cfg, branch_at)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the run's own log lines: stdout carries only the JSON
-        last = train(cfg, resume=branch_at is not None, progress=False)
+        last = train(cfg, resume=True, progress=False)  # from its latest checkpoint, if it has one
     minutes = (time.perf_counter() - t0) / 60
     return record(cfg, last["val_loss"], last["loss"]) | {"minutes": round(minutes, 2)}
+
+
+def earlier(cfg, branch_at: int | None) -> dict | None:
+    """What an earlier call left in ``cfg``'s run directory: the record of a finished run (None if it
+    has not finished; ``train`` then resumes it). Refused, naming the difference: a run there with
+    other settings, or started otherwise (from scratch / branched at another step) -- continuing
+    it would mix two experiments in one run."""
+    from dsjax.checkpoint import run_dir
+
+    rd = run_dir(cfg)
+    if not (rd / "config.yaml").is_file():
+        return None
+    saved, now = flatten(load_config(rd / "config.yaml").to_dict()), flatten(cfg.to_dict())
+    if saved != now:
+        keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
+        raise SystemExit(f"{rd} holds a run with other settings ({', '.join(keys)} differ); "
+                         f"pick a new --output-dir (nothing was overwritten)")  # fmt: skip
+    if rd.name.startswith("baseline"):
+        branch_at = None  # the baselines always run from scratch
+    if (at := branched_at(rd)) != branch_at and (at is not None or has_checkpoints(rd) or metrics(rd)):
+        raise SystemExit(f"{rd} holds a run {how(at)}, this call asks for one {how(branch_at)}; "
+                         f"pick a new --output-dir (nothing was overwritten)")  # fmt: skip
+    return final(rd, cfg)
+
+
+def has_checkpoints(run_dir: Path) -> bool:
+    d = run_dir / "checkpoints"
+    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
+def how(at: int | None) -> str:
+    return "from scratch" if at is None else f"branched at step {at}"
+
+
+def final(run_dir: Path, cfg) -> dict | None:
+    """The record of a run that validated at its last step (``train.steps``); None before that."""
+    rows = metrics(run_dir)
+    evals, steps = [r for r in rows if "val_loss" in r], [r for r in rows if "loss" in r]
+    if not evals or evals[-1]["step"] != cfg.train.steps:
+        return None
+    return record(cfg, evals[-1]["val_loss"], steps[-1]["loss"] if steps else None)
 
 
 def record(cfg, val_loss: float, train_loss: float) -> dict:
@@ -105,9 +151,6 @@ def collect(dirs: list[str]) -> tuple[dict, list[str], int | None]:
     per_run |= {o.split("=")[0] for v in VARIANTS.values() for o in v}
     done, where, unfinished, shared, start = {}, {}, [], None, None
 
-    def how(at):
-        return "from scratch" if at is None else f"branched at step {at}"
-
     for d in map(Path, dirs):
         if not d.is_dir():
             raise SystemExit(f"--summarize: {d} is not a directory")
@@ -134,13 +177,12 @@ def collect(dirs: list[str]) -> tuple[dict, list[str], int | None]:
                     start = (rd, at)
                 elif at != start[1]:
                     raise SystemExit(f"--summarize: {rd} was run {how(at)}, {start[0]} {how(start[1])}: different experiments")
-            rows = metrics(rd)
-            evals, steps = [r for r in rows if "val_loss" in r], [r for r in rows if "loss" in r]
-            if not evals or evals[-1]["step"] != cfg.train.steps:
-                last = f"step {evals[-1]['step']}" if evals else "none yet"
+            if (rec := final(rd, cfg)) is None:
+                evals = [r["step"] for r in metrics(rd) if "val_loss" in r]
+                last = f"step {evals[-1]}" if evals else "none yet"
                 unfinished.append(f"{rd} (last validation: {last}; train.steps={cfg.train.steps})")
                 continue
-            key, rec = (m[1], cfg.train.seed), record(cfg, evals[-1]["val_loss"], steps[-1]["loss"] if steps else None)
+            key = (m[1], cfg.train.seed)
             if key in where and done[key]["val_loss"] != rec["val_loss"]:
                 raise SystemExit(f"--summarize: {rd.name} finished in {where[key]} and in {rd} with different "
                                  f"losses ({done[key]['val_loss']} vs {rec['val_loss']}); keep one of them")  # fmt: skip

@@ -5,6 +5,7 @@
 #   bash bench/gpu.sh tests            # kernel tests compiled on the GPU (FP8 GEMMs, attention)
 #   bash bench/gpu.sh bench            # bench.fp8_gemm --sweep, bench.attention (timed + checked)
 #   bash bench/gpu.sh quality [key=value ...] --seeds 0 1 2   # FP8 vs fp32 training pairs (bench.fp8_train)
+#     (call it again with the same seeds after the time limit: finished runs are reused, the rest resume)
 #
 # The machine's python3 has JAX and the test tools but not grain (the data loader): `quality`
 # installs it from ./.whl, which a session fills beforehand (README, "Running on a GPU").

@@ -515,6 +515,43 @@ def test_fp8_quality_branched_runs_are_marked_and_never_pooled_with_runs_from_sc
         main(["--summarize", str(a), str(b), str(c)])
 
 
+def test_fp8_quality_call_cut_short_picks_up_where_it_stopped(tmp_path, monkeypatch):
+    """Called again on the same output dir, `bench.fp8_train` reuses a finished run (no training),
+    resumes one with checkpoints, and starts the missing ones; a run dir left by a different
+    experiment (other settings, or from scratch where this call branches) is refused, untouched."""
+    from bench.fp8_train import main
+
+    calls = []
+
+    def fake_train(cfg, resume=False, progress=True):  # records the call instead of training
+        calls.append((cfg.train.run_name, resume))
+        return {"step": cfg.train.steps, "val_loss": 2.25, "loss": 2.0}
+
+    monkeypatch.setattr(train_script, "train", fake_train)
+    same = ["train.sample_tokens=0"]  # what bench.fp8_train sets on every run
+    out = tmp_path / "out"
+    _fake_run(out, "baseline", 0, 2.0, extra=same)  # finished
+    _fake_run(out, "fp8", 0, 2.1, done=200, extra=same)  # cut after its step-200 checkpoint
+    (out / "fp8_seed0" / "checkpoints" / "200").mkdir(parents=True)
+    report = main(["--seeds", "0", "1", "--output-dir", str(out)])
+    assert calls == [("fp8_seed0", True), ("baseline_seed1", True), ("fp8_seed1", True)]
+    assert report["baseline"][0]["val_loss"] == 2.0 and report["baseline"][0]["reused"]
+    assert [r["val_loss"] for r in report["fp8"]] == [2.25, 2.25]
+
+    calls.clear()
+    other = tmp_path / "other"
+    _fake_run(other, "baseline", 0, 2.0, extra=[*same, "train.learning_rate=0.001"])
+    with pytest.raises(SystemExit, match=r"baseline_seed0 holds a run with other settings \(train.learning_rate differ\)"):
+        main(["--seeds", "0", "--output-dir", str(other)])
+    scratch = tmp_path / "scratch"  # an FP8 run from scratch where a --branch-at call would branch
+    _fake_run(scratch, "baseline", 0, 2.0, extra=[*same, "train.keep_checkpoints=4"])
+    _fake_run(scratch, "fp8", 0, 2.1, done=200, extra=[*same, "train.keep_checkpoints=4"])
+    (scratch / "fp8_seed0" / "checkpoints" / "200").mkdir(parents=True)
+    with pytest.raises(SystemExit, match="fp8_seed0 holds a run from scratch, this call asks for one branched at step 200"):
+        main(["--seeds", "0", "--branch-at", "200", "--output-dir", str(scratch)])
+    assert calls == [] and (scratch / "fp8_seed0" / "checkpoints" / "200").is_dir()
+
+
 @pytest.mark.parametrize("case", ["rerun differs", "other experiment", "mislabeled"])
 def test_fp8_quality_summary_refuses_runs_it_cannot_pair(tmp_path, case):
     from bench.fp8_train import main
