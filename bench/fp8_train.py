@@ -78,6 +78,7 @@ def earlier(cfg, branch_at: int | None) -> dict | None:
     if not (rd / "config.yaml").is_file():
         return None
     saved, now = flatten(load_config(rd / "config.yaml").to_dict()), flatten(cfg.to_dict())
+    saved["train.output_dir"] = now["train.output_dir"]  # where it lies now, also if the dir was moved
     if saved != now:
         keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
         raise SystemExit(f"{rd} holds a run with other settings ({', '.join(keys)} differ); "

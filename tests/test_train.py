@@ -529,10 +529,11 @@ def test_fp8_quality_call_cut_short_picks_up_where_it_stopped(tmp_path, monkeypa
 
     monkeypatch.setattr(train_script, "train", fake_train)
     same = ["train.sample_tokens=0"]  # what bench.fp8_train sets on every run
-    out = tmp_path / "out"
-    _fake_run(out, "baseline", 0, 2.0, extra=same)  # finished
-    _fake_run(out, "fp8", 0, 2.1, done=200, extra=same)  # cut after its step-200 checkpoint
-    (out / "fp8_seed0" / "checkpoints" / "200").mkdir(parents=True)
+    was, out = tmp_path / "was", tmp_path / "out"
+    _fake_run(was, "baseline", 0, 2.0, extra=same)  # finished
+    _fake_run(was, "fp8", 0, 2.1, done=200, extra=same)  # cut after its step-200 checkpoint
+    (was / "fp8_seed0" / "checkpoints" / "200").mkdir(parents=True)
+    was.rename(out)  # moved since: still the same runs
     report = main(["--seeds", "0", "1", "--output-dir", str(out)])
     assert calls == [("fp8_seed0", True), ("baseline_seed1", True), ("fp8_seed1", True)]
     assert report["baseline"][0]["val_loss"] == 2.0 and report["baseline"][0]["reused"]
