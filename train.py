@@ -97,7 +97,7 @@ def check_kernels(cfg: Config, mesh) -> None:
 def prepare_run(cfg: Config, resume: bool) -> tuple[Path, bool]:
     """Creates or checks the run directory; returns (path, whether a checkpoint will be restored)."""
     directory = ckpt.run_dir(cfg)
-    has_ckpt = (directory / "checkpoints").is_dir() and any(p.name.isdigit() for p in (directory / "checkpoints").iterdir())
+    has_ckpt = ckpt.has_checkpoints(directory)
     if has_ckpt and not resume:
         raise TrainingError(f"{directory} already holds checkpoints; pass --resume to continue it, "
                             "or train.run_name=<new name> for a new run (nothing was overwritten)")  # fmt: skip

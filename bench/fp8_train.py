@@ -72,7 +72,7 @@ def earlier(cfg, branch_at: int | None) -> dict | None:
     has not finished; ``train`` then resumes it). Refused, naming the difference: a run there with
     other settings, or started otherwise (from scratch / branched at another step) -- continuing
     it would mix two experiments in one run."""
-    from dsjax.checkpoint import run_dir
+    from dsjax.checkpoint import has_checkpoints, run_dir
 
     rd = run_dir(cfg)
     if not (rd / "config.yaml").is_file():
@@ -89,11 +89,6 @@ def earlier(cfg, branch_at: int | None) -> dict | None:
         raise SystemExit(f"{rd} holds a run {how(at)}, this call asks for one {how(branch_at)}; "
                          f"pick a new --output-dir (nothing was overwritten)")  # fmt: skip
     return final(rd, cfg)
-
-
-def has_checkpoints(run_dir: Path) -> bool:
-    d = run_dir / "checkpoints"
-    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
 def how(at: int | None) -> str:

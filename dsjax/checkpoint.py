@@ -23,6 +23,12 @@ def run_dir(cfg: Config) -> Path:
     return Path(cfg.train.output_dir) / cfg.train.run_name
 
 
+def has_checkpoints(directory: Path) -> bool:
+    """Whether the run directory holds a checkpoint (a ``checkpoints/<step>`` directory)."""
+    d = Path(directory) / "checkpoints"
+    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
 def save_config(cfg: Config, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     tmp = directory / "config.yaml.tmp"
