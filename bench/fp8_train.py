@@ -83,8 +83,6 @@ def earlier(cfg, branch_at: int | None) -> dict | None:
         keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
         raise SystemExit(f"{rd} holds a run with other settings ({', '.join(keys)} differ); "
                          f"pick a new --output-dir (nothing was overwritten)")  # fmt: skip
-    if rd.name.startswith("baseline"):
-        branch_at = None  # the baselines always run from scratch
     if (at := branched_at(rd)) != branch_at and (at is not None or has_checkpoints(rd) or metrics(rd)):
         raise SystemExit(f"{rd} holds a run {how(at)}, this call asks for one {how(branch_at)}; "
                          f"pick a new --output-dir (nothing was overwritten)")  # fmt: skip
