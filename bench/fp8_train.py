@@ -20,7 +20,8 @@ reads the runs already in those output directories, pairs them by seed, and prin
 over all of them -- the mean with its standard error and 95% interval, the median, how many pairs
 meet the target, and about how many pairs would bound the mean inside it at this spread. A call
 cut short loses nothing: called again with the same output directory, a run that finished is
-reused (these runs are deterministic) and one that has checkpoints resumes from its latest.
+reused (these runs are deterministic) and one that has checkpoints resumes from its latest; a
+branch cut off while its checkpoint was being copied is made again.
 
     python -m bench.fp8_train [--config configs/tiny.yaml] [--seeds 0 1 2] [--jobs 2] [--control]
                               [--branch-at STEP] [key=value ...]
@@ -108,7 +109,9 @@ def record(cfg, val_loss: float, train_loss: float) -> dict:
 
 
 def branch(source: Path, cfg, step: int) -> None:
-    """Seeds ``cfg``'s run directory with ``source``'s checkpoint at ``step`` and its metrics up to it."""
+    """Seeds ``cfg``'s run directory with ``source``'s checkpoint at ``step`` and its metrics up to it.
+    Built aside and moved in whole: a call cut off mid-copy leaves no half-branched run (which the
+    next call would take for a run from scratch), only the side directory, which it rebuilds."""
     from dsjax import checkpoint as ckpt
 
     src, dst = source / "checkpoints" / str(step), ckpt.run_dir(cfg)
@@ -117,11 +120,18 @@ def branch(source: Path, cfg, step: int) -> None:
                          f"(train.checkpoint_every must divide it)")  # fmt: skip
     if (dst / "checkpoints").exists():
         raise SystemExit(f"--branch-at: {dst} already holds checkpoints; pick a new --output-dir (nothing was overwritten)")
-    shutil.copytree(src, dst / "checkpoints" / str(step))
+    if dst.exists() and any(dst.iterdir()):
+        raise SystemExit(f"--branch-at: {dst} already holds files of another run; pick a new --output-dir (nothing was overwritten)")
+    side = dst.with_name(f".{dst.name}.branching")  # ours alone; what a cut-off call left there is rebuilt
+    shutil.rmtree(side, ignore_errors=True)
+    shutil.copytree(src, side / "checkpoints" / str(step))
     rows = (source / "metrics.jsonl").read_text().splitlines()
-    (dst / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
-    ckpt.save_config(cfg, dst)
-    (dst / BRANCHED).write_text(json.dumps({"source": str(source), "step": step}) + "\n")  # for --summarize
+    (side / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
+    ckpt.save_config(cfg, side)
+    (side / BRANCHED).write_text(json.dumps({"source": str(source), "step": step}) + "\n")  # for --summarize
+    if dst.exists():
+        dst.rmdir()  # empty (checked above)
+    side.rename(dst)
 
 
 def branched_at(run_dir: Path) -> int | None:

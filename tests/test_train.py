@@ -3,6 +3,7 @@ non-finite steps, data pipeline and checkpoint resume."""
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import flax.linen as nn
@@ -488,11 +489,11 @@ def test_fp8_quality_summary_pools_pairs_across_output_dirs(tmp_path):
     assert "control" not in out
 
 
-def test_fp8_quality_branched_runs_are_marked_and_never_pooled_with_runs_from_scratch(tmp_path):
+def test_fp8_quality_branched_runs_are_marked_and_never_pooled_with_runs_from_scratch(tmp_path, monkeypatch):
     """`--branch-at`'s runs start from their baseline's checkpoint (copied, with the metrics up to it)
     and say so in a marker; `--summarize` reports the step, and refuses to pool them with FP8 runs
-    from scratch, whose configs are the same."""
-    from bench.fp8_train import branch, main
+    from scratch, whose configs are the same. A branch cut off midway leaves no run behind."""
+    from bench.fp8_train import branch, branched_at, main
 
     a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     for s in (0, 1):
@@ -506,6 +507,17 @@ def test_fp8_quality_branched_runs_are_marked_and_never_pooled_with_runs_from_sc
         _fake_run(b, "fp8", s, 2.01 + s / 10)  # as if it had trained on to step 300
     with pytest.raises(SystemExit, match="already holds checkpoints"):
         branch(a / "baseline_seed0", cfg, 200)  # a run that already has checkpoints is never overwritten
+
+    cut = load_config(TINY, ["model.fp8=true", "train.seed=0", "train.run_name=fp8_seed0", f"train.output_dir={c}"])
+    with monkeypatch.context() as m:  # the call is cut off after the checkpoint was copied
+        m.setattr(ckpt, "save_config", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            branch(a / "baseline_seed0", cut, 200)
+    assert not (c / "fp8_seed0").exists()  # no half-branched run, which a next call would take for one from scratch
+    branch(a / "baseline_seed0", cut, 200)  # the next call branches it whole
+    assert branched_at(c / "fp8_seed0") == 200 and (c / "fp8_seed0" / "checkpoints" / "200").is_dir()
+    assert [p.name for p in c.iterdir()] == ["fp8_seed0"]
+    shutil.rmtree(c)
     out = main(["--summarize", str(a), str(b)])
     assert out["branch_at"] == 200 and out["pairs"] == 2
     _fake_run(c, "fp8", 2, 2.2)
