@@ -118,10 +118,9 @@ def branch(source: Path, cfg, step: int) -> None:
     if not (src / "commit_success.txt").is_file():
         raise SystemExit(f"--branch-at {step}: {source} has no complete checkpoint at step {step} "
                          f"(train.checkpoint_every must divide it)")  # fmt: skip
-    if (dst / "checkpoints").exists():
-        raise SystemExit(f"--branch-at: {dst} already holds checkpoints; pick a new --output-dir (nothing was overwritten)")
     if dst.exists() and any(dst.iterdir()):
-        raise SystemExit(f"--branch-at: {dst} already holds files of another run; pick a new --output-dir (nothing was overwritten)")
+        held = "checkpoints" if (dst / "checkpoints").exists() else "files of another run"
+        raise SystemExit(f"--branch-at: {dst} already holds {held}; pick a new --output-dir (nothing was overwritten)")
     side = dst.with_name(f".{dst.name}.branching")  # ours alone; what a cut-off call left there is rebuilt
     shutil.rmtree(side, ignore_errors=True)
     shutil.copytree(src, side / "checkpoints" / str(step))
