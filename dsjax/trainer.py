@@ -5,6 +5,7 @@ microbatches, AdamW, aux-loss-free bias update, and skipping of non-finite steps
     b_e <- b_e + gamma * sign(mean_load - load_e)   (loads over the whole global batch)
 """
 
+import functools
 from typing import Any
 
 import flax.linen as nn
@@ -29,8 +30,10 @@ class TrainState:
     skipped: jax.Array  # int32: skipped steps in total
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))
 def init_state(cfg: Config, model: nn.Module, rng) -> TrainState:
-    """Fresh parameters and optimizer state (logical-axis boxes removed)."""
+    """Fresh parameters and optimizer state (logical-axis boxes removed), compiled as one program:
+    run op by op, the model's init (a whole forward pass) takes several times longer on CPU."""
     tokens = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
     variables = nn.meta.unbox(model.init(rng, tokens))
     params = variables["params"]
