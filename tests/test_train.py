@@ -517,8 +517,8 @@ def test_fp8_quality_branched_runs_are_marked_and_never_pooled_with_runs_from_sc
     branch(a / "baseline_seed0", cut, 200)  # the next call branches it whole
     assert branched_at(c / "fp8_seed0") == 200 and (c / "fp8_seed0" / "checkpoints" / "200").is_dir()
     assert [p.name for p in c.iterdir()] == ["fp8_seed0"]
-    with pytest.raises(SystemExit, match="already holds files of another run"):  # e.g. a run from scratch just started
-        (c / "fp8_seed0" / "checkpoints").rename(c / "moved")
+    (c / "fp8_seed0" / "checkpoints").rename(c / "moved")  # left: files of a run, e.g. one from scratch just started
+    with pytest.raises(SystemExit, match="already holds files of another run"):
         branch(a / "baseline_seed0", cut, 200)
     shutil.rmtree(c)
     out = main(["--summarize", str(a), str(b)])
