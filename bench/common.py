@@ -1,8 +1,8 @@
 """What every benchmark's JSON starts with: where and when it ran, and with which libraries.
 
-The host's CPU model and the numeric libraries' versions are part of a run's identity: XLA's CPU
-code and the libraries' defaults differ between them, so two machines need not repeat each other's
-runs to the last digit (the FP8 seed runs did not, bench/RESULTS.md)."""
+The host's CPU model and the numeric libraries' versions are part of a run's identity: two machines
+need not repeat each other's runs to the last digit (an FP8 seed run did not, bench/RESULTS.md), and
+these are what to compare when they don't."""
 
 import datetime
 import importlib.metadata
