@@ -81,8 +81,7 @@ def earlier(cfg, branch_at: int | None) -> dict | None:
     saved, now = flatten(load_config(rd / "config.yaml").to_dict()), flatten(cfg.to_dict())
     saved["train.output_dir"] = now["train.output_dir"]  # where it lies now, also if the dir was moved
     if saved != now:
-        keys = sorted(k for k in saved.keys() | now.keys() if saved.get(k) != now.get(k))
-        raise SystemExit(f"{rd} holds a run with other settings ({', '.join(keys)} differ); "
+        raise SystemExit(f"{rd} holds a run with other settings ({differing(saved, now)} differ); "
                          f"pick a new --output-dir (nothing was overwritten)")  # fmt: skip
     if (at := branched_at(rd)) != branch_at and (at is not None or has_checkpoints(rd) or metrics(rd)):
         raise SystemExit(f"{rd} holds a run {how(at)}, this call asks for one {how(branch_at)}; "
@@ -172,8 +171,8 @@ def collect(dirs: list[str]) -> tuple[dict, list[str], int | None]:
             if shared is None:
                 shared = (rd, rest)
             elif rest != shared[1]:
-                keys = sorted(k for k in rest.keys() | shared[1].keys() if rest.get(k) != shared[1].get(k))
-                raise SystemExit(f"--summarize: {rd} and {shared[0]} are different experiments ({', '.join(keys)} differ)")
+                raise SystemExit(f"--summarize: {rd} and {shared[0]} are different experiments "
+                                 f"({differing(rest, shared[1])} differ)")  # fmt: skip
             if m[1] != "baseline":  # a baseline is the same run in both kinds of experiment
                 at = branched_at(rd)
                 if start is None:
@@ -192,6 +191,11 @@ def collect(dirs: list[str]) -> tuple[dict, list[str], int | None]:
             where.setdefault(key, rd)
             done.setdefault(key, rec)
     return done, unfinished, start[1] if start else None
+
+
+def differing(a: dict, b: dict) -> str:
+    """The keys whose values differ between two flattened configs (a key missing from one counts)."""
+    return ", ".join(sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k)))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
