@@ -22,9 +22,11 @@ def cpu_model() -> str:
 
 
 def environment() -> dict:
+    kind = jax.devices()[0].device_kind
     return {
-        "device": f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()})",
+        "device": f"{kind} x{jax.device_count()} ({jax.default_backend()})",
         "host": cpu_model(),
+        "machine": cpu_model() if jax.default_backend() == "cpu" else f"{kind} on {cpu_model()}",  # what ran it
         "date": datetime.date.today().isoformat(),
         "jax": jax.__version__,
         "libraries": {p: version(p) for p in ("jaxlib", "flax", "optax", "numpy")},

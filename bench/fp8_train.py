@@ -18,7 +18,13 @@ same in both, and the difference is what FP8 does to training from there on. Eac
 Pairs pile up over many calls (a lent GPU's 10-minute calls, sessions on a CPU): ``--summarize DIR...``
 reads the runs already in those output directories, pairs them by seed, and prints the same report
 over all of them -- the mean with its standard error and 95% interval, the median, how many pairs
-meet the target, and about how many pairs would bound the mean inside it at this spread. A call
+meet the target, and about how many pairs would bound the mean inside it at this spread. Run
+directories stay on the machine that ran them; the pairs themselves are kept in the repository:
+``--pairs bench/fp8_train_pairs.jsonl`` pools the pairs recorded there (every finished
+from-scratch pair so far, with the machine it ran on) into the report, and ``--record`` appends the
+directories' new pairs to that file -- refusing pairs of another experiment (the config, less
+seed, names and the variants' own keys, is the file's first line) and a seed recorded with other
+losses (a rerun elsewhere: run dirs do not repeat each other across machines). A call
 cut short loses nothing: called again with the same output directory, a run that finished is
 reused (these runs are deterministic) and one that has checkpoints resumes from its latest; a
 branch cut off while its checkpoint was being copied is made again.
@@ -26,6 +32,7 @@ branch cut off while its checkpoint was being copied is made again.
     python -m bench.fp8_train [--config configs/tiny.yaml] [--seeds 0 1 2] [--jobs 2] [--control]
                               [--branch-at STEP] [key=value ...]
     python -m bench.fp8_train --summarize runs/fp8_train [more output dirs ...]
+    python -m bench.fp8_train --summarize [DIR ...] --pairs bench/fp8_train_pairs.jsonl [--record]
 """
 
 import argparse
@@ -48,6 +55,7 @@ from dsjax.config import ConfigError, apply_overrides, load_config
 VARIANTS = {"baseline": [], "fp8": ["model.fp8=true"], "control": ["train.microbatches=2"]}
 TARGET = 0.005  # issue 6: |final validation loss, FP8 vs baseline| <= 0.5% relative
 BRANCHED = "branched_from.json"  # in a --branch-at run's directory: the baseline and step it started from
+ENVIRONMENT = "environment.json"  # in a finished run's directory: the machine and libraries it finished on
 
 
 def run(config: str, output_dir: str, variant: str, seed: int, overrides: list[str], branch_at: int | None = None) -> dict:
@@ -65,6 +73,8 @@ def run(config: str, output_dir: str, variant: str, seed: int, overrides: list[s
     with contextlib.redirect_stdout(sys.stderr):  # the run's own log lines: stdout carries only the JSON
         last = train(cfg, resume=True, progress=False)  # from its latest checkpoint, if it has one
     minutes = (time.perf_counter() - t0) / 60
+    run_dir(cfg).mkdir(parents=True, exist_ok=True)
+    (run_dir(cfg) / ENVIRONMENT).write_text(json.dumps(environment()) + "\n")  # where its final loss came from
     return record(cfg, last["val_loss"], last["loss"]) | {"minutes": round(minutes, 2)}
 
 
@@ -138,10 +148,12 @@ def branched_at(run_dir: Path) -> int | None:
     return json.loads(marker.read_text())["step"] if marker.is_file() else None
 
 
-def collect(dirs: list[str]) -> tuple[dict, list[str], int | None]:
-    """The finished runs under the output directories ``dirs`` as {(variant, seed): record}, the
-    unfinished ones (their last validation before their own ``train.steps``) by directory, and the
-    step the FP8/control runs branched from their baselines at (None: from scratch).
+def collect(dirs: list[str]) -> tuple[dict, list[str], int | None, dict | None]:
+    """The finished runs under the output directories ``dirs`` as {(variant, seed): record} (with
+    the ``machine`` they finished on, where their ``environment.json`` says), the unfinished ones (their
+    last validation before their own ``train.steps``) by directory, the step the FP8/control runs
+    branched from their baselines at (None: from scratch), and the experiment: the flattened config
+    every run shares (None if there are no runs).
 
     Refused, naming the runs: one whose config lacks its variant's settings, runs whose configs
     differ in anything but the seed, the names and the variants' own keys (pairs of different
@@ -149,8 +161,6 @@ def collect(dirs: list[str]) -> tuple[dict, list[str], int | None]:
     checkpoint, or branched at different steps (their configs are the same; the marker ``branch``
     leaves tells them apart), and a variant of a seed finished twice with different losses (which one
     counts would be a guess; a rerun that repeats its loss, as these deterministic runs do, counts once)."""
-    per_run = {"train.seed", "train.run_name", "train.output_dir", "train.keep_checkpoints"}
-    per_run |= {o.split("=")[0] for v in VARIANTS.values() for o in v}
     done, where, unfinished, shared, start = {}, {}, [], None, None
 
     for d in map(Path, dirs):
@@ -164,10 +174,9 @@ def collect(dirs: list[str]) -> tuple[dict, list[str], int | None]:
                 cfg = load_config(rd / "config.yaml")
             except ConfigError as e:
                 raise SystemExit(f"--summarize: {rd}: {e}") from None
-            flat = flatten(cfg.to_dict())
-            if flat != flatten(apply_overrides(cfg.to_dict(), VARIANTS[m[1]])):
+            if flatten(cfg.to_dict()) != flatten(apply_overrides(cfg.to_dict(), VARIANTS[m[1]])):
                 raise SystemExit(f"--summarize: {rd} is named {m[1]} but its config lacks {VARIANTS[m[1]]}")
-            rest = {k: v for k, v in flat.items() if k not in per_run}
+            rest = experiment(cfg)
             if shared is None:
                 shared = (rd, rest)
             elif rest != shared[1]:
@@ -184,13 +193,61 @@ def collect(dirs: list[str]) -> tuple[dict, list[str], int | None]:
                 last = f"step {evals[-1]}" if evals else "none yet"
                 unfinished.append(f"{rd} (last validation: {last}; train.steps={cfg.train.steps})")
                 continue
+            if (rd / ENVIRONMENT).is_file():
+                env = json.loads((rd / ENVIRONMENT).read_text())
+                rec |= {"machine": env["machine"], "date": env["date"], "jax": env["jax"]}
             key = (m[1], cfg.train.seed)
             if key in where and done[key]["val_loss"] != rec["val_loss"]:
                 raise SystemExit(f"--summarize: {rd.name} finished in {where[key]} and in {rd} with different "
                                  f"losses ({done[key]['val_loss']} vs {rec['val_loss']}); keep one of them")  # fmt: skip
             where.setdefault(key, rd)
             done.setdefault(key, rec)
-    return done, unfinished, start[1] if start else None
+    return done, unfinished, start[1] if start else None, shared[1] if shared else None
+
+
+def experiment(cfg) -> dict:
+    """What a pair's two runs share with every other pair of the experiment: the flattened config
+    less the seed, the run's name and place, and the variants' own keys."""
+    per_run = {"train.seed", "train.run_name", "train.output_dir", "train.keep_checkpoints"}
+    per_run |= {o.split("=")[0] for v in VARIANTS.values() for o in v}
+    return {k: v for k, v in flatten(cfg.to_dict()).items() if k not in per_run}
+
+
+def recorded(path: Path) -> tuple[dict, list[dict]]:
+    """A pairs file: its experiment (first line) and its pairs {seed, baseline, fp8, machine, date, jax}."""
+    lines = path.read_text().splitlines() if path.is_file() else []
+    if not lines or "experiment" not in (head := json.loads(lines[0])):
+        raise SystemExit(f"--pairs: {path} is not a pairs file (its first line names the experiment)")
+    return head["experiment"], [json.loads(line) for line in lines[1:] if line.strip()]
+
+
+def with_recorded(done: dict, experiment_: dict | None, branch_at: int | None, path: Path) -> tuple[dict, list[dict]]:
+    """The runs ``collect`` found, with the pairs recorded in ``path`` added as runs; also the
+    directories' pairs the file does not hold yet (for ``--record``). Refused, naming the cause:
+    pairs of another experiment, branched runs (the file holds pairs from scratch), a seed recorded
+    with other losses, and a new pair whose two runs finished on different machines."""
+    kept, pairs = recorded(path)
+    if experiment_ is not None and experiment_ != kept:
+        raise SystemExit(f"--pairs: {path} records another experiment ({differing(kept, experiment_)} differ)")
+    if branch_at is not None:
+        raise SystemExit(f"--pairs: the runs were branched at step {branch_at}; {path} records pairs from scratch")
+    out, new = dict(done), []
+    for p in pairs:
+        for v in ("baseline", "fp8"):
+            run = out.get((v, p["seed"]))
+            if run is not None and run["val_loss"] != p[v]:
+                raise SystemExit(f"--pairs: seed {p['seed']}'s {v} run ended at {run['val_loss']}, {path} records "
+                                 f"{p[v]} (on {p['machine']}); a rerun elsewhere is another pair: use a new seed")  # fmt: skip
+            out[v, p["seed"]] = {"seed": p["seed"], "val_loss": p[v], "machine": p["machine"], "recorded": True}
+    held = {p["seed"] for p in pairs}
+    for (v, seed), run in sorted(done.items()):
+        if v == "fp8" and seed not in held and (base := done.get(("baseline", seed))):
+            if None not in (run.get("machine"), base.get("machine")) and run["machine"] != base["machine"]:
+                raise SystemExit(f"--pairs: seed {seed}'s runs finished on {base['machine']} and {run['machine']}: "
+                                 "not a pair (one machine runs both)")  # fmt: skip
+            new.append({"seed": seed, "baseline": base["val_loss"], "fp8": run["val_loss"],
+                        **{k: run.get(k) or base.get(k) for k in ("machine", "date", "jax")}})  # fmt: skip
+    return out, new
 
 
 def differing(a: dict, b: dict) -> str:
@@ -248,6 +305,10 @@ def report(done: dict, header: dict) -> dict:
         rel = [done[v, s]["val_loss"] / base[s]["val_loss"] - 1 for s in seeds]
         out |= {v: [done[v, s] for s in seeds], f"{name}_relative_difference": [round(r, 5) for r in rel]}
         out |= summary(rel) if v == "fp8" else {"control_summary": summary(rel)}
+        machines = {base[s].get("machine") for s in seeds}
+        if v == "fp8" and len(machines) > 1:  # pairs of several machines: each machine's own report
+            out["by_machine"] = {str(h): summary([r for s, r in zip(seeds, rel) if base[s].get("machine") == h])
+                                 for h in sorted(machines, key=str)}  # fmt: skip
     return out | {"target_abs_mean_relative_difference": TARGET}
 
 
@@ -260,14 +321,30 @@ def main(argv=None):
     ap.add_argument("--control", action="store_true", help="per seed, also the baseline in two microbatches")
     ap.add_argument("--branch-at", type=int, metavar="STEP",
                     help="start the FP8 and control runs from the baseline's checkpoint at STEP")  # fmt: skip
-    ap.add_argument("--summarize", nargs="+", metavar="DIR", help="report the finished runs in these output dirs; run nothing")
+    ap.add_argument("--summarize", nargs="*", metavar="DIR", help="report the finished runs in these output dirs; run nothing")
+    ap.add_argument("--pairs", type=Path, metavar="FILE", help="with --summarize: pool the pairs recorded in FILE")
+    ap.add_argument("--record", action="store_true", help="with --pairs: append the dirs' new pairs to FILE")
     ap.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
     a = ap.parse_args(argv)
-    if a.summarize:
-        done, unfinished, branch_at = collect(a.summarize)
+    if (a.pairs or a.record) and a.summarize is None or a.record and not a.pairs:
+        ap.error("--pairs goes with --summarize, --record with --pairs")
+    if a.summarize is not None:
+        if not (a.summarize or a.pairs):
+            ap.error("--summarize: name output directories, or a --pairs file")
+        done, unfinished, branch_at, exp = collect(a.summarize)
+        new = []
+        if a.pairs:
+            done, new = with_recorded(done, exp, branch_at, a.pairs)
         if not any(v == "fp8" and ("baseline", s) in done for v, s in done):
             raise SystemExit(f"--summarize: no finished baseline/fp8 pair in {' '.join(a.summarize)}; unfinished: {unfinished}")
-        header = {"date": environment()["date"], "summarized": a.summarize, "branch_at": branch_at, "unfinished": unfinished}
+        header = {"date": environment()["date"], "summarized": a.summarize, "pairs_file": str(a.pairs) if a.pairs else None,
+                  "branch_at": branch_at, "unfinished": unfinished}  # fmt: skip
+        if a.record:
+            here = environment()
+            with a.pairs.open("a") as f:  # a run without environment.json finished before it was written: here
+                for p in new:
+                    f.write(json.dumps(p | {k: p[k] or here[k] for k in ("machine", "date", "jax")}) + "\n")
+            header["recorded"] = [p["seed"] for p in new]
         out = report(done, header)
         print(json.dumps(out, indent=2))
         return out

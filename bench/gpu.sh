@@ -5,7 +5,9 @@
 #   bash bench/gpu.sh tests            # kernel tests compiled on the GPU (FP8 GEMMs, attention)
 #   bash bench/gpu.sh bench            # bench.fp8_gemm --sweep, bench.attention (timed + checked)
 #   bash bench/gpu.sh quality [key=value ...] --seeds 0 1 2   # FP8 vs fp32 training pairs (bench.fp8_train)
-#     (call it again with the same seeds after the time limit: finished runs are reused, the rest resume)
+#     (call it again with the same seeds after the time limit: finished runs are reused, the rest resume;
+#      new pairs are appended to $OUT's copy of bench/fp8_train_pairs.jsonl: copy it back; use seeds
+#      the file does not hold yet; another experiment than the file's is summarized on its own)
 #
 # The machine's python3 has JAX and the test tools but not grain (the data loader): `quality`
 # installs it from ./.whl, which a session fills beforehand (README, "Running on a GPU").
@@ -31,9 +33,14 @@ bench)
 quality)
   $py -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
+  export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache  # every seed's run compiles the same programs: once
   timeout 540 $py -m bench.fp8_train --jobs 3 --output-dir /tmp/fp8_train "$@" > "$out/fp8_train.json" 2> "$out/fp8_train.err"
   # every pair finished on this machine so far (also when time ran out before this call's JSON), pooled
-  $py -m bench.fp8_train --summarize /tmp/fp8_train | tee "$out/fp8_train_summary.json" | head -c 3000
+  # with the repository's record, the new ones appended to it (copy $out/fp8_train_pairs.jsonl back);
+  # pairs of another experiment than the record's (other key=value) are summarized alone
+  { $py -m bench.fp8_train --summarize /tmp/fp8_train --pairs bench/fp8_train_pairs.jsonl --record \
+      || $py -m bench.fp8_train --summarize /tmp/fp8_train; } | tee "$out/fp8_train_summary.json" | head -c 3000
+  cp bench/fp8_train_pairs.jsonl "$out/"
   ;;
 *)
   echo "unknown phase $phase: tests, bench or quality" >&2

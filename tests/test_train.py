@@ -587,3 +587,64 @@ def test_fp8_quality_summary_refuses_runs_it_cannot_pair(tmp_path, case):
         match = "named fp8 but its config lacks"
     with pytest.raises(SystemExit, match=match):
         main(["--summarize", str(a), str(b)])
+
+
+def test_fp8_quality_pairs_file_pools_recorded_pairs_and_records_new_ones(tmp_path, monkeypatch):
+    """`--summarize DIR --pairs FILE`: the pairs recorded in FILE (the repository's record; run dirs
+    stay on the machine that ran them) pool with the dirs' finished pairs, one report per machine;
+    `--record` appends only the pairs FILE lacks, each with the machine it finished on (a run's
+    environment.json, else this machine). Pairs of another experiment, branched runs, a seed recorded
+    with other losses and a pair split over two machines are refused, the file untouched."""
+    from bench import fp8_train
+    from bench.fp8_train import experiment, main
+
+    monkeypatch.setattr(fp8_train, "environment", lambda: {"machine": "here", "date": "2026-12-02", "jax": "0.12"})
+    exp = experiment(load_config(TINY, ["train.steps=300"]))  # what _fake_run's runs share
+    pairs = tmp_path / "pairs.jsonl"
+    head = json.dumps({"experiment": exp}) + "\n"
+    old = [{"seed": 0, "baseline": 2.0, "fp8": 2.03, "machine": "A"}, {"seed": 1, "baseline": 1.9, "fp8": 1.88, "machine": "A"}]
+    pairs.write_text(head + "".join(json.dumps(p) + "\n" for p in old))
+    d = tmp_path / "runs"
+    for seed, b, f in ((1, 1.9, 1.88), (2, 1.95, 1.96), (3, 2.05, 2.0)):  # seed 1: the recorded pair, found again
+        _fake_run(d, "baseline", seed, b)
+        _fake_run(d, "fp8", seed, f)
+    for v in ("baseline", "fp8"):  # seed 2 finished where environment.json says; seed 3 before it was written
+        (d / f"{v}_seed2" / "environment.json").write_text(json.dumps({"machine": "B", "date": "2026-12-01", "jax": "0.11.2"}))
+
+    out = main(["--summarize", str(d), "--pairs", str(pairs)])
+    rel = np.array([2.03 / 2.0, 1.88 / 1.9, 1.96 / 1.95, 2.0 / 2.05]) - 1
+    assert out["pairs"] == 4 and "recorded" not in out
+    np.testing.assert_allclose(out["mean_relative_difference"], rel.mean(), atol=1e-5)
+    np.testing.assert_allclose(out["standard_error"], rel.std(ddof=1) / 2, atol=1e-5)
+    assert out["by_machine"]["A"]["pairs"] == 2 and out["by_machine"]["B"]["pairs"] == 1 and out["by_machine"]["None"]["pairs"] == 1
+    np.testing.assert_allclose(out["by_machine"]["A"]["mean_relative_difference"], rel[:2].mean(), atol=1e-5)
+    assert pairs.read_text() == head + "".join(json.dumps(p) + "\n" for p in old)  # without --record: unchanged
+
+    assert main(["--summarize", str(d), "--pairs", str(pairs), "--record"])["recorded"] == [2, 3]
+    rows = [json.loads(r) for r in pairs.read_text().splitlines()[1:]]
+    assert [(r["seed"], r["baseline"], r["fp8"], r["machine"], r["date"]) for r in rows[2:]] == [
+        (2, 1.95, 1.96, "B", "2026-12-01"), (3, 2.05, 2.0, "here", "2026-12-02")]  # fmt: skip
+    assert main(["--summarize", str(d), "--pairs", str(pairs), "--record"])["recorded"] == []  # nothing twice
+    alone = main(["--summarize", "--pairs", str(pairs)])  # the record alone: the same report
+    np.testing.assert_allclose(alone["mean_relative_difference"], rel.mean(), atol=1e-5)
+    assert alone["by_machine"]["here"]["pairs"] == 1
+
+    kept = pairs.read_text()
+    other, rerun, branched, split = (tmp_path / n for n in ("other", "rerun", "branched", "split"))
+    _fake_run(other, "baseline", 5, 2.0, extra=["train.learning_rate=0.001"])
+    _fake_run(rerun, "baseline", 0, 2.01)  # seed 0 again, elsewhere: not the recorded pair
+    _fake_run(branched, "baseline", 6, 2.0)
+    _fake_run(branched, "fp8", 6, 2.0)
+    (branched / "fp8_seed6" / "branched_from.json").write_text(json.dumps({"source": "x", "step": 200}))
+    for v, host in (("baseline", "B"), ("fp8", "C")):
+        _fake_run(split, v, 7, 2.0)
+        (split / f"{v}_seed7" / "environment.json").write_text(json.dumps({"machine": host, "date": "d", "jax": "j"}))
+    for where, match in ((other, r"records another experiment \(train.learning_rate differ\)"),
+                         (rerun, "seed 0's baseline run ended at 2.01, .* records 2.0 \\(on A\\)"),
+                         (branched, "branched at step 200; .* records pairs from scratch"),
+                         (split, "seed 7's runs finished on B and C: not a pair")):  # fmt: skip
+        with pytest.raises(SystemExit, match=match):
+            main(["--summarize", str(where), "--pairs", str(pairs), "--record"])
+    assert pairs.read_text() == kept
+    with pytest.raises(SystemExit, match="not a pairs file"):
+        main(["--summarize", "--pairs", str(tmp_path / "missing.jsonl")])
