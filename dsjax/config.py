@@ -190,6 +190,7 @@ class TrainConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     grad_clip: float = 1.0
+    moment_dtype: Literal["float32", "bfloat16"] = "float32"  # Adam's moments (V3: bfloat16, report §3.3.3)
     mtp_loss_weight: float = 0.3  # lambda (0.3 early in V3, 0.1 later)
     balance_loss_alpha: float = 1e-4  # sequence-wise balance loss weight
     bias_update_rate: float = 1e-3  # gamma of aux-loss-free balancing

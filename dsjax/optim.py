@@ -3,6 +3,8 @@
 lr(t): linear warmup 0 -> peak, constant, cosine peak -> min_lr, min_lr for min_lr_steps, tail_lr.
 Weight decay applies to every matrix (projections, experts, router, embedding, head), never to
 norm scales; the selection bias is not a parameter at all (its own collection).
+``moment_dtype: bfloat16`` keeps both Adam moments in bf16, as V3 does (report §3.3.3): each step
+updates them in fp32 from the stored values, takes the update from those, and stores them rounded.
 """
 
 import jax
@@ -42,7 +44,24 @@ def decay_mask(params):
 
 def make_optimizer(t: TrainConfig) -> optax.GradientTransformation:
     """Global-norm clipping, then AdamW (decoupled weight decay on the masked leaves)."""
-    return optax.chain(
-        optax.clip_by_global_norm(t.grad_clip),
-        optax.adamw(lr_schedule(t), b1=t.beta1, b2=t.beta2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask),
-    )
+    adamw = optax.adamw(lr_schedule(t), b1=t.beta1, b2=t.beta2, eps=t.eps, weight_decay=t.weight_decay, mask=decay_mask)
+    if t.moment_dtype != "float32":
+        adamw = _moments_in(adamw, jnp.dtype(t.moment_dtype))
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+
+
+def _moments_in(tx: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """``tx`` with Adam's moments stored in ``dtype``: each update upcasts them to fp32, runs ``tx``
+    there and rounds the new moments back. (optax's ``mu_dtype`` covers only the first moment, and
+    scales the stored one by beta1 in its own low precision.)"""
+    is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)  # noqa: E731
+
+    def cast(state, to):
+        moments = lambda s: s._replace(mu=optax.tree.cast(s.mu, to), nu=optax.tree.cast(s.nu, to))  # noqa: E731
+        return jax.tree.map(lambda s: moments(s) if is_adam(s) else s, state, is_leaf=is_adam)
+
+    def update(updates, state, params=None):
+        updates, state = tx.update(updates, cast(state, jnp.float32), params)
+        return updates, cast(state, dtype)
+
+    return optax.GradientTransformation(lambda params: cast(tx.init(params), dtype), update)
