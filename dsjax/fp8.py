@@ -9,6 +9,12 @@ weight (quantized from it on every call, "online"); y and dx come out in x's dty
 Under a mesh the kernels run per shard (``_gemm``, ``_tiles``).
 ``fp8_dense_general`` is the ``nn.DenseGeneral`` that uses it: same parameter, init and axes.
 
+Low-precision communication (report §3.3.3): under expert parallelism the MoE dispatch sends each
+token row as e4m3 1x128 tiles with their scales (``send_e4m3``), and the gradient that comes back to
+the experts' down-projection travels the same way (``send_grad_e4m3``); the combine and the
+dispatch's own gradient stay in the compute dtype. The tiles are the grouped GEMMs' own (row-local,
+so moving rows moves them whole): the experts quantize what arrives to the same e4m3 values.
+
 FP8 inference (``cfg.fp8_weights``) keeps W itself in e4m3 with one fp32 ``scale_inv`` per 128x128
 block, as DeepSeek's FP8 release ships it (``Fp8Weight``): ``Fp8Linear`` runs the forward GEMM above
 on the stored blocks, with no master weight and no backward.
@@ -27,7 +33,7 @@ from jax.sharding import PartitionSpec as P
 from dsjax.sharding import BATCH, gather_along
 from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference
 from pallas_kernels.platform import auto_partitioned, requested_impl, resolve_impl
-from pallas_kernels.quant import (AMAX_MIN, E4M3, E4M3_MAX, GRAD_AMAX_MIN, TILE, dequantize_blocks, pad_to, quantize_blocks,
+from pallas_kernels.quant import (AMAX_MIN, E4M3, E4M3_MAX, GRAD_AMAX_MIN, TILE, dequantize_blocks, dequantize_tiles, pad_to, quantize_blocks,
                                   quantize_tiles, scale_from_amax, to_e4m3)
 
 
@@ -185,6 +191,63 @@ def _gemm(a, a_s, b, b_s, out_dtype, impl, tokens_contracted=False):
         return jax.lax.psum_scatter(c, "fsdp", scatter_dimension=scatter, tiled=True)
 
     return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=out, check_vma=False)(a, a_s, b, b_s)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def send_e4m3(move, x, aux=(), impl: str = "auto", pow2: bool = False):
+    """``move(x, aux)`` -- a collective that moves whole rows of x [..., H] between devices (``aux``:
+    its integer offsets and sizes) -- with x sent as e4m3 1x128 tiles and their fp32 scales, about a
+    byte per value; it arrives dequantized, in x's dtype. Gradient: move's transpose, in x's dtype."""
+    return _send_e4m3_fwd(move, x, aux, impl, pow2)[0]
+
+
+def _send_e4m3_fwd(move, x, aux, impl, pow2):
+    q, s = _row_tiles(x, impl, pow2, AMAX_MIN)
+    return _from_tiles(move(q, aux), move(s, aux), x), (x[..., :0], aux)
+
+
+def _send_e4m3_bwd(move, impl, pow2, res, ct):
+    like, aux = res
+    return _moved_back(move, aux, like, ct), None
+
+
+send_e4m3.defvjp(_send_e4m3_fwd, _send_e4m3_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 3, 4))
+def send_grad_e4m3(move, x, aux=(), impl: str = "auto", pow2: bool = False):
+    """``move(x, aux)`` as it is, while its gradient goes back (move's transpose) as e4m3 1x128 tiles
+    with fp32 scales, arriving dequantized in the gradient's dtype."""
+    return move(x, aux)
+
+
+def _send_grad_e4m3_fwd(move, x, aux, impl, pow2):
+    return move(x, aux), (x[..., :0], aux)
+
+
+def _send_grad_e4m3_bwd(move, impl, pow2, res, ct):
+    like, aux = res
+    q, s = _row_tiles(ct, impl, pow2, GRAD_AMAX_MIN)
+    return _from_tiles(_moved_back(move, aux, like, q), _moved_back(move, aux, like, s), ct), None
+
+
+send_grad_e4m3.defvjp(_send_grad_e4m3_fwd, _send_grad_e4m3_bwd)
+
+
+def _row_tiles(x, impl, pow2, amax_min):
+    """1x128 tiles of x's rows (2-D for the quantizer kernel): q [..., Hp] e4m3, s [..., Hp/128]."""
+    q, s = quantize_tiles(x.reshape(-1, x.shape[-1]), -1, pow2, amax_min, impl)
+    return q.reshape(*x.shape[:-1], -1), s.reshape(*x.shape[:-1], -1)
+
+
+def _from_tiles(q, s, like):
+    return dequantize_tiles(q, s)[..., : like.shape[-1]].astype(like.dtype)
+
+
+def _moved_back(move, aux, like, ct):
+    """move's transpose applied to ct, whose rows arrived where x's ``like`` [..., 0] rows left."""
+    aval = jax.ShapeDtypeStruct((*like.shape[:-1], ct.shape[-1]), ct.dtype)
+    return jax.linear_transpose(lambda v: move(v, aux), aval)(ct)[0]
 
 
 def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, impl="auto", pow2=False):

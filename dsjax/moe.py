@@ -8,7 +8,8 @@ changes which experts are picked, never their weights. Dispatch is dropless: the
 sorted by expert and run through grouped matmuls (``dsjax.gmm``). Under a mesh (``jax.set_mesh``)
 the experts run inside ``shard_map`` (``experts_parallel``): routed experts split over ``expert``,
 their hidden dim over ``tensor``, their weights gathered over ``fsdp`` (in e4m3 under FP8); token
-copies travel to their experts' devices by all-to-all and back.
+copies travel to their experts' devices by all-to-all and back (under FP8 sent in e4m3, and the
+gradient reaching the down-projection too: V3's low-precision communication, ``dsjax.fp8``).
 """
 
 import math
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from dsjax.config import ModelConfig
-from dsjax.fp8 import Fp8Recipe, Fp8Weight, block_count, fp8_init
+from dsjax.fp8 import Fp8Recipe, Fp8Weight, block_count, fp8_init, send_e4m3, send_grad_e4m3
 from dsjax.gmm import grouped_matmul
 from pallas_kernels.quant import E4M3
 from dsjax.mlp import MLP
@@ -141,12 +142,10 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
         rows, eid = x[order // k], flat[order]
         if n_ep == 1:
             ys, kept = _swiglu_local(rows, eid, w_gate, w_up, w_down, impl, fp8, fsdp), jnp.ones(t * k, bool)
-        elif dispatch == "all_to_all":
-            ys, kept = _a2a_fixed(rows, eid, e_local, n_ep, cfg.expert_capacity_factor,
-                                  lambda r, i: _swiglu_local(r, i, w_gate, w_up, w_down, impl, fp8, fsdp))  # fmt: skip
         else:
-            ys, kept = _a2a_ragged(rows, eid, e_local, n_ep, cfg.expert_capacity_factor,
-                                   lambda r, i: _swiglu_local(r, i, w_gate, w_up, w_down, impl, fp8, fsdp))  # fmt: skip
+            exchange = _a2a_fixed if dispatch == "all_to_all" else _a2a_ragged
+            ys, kept = exchange(rows, eid, e_local, n_ep, cfg.expert_capacity_factor,
+                                lambda r, i: _swiglu_local(r, i, w_gate, w_up, w_down, impl, fp8, fsdp), fp8)  # fmt: skip
         ys = jnp.where(kept[:, None], ys, 0)[jnp.argsort(order)].reshape(t, k, -1)
         y = jax.lax.psum(jnp.einsum("tkh,tk->th", ys, w.astype(ys.dtype)), "tensor")
         dropped = jax.lax.pmean(1.0 - kept.mean(), BATCH)
@@ -168,7 +167,22 @@ def _capacity(m: int, n_ep: int, factor: float) -> int:
     return m if factor == 0 else min(m, math.ceil(factor * m / n_ep))
 
 
-def _a2a_fixed(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn):
+def _there(move, x, aux, fp8):
+    """Token rows to their experts' devices: in e4m3 under FP8 (``fp8``: the recipe, else None)."""
+    return move(x, aux) if fp8 is None else send_e4m3(move, x, aux, *fp8)
+
+
+def _back(move, x, aux, fp8):
+    """Expert results back to their tokens' devices, as they are; under FP8 their gradient (the
+    down-projection's output gradient) travels the other way in e4m3."""
+    return move(x, aux) if fp8 is None else send_grad_e4m3(move, x, aux, *fp8)
+
+
+def _all_to_all(x, aux=()):
+    return jax.lax.all_to_all(x, "expert", 0, 0, tiled=True)
+
+
+def _a2a_fixed(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn, fp8=None):
     """Exchange through fixed [n_ep, cap] buffers with ``all_to_all`` (every backend, CPU included).
 
     rows [m, H] sorted by global expert id ``eid``; returns (results in the same order, kept [m])."""
@@ -181,14 +195,14 @@ def _a2a_fixed(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn):
     slot = jnp.where(kept, rank, cap)  # out of range: dropped by mode="drop"
     send = jnp.zeros((n_ep, cap, hdim), rows.dtype).at[dest, slot].set(rows, mode="drop")
     send_id = jnp.full((n_ep, cap), e_local, jnp.int32).at[dest, slot].set(eid % e_local, mode="drop")
-    recv = jax.lax.all_to_all(send, "expert", 0, 0, tiled=True)  # [source, cap, H]
-    recv_id = jax.lax.all_to_all(send_id, "expert", 0, 0, tiled=True)
+    recv = _there(_all_to_all, send, (), fp8)  # [source, cap, H]
+    recv_id = _all_to_all(send_id)
     out = expert_fn(recv.reshape(n_ep * cap, hdim), recv_id.reshape(-1)).reshape(n_ep, cap, hdim)
-    back = jax.lax.all_to_all(out, "expert", 0, 0, tiled=True)  # [destination, cap, H], our rows
+    back = _back(_all_to_all, out, (), fp8)  # [destination, cap, H], our rows
     return back[dest, jnp.minimum(slot, cap - 1)], kept
 
 
-def _a2a_ragged(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn):
+def _a2a_ragged(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn, fp8=None):
     """The same exchange with ``ragged_all_to_all`` (GPU/TPU): only the rows in use travel."""
     m, hdim = rows.shape
     dest = eid // e_local
@@ -204,16 +218,17 @@ def _a2a_ragged(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn):
     recv_offsets = (jnp.cumsum(recv_sizes) - recv_sizes).astype(jnp.int32)
     room = n_ep * cap
 
-    def send(operand, fill, in_off, in_sizes, out_off, out_sizes, n_out):
+    def send(operand, aux, n_out, fill=0):  # aux: (input offsets, send sizes, output offsets, receive sizes)
         buf = jnp.full((n_out, *operand.shape[1:]), fill, operand.dtype)
-        return jax.lax.ragged_all_to_all(operand, buf, in_off, in_sizes, out_off, out_sizes, axis_name="expert")
+        return jax.lax.ragged_all_to_all(operand, buf, *aux, axis_name="expert")
 
-    recv = send(rows, 0, starts, send_sizes, out_offsets, recv_sizes, room)
-    recv_id = send((eid % e_local).astype(jnp.int32), e_local, starts, send_sizes, out_offsets, recv_sizes, room)
+    there = (starts, send_sizes, out_offsets, recv_sizes)
+    recv = _there(lambda v, a: send(v, a, room), rows, there, fp8)
+    recv_id = send((eid % e_local).astype(jnp.int32), there, room, fill=e_local)
     out = expert_fn(recv, recv_id)
     # Back: my received chunk from source s returns to s's sorted rows at its start for me.
     starts_all = jax.lax.all_gather(starts, "expert")  # [source, destination]
-    back = send(out, 0, recv_offsets, recv_sizes, starts_all[:, me], send_sizes, m)
+    back = _back(lambda v, a: send(v, a, m), out, (recv_offsets, recv_sizes, starts_all[:, me], send_sizes), fp8)
     return back, kept
 
 

@@ -630,6 +630,90 @@ def test_fp8_grouped_gemm_gathers_fsdp_slices_in_e4m3(dim):
     gathers = [line for line in f.lower(x, w).as_text().splitlines() if "all_gather" in line and "->" in line]
     assert len(gathers) == 2 and all("f8E4M3FN>" in line.split("->")[-1] for line in gathers)  # forward, backward
 
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_dispatched_tiles_requantize_to_themselves(dtype, pow2):
+    """Why sending e4m3 rows changes nothing in the experts' forward GEMMs: quantizing the dequantized
+    1x128 tiles (in the compute dtype, as they arrive) gives back the same e4m3 values, and scales
+    whose product with them is the same -- bit for bit in bf16 (a tile's amax is a bf16 number),
+    within one fp32 rounding in fp32. Rows of huge, tiny and zero values, a ragged last tile."""
+    x = jnp.asarray(varied((64, 300), seed=3)).at[5].set(0.0).astype(dtype)
+    q, s = quantize_tiles(x, -1, pow2)
+    q2, s2 = quantize_tiles(fp8_mod._from_tiles(q, s, x), -1, pow2)
+    deq, deq2 = (np.asarray(a.astype(jnp.float32)) * np.repeat(np.asarray(b), 128, -1) for a, b in ((q, s), (q2, s2)))
+    if dtype == jnp.bfloat16 or pow2:
+        np.testing.assert_array_equal(deq2, deq)
+    else:
+        np.testing.assert_array_equal(np.asarray(q2, np.float32), np.asarray(q, np.float32))
+        np.testing.assert_allclose(s2, s, rtol=2**-23)
+
+
+EXPERT8 = jax.make_mesh((8,), ("expert",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices("cpu")[:8])
+
+
+@pytest.mark.parametrize("pow2", [False, True])
+def test_moe_dispatch_sends_e4m3_and_its_gradient_comes_back_exactly(pow2):
+    """V3's low-precision communication on 8 devices (``all_to_all`` over ``expert``): ``send_e4m3``
+    delivers exactly the moved, dequantized 1x128 tiles and returns the plain transpose of its
+    cotangent; ``send_grad_e4m3`` moves its input as it is and returns the moved, dequantized tiles
+    of its cotangent (gradient clamp). The all-to-alls that carry values travel as e4m3."""
+    from dsjax.moe import _all_to_all
+
+    x = jnp.asarray(varied((8 * 16, 3, 200), seed=4)).at[7].set(0.0)  # per device: [16, 3, 200] rows
+    w = jnp.asarray(varied(x.shape, seed=5)) * 1e-6
+
+    def on_mesh(f):
+        return jax.jit(jax.shard_map(f, mesh=EXPERT8, in_specs=P("expert"), out_specs=P("expert"), check_vma=False))
+
+    def tiles(v, amax_min=fp8_mod.AMAX_MIN):
+        q, s = fp8_mod._row_tiles(v, "xla", pow2, amax_min)
+        return fp8_mod._from_tiles(q, s, v)
+
+    for helper, forward, backward in ((fp8_mod.send_e4m3, lambda v: _all_to_all(tiles(v)), _all_to_all),
+                                      (fp8_mod.send_grad_e4m3, _all_to_all, lambda c: _all_to_all(tiles(c, GRAD_AMAX_MIN)))):  # fmt: skip
+
+        def both(x, w, helper=helper):
+            y, vjp = jax.vjp(lambda v: helper(lambda a, aux: _all_to_all(a), v, (), "xla", pow2), x)
+            return y, vjp(w)[0]
+
+        y, dx = on_mesh(both)(x, w)
+        ry, rdx = on_mesh(lambda x, w: (forward(x), backward(w)))(x, w)
+        np.testing.assert_array_equal(y, ry)
+        np.testing.assert_array_equal(dx, rdx)
+        text = on_mesh(both).lower(x, w).as_text()
+        moves = [line for line in text.splitlines() if "all_to_all" in line and "->" in line]
+        e4m3 = [line for line in moves if "f8E4M3FN>" in line.split("->")[-1]]
+        assert len(moves) == 3 and len(e4m3) == 1, moves  # values in e4m3 one way, scales (f32) and the plain way
+
+
+def test_moe_ragged_dispatch_sends_e4m3_when_lowered_for_tpu():
+    """The ``ragged_all_to_all`` exchange (GPU / TPU; XLA:CPU has none) under FP8, differentiated and
+    lowered for TPU: token rows go out as e4m3 + scales, results come back as they are, and in the
+    backward the down-projection's gradient goes out as e4m3 + scales, the rows' gradient back as is."""
+    from dsjax.fp8 import Fp8Recipe
+    from dsjax.moe import _a2a_ragged
+
+    m, h = 32, 256
+    rows = jax.random.normal(jax.random.key(0), (8 * m, h))
+    eid = jnp.sort(jax.random.randint(jax.random.key(1), (8, m), 0, 16), axis=1).reshape(-1)  # 2 experts per device
+
+    def loss(rows, eid, fp8):
+        def local(r, i):
+            ys, _ = _a2a_ragged(r, i, 2, 8, 0.0, lambda a, ids: a * 2.0, fp8)
+            return jnp.sum(ys * r)[None]
+
+        return jax.shard_map(local, mesh=EXPERT8, in_specs=(P("expert"), P("expert")), out_specs=P("expert"),
+                             check_vma=False)(rows, eid).sum()  # fmt: skip
+
+    def moved(fp8):
+        text = jax.jit(jax.grad(loss), static_argnums=2).trace(rows, eid, fp8).lower(lowering_platforms=("tpu",)).as_text()
+        return [line.split("->")[-1].strip() for line in text.splitlines() if "ragged_all_to_all" in line and "->" in line]
+
+    assert all(t.endswith("xf32>") for t in moved(None)) and len(moved(None)) == 4
+    fp8 = moved(Fp8Recipe("xla", False))
+    assert sorted(fp8) == sorted(["tensor<256x256xf8E4M3FN>", "tensor<256x2xf32>", "tensor<32x256xf32>"] * 2), fp8
+
+
 def test_fp8_dense_general_multi_axis_same_params():
     """o_proj-like (axis=(-2, -1)) and q_proj-like (features=(h, d)) kernels: same parameters, FP8 output close."""
     base = load_config("configs/tiny.yaml").model
