@@ -317,7 +317,7 @@ def main(argv=None):
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--output-dir", default="runs/fp8_train")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--jobs", type=int, default=1, choices=[1, 2, 3], help="runs at once, one process each")
+    ap.add_argument("--jobs", type=int, default=1, choices=range(1, 9), metavar="1..8", help="runs at once, one process each")
     ap.add_argument("--control", action="store_true", help="per seed, also the baseline in two microbatches")
     ap.add_argument("--branch-at", type=int, metavar="STEP",
                     help="start the FP8 and control runs from the baseline's checkpoint at STEP")  # fmt: skip

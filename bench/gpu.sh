@@ -34,7 +34,8 @@ quality)
   $py -m pip install -q --no-index --no-deps --upgrade --target /tmp/site .whl/*.whl || exit 1
   export PYTHONPATH=/tmp/site
   export JAX_COMPILATION_CACHE_DIR=/tmp/jax_cache  # every seed's run compiles the same programs: once
-  timeout 540 $py -m bench.fp8_train --jobs 3 --output-dir /tmp/fp8_train "$@" > "$out/fp8_train.json" 2> "$out/fp8_train.err"
+  # JOBS runs share the GPU at once (default 3; the tiny step leaves a GPU mostly idle, more may pay)
+  timeout 540 $py -m bench.fp8_train --jobs "${JOBS:-3}" --output-dir /tmp/fp8_train "$@" > "$out/fp8_train.json" 2> "$out/fp8_train.err"
   # every pair finished on this machine so far (also when time ran out before this call's JSON), pooled
   # with the repository's record, the new ones appended to it (copy $out/fp8_train_pairs.jsonl back);
   # pairs of another experiment than the record's (other key=value) are summarized alone
