@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -139,6 +140,10 @@ def gpu_devices(topology: str) -> list:
     name, _, count = topology.partition(":")
     if not (count or "1").isdigit():
         raise ConfigError(f"--topology {topology!r}: a GPU topology is NAME:COUNT, e.g. h100:8 ({', '.join(GPUS)})")
+    # The CUDA plugin checks the local CUDA libraries when JAX first starts its backends, and on a
+    # host without a GPU that check fails (cuPTI cannot load) and leaves the plugin out: skip it,
+    # nothing here runs on a local GPU. (Too late if this process started its backends already.)
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     try:
         return topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(name),
                                             topology=f"1x1x{count or 1}").devices  # fmt: skip
