@@ -344,6 +344,8 @@ def main(argv=None):
             with a.pairs.open("a") as f:  # a run without environment.json finished before it was written: here
                 for p in new:
                     f.write(json.dumps(p | {k: p[k] or here[k] for k in ("machine", "date", "jax")}) + "\n")
+                    for v in ("baseline", "fp8"):  # and the report says so too
+                        done[v, p["seed"]]["machine"] = done[v, p["seed"]].get("machine") or here["machine"]
             header["recorded"] = [p["seed"] for p in new]
         out = report(done, header)
         print(json.dumps(out, indent=2))

@@ -674,7 +674,8 @@ def test_fp8_quality_pairs_file_pools_recorded_pairs_and_records_new_ones(tmp_pa
     np.testing.assert_allclose(out["by_machine"]["A"]["mean_relative_difference"], rel[:2].mean(), atol=1e-5)
     assert pairs.read_text() == head + "".join(json.dumps(p) + "\n" for p in old)  # without --record: unchanged
 
-    assert main(["--summarize", str(d), "--pairs", str(pairs), "--record"])["recorded"] == [2, 3]
+    recording = main(["--summarize", str(d), "--pairs", str(pairs), "--record"])
+    assert recording["recorded"] == [2, 3] and set(recording["by_machine"]) == {"A", "B", "here"}
     rows = [json.loads(r) for r in pairs.read_text().splitlines()[1:]]
     assert [(r["seed"], r["baseline"], r["fp8"], r["machine"], r["date"]) for r in rows[2:]] == [
         (2, 1.95, 1.96, "B", "2026-12-01"), (3, 2.05, 2.0, "here", "2026-12-02")]  # fmt: skip
