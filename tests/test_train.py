@@ -119,6 +119,8 @@ def test_bf16_adam_moments_follow_plain_adamw_with_bf16_storage():
 
     fp32, fp32_state = run(dataclasses.replace(t, moment_dtype="float32"))
     assert {x.dtype for x in jax.tree.leaves((fp32_state[1][0].mu, fp32_state[1][0].nu))} == {jnp.dtype(jnp.float32)}
+    old_config = make_optimizer(load_config(TINY).train).init(params)[1][0]  # a config without the key: as before
+    assert {x.dtype for x in jax.tree.leaves((old_config.mu, old_config.nu))} == {jnp.dtype(jnp.float32)}
     assert np.abs(np.asarray(fp32["w"]) - p["w"]).max() > 1e-5  # bf16 storage is visible: the test can tell
 
 
