@@ -337,15 +337,16 @@ def main(argv=None):
             done, new = with_recorded(done, exp, branch_at, a.pairs)
         if not any(v == "fp8" and ("baseline", s) in done for v, s in done):
             raise SystemExit(f"--summarize: no finished baseline/fp8 pair in {' '.join(a.summarize)}; unfinished: {unfinished}")
-        header = {"date": environment()["date"], "summarized": a.summarize, "pairs_file": str(a.pairs) if a.pairs else None,
+        here = environment()
+        header = {"date": here["date"], "summarized": a.summarize, "pairs_file": str(a.pairs) if a.pairs else None,
                   "branch_at": branch_at, "unfinished": unfinished}  # fmt: skip
         if a.record:
-            here = environment()
-            with a.pairs.open("a") as f:  # a run without environment.json finished before it was written: here
-                for p in new:
-                    f.write(json.dumps(p | {k: p[k] or here[k] for k in ("machine", "date", "jax")}) + "\n")
+            with a.pairs.open("a") as f:
+                for p in new:  # a run without environment.json finished before it was written: here
+                    p |= {k: p[k] or here[k] for k in ("machine", "date", "jax")}
+                    f.write(json.dumps(p) + "\n")
                     for v in ("baseline", "fp8"):  # and the report says so too
-                        done[v, p["seed"]]["machine"] = done[v, p["seed"]].get("machine") or here["machine"]
+                        done[v, p["seed"]]["machine"] = p["machine"]
             header["recorded"] = [p["seed"] for p in new]
         out = report(done, header)
         print(json.dumps(out, indent=2))
