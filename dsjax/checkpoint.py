@@ -6,6 +6,11 @@ runs/<name>/checkpoints/<step>/  orbax: ``state`` (params, optimizer, selection 
 
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
 killed at any moment, also during a save, restores from the last complete checkpoint.
+
+On one host each shard is written from one replica. Orbax's default, replica-parallel saving,
+splits a replicated shard among its replicas so that several hosts share the writing; on one host
+it writes the same bytes after slicing every shard op by op, one compile per slice shape: for the
+tiny train state on a 2x2x2 CPU mesh, 216 compiles and 8.6 s in the first save, against 0.6 s.
 """
 
 from __future__ import annotations
@@ -13,8 +18,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 import yaml
+from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's own ArrayHandler keeps
 
 from dsjax.config import Config, ModelConfig, load_config
 
@@ -36,13 +43,24 @@ def save_config(cfg: Config, directory: Path) -> None:
     tmp.replace(directory / "config.yaml")
 
 
+def _state_handler() -> ocp.PyTreeCheckpointHandler:
+    """Orbax's pytree handler (the one its StandardSave wraps: same files); orbax's replica-parallel
+    default only when several processes share the writing."""
+    t = ocp.type_handlers
+    arrays = t.ArrayHandler(use_replica_parallel=None if jax.process_count() > 1 else False,
+                            array_metadata_store=array_metadata_store.Store())  # fmt: skip
+    others = [(ty, t.get_type_handler(ty)) for ty in (int, float, bytes, np.number, np.ndarray, str)]
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=t.create_type_handler_registry(*others, (jax.Array, arrays)))
+
+
 def manager(directory: Path, keep: int = 3) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
-    return ocp.CheckpointManager(Path(directory).absolute() / "checkpoints", options=options)
+    handlers = {"state": _state_handler(), "data": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(Path(directory).absolute() / "checkpoints", options=options, item_handlers=handlers)
 
 
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)))
+    mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data_state)))
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
@@ -51,7 +69,8 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {mngr.directory}")
     out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))  # fmt: skip
+        state=ocp.args.PyTreeRestore(abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
+        data=ocp.args.JsonRestore()))  # fmt: skip
     return out["state"], out["data"]
 
 
