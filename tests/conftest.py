@@ -3,9 +3,15 @@ sharding tests can build meshes; single-device code keeps running on device 0.""
 
 import os
 
-flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in flags:
-    os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=8".strip()
+flags = os.environ.get("XLA_FLAGS", "").split()
+if not any("xla_force_host_platform_device_count" in f for f in flags):
+    flags.append("--xla_force_host_platform_device_count=8")
+# Most of the suite's time is XLA compiling small programs; without LLVM's optimisation passes that
+# takes about half as long, and the programs compute the same (no fast-math either way). A level
+# given in XLA_FLAGS is kept.
+if not any("xla_backend_optimization_level" in f for f in flags):
+    flags.append("--xla_backend_optimization_level=0")
+os.environ["XLA_FLAGS"] = " ".join(flags)
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu (for dsjax.aot) in several processes
 # JAX's persistent compilation cache, shared by the xdist workers and the train.py / notebook
 # subprocesses (they inherit the environment): a program compiled once in the run is loaded, not
