@@ -44,13 +44,15 @@ def save_config(cfg: Config, directory: Path) -> None:
 
 
 def _state_handler() -> ocp.PyTreeCheckpointHandler:
-    """Orbax's pytree handler (the one its StandardSave wraps: same files); orbax's replica-parallel
-    default only when several processes share the writing."""
+    """Orbax's pytree handler, set as its StandardSave sets it (same files). Several processes keep
+    orbax's own jax.Array writer; one process writes each shard from one replica."""
+    limits = dict(save_concurrent_gb=96, restore_concurrent_gb=96)
+    if jax.process_count() > 1:
+        return ocp.PyTreeCheckpointHandler(**limits)
     t = ocp.type_handlers
-    arrays = t.ArrayHandler(use_replica_parallel=None if jax.process_count() > 1 else False,
-                            array_metadata_store=array_metadata_store.Store())  # fmt: skip
+    arrays = t.ArrayHandler(use_replica_parallel=False, array_metadata_store=array_metadata_store.Store())
     others = [(ty, t.get_type_handler(ty)) for ty in (int, float, bytes, np.number, np.ndarray, str)]
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=t.create_type_handler_registry(*others, (jax.Array, arrays)))
+    return ocp.PyTreeCheckpointHandler(type_handler_registry=t.create_type_handler_registry(*others, (jax.Array, arrays)), **limits)
 
 
 def manager(directory: Path, keep: int = 3) -> ocp.CheckpointManager:
