@@ -182,6 +182,34 @@ def _all_to_all(x, aux=()):
     return jax.lax.all_to_all(x, "expert", 0, 0, tiled=True)
 
 
+def _arrivals(eid, e_local: int, n_ep: int, cap: int):
+    """What each source sends here, from one all_gather of every device's per-expert row counts
+    (the rows themselves go sorted by expert, at most ``cap`` per destination): [source, local
+    expert] counts that fit. The receiver rebuilds the rows' expert ids from them, so no id travels."""
+    counts = jax.lax.all_gather(jnp.bincount(eid, length=n_ep * e_local).astype(jnp.int32), "expert")
+    counts = counts.reshape(n_ep, n_ep, e_local)  # [source, destination, local expert]
+    mine = counts[:, jax.lax.axis_index("expert")]
+    return counts, jnp.clip(cap - (jnp.cumsum(mine, axis=-1) - mine), 0, mine)
+
+
+def _segment_ids(counts, n: int):
+    """Index of the segment each of n positions falls in, segments of ``counts`` rows laid end to end
+    (positions past them: len(counts))."""
+    return jnp.searchsorted(jnp.cumsum(counts), jnp.arange(n), side="right").astype(jnp.int32)
+
+
+def _fixed_ids(fits, cap: int):
+    """Local expert ids of the fixed exchange's [source, cap] slots (e_local: an empty slot)."""
+    return jax.vmap(_segment_ids, (0, None))(fits, cap)
+
+
+def _ragged_ids(fits, room: int):
+    """Local expert ids of the ragged exchange's ``room`` rows: the sources' chunks end to end."""
+    e_local = fits.shape[-1]
+    segment = _segment_ids(fits.reshape(-1), room)
+    return jnp.where(segment < fits.size, segment % e_local, e_local)
+
+
 def _a2a_fixed(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn, fp8=None):
     """Exchange through fixed [n_ep, cap] buffers with ``all_to_all`` (every backend, CPU included).
 
@@ -194,9 +222,8 @@ def _a2a_fixed(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn, fp8
     kept = rank < cap
     slot = jnp.where(kept, rank, cap)  # out of range: dropped by mode="drop"
     send = jnp.zeros((n_ep, cap, hdim), rows.dtype).at[dest, slot].set(rows, mode="drop")
-    send_id = jnp.full((n_ep, cap), e_local, jnp.int32).at[dest, slot].set(eid % e_local, mode="drop")
     recv = _there(_all_to_all, send, (), fp8)  # [source, cap, H]
-    recv_id = _all_to_all(send_id)
+    recv_id = _fixed_ids(_arrivals(eid, e_local, n_ep, cap)[1], cap)
     out = expert_fn(recv.reshape(n_ep * cap, hdim), recv_id.reshape(-1)).reshape(n_ep, cap, hdim)
     back = _back(_all_to_all, out, (), fp8)  # [destination, cap, H], our rows
     return back[dest, jnp.minimum(slot, cap - 1)], kept
@@ -204,31 +231,27 @@ def _a2a_fixed(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn, fp8
 
 def _a2a_ragged(rows, eid, e_local: int, n_ep: int, factor: float, expert_fn, fp8=None):
     """The same exchange with ``ragged_all_to_all`` (GPU/TPU): only the rows in use travel."""
-    m, hdim = rows.shape
-    dest = eid // e_local
-    sizes = jnp.bincount(dest, length=n_ep).astype(jnp.int32)  # rows to each device
+    m = rows.shape[0]
     cap = _capacity(m, n_ep, factor)
-    send_sizes = jnp.minimum(sizes, cap)  # beyond the capacity: dropped
-    starts = (jnp.cumsum(sizes) - sizes).astype(jnp.int32)
-    kept = jnp.arange(m) - starts[dest] < cap
-    table = jax.lax.all_gather(send_sizes, "expert")  # [source, destination]
+    counts, fits = _arrivals(eid, e_local, n_ep, cap)
+    wanted = counts.sum(-1)  # [source, destination]: rows each source has for each destination
+    sent = jnp.minimum(wanted, cap)  # beyond the capacity: dropped
+    starts = jnp.cumsum(wanted, axis=1) - wanted  # where those rows begin in the source's sorted rows
     me = jax.lax.axis_index("expert")
-    before = jnp.cumsum(table, axis=0) - table  # rows that earlier sources put in each destination
-    out_offsets, recv_sizes = before[me], table[:, me]
-    recv_offsets = (jnp.cumsum(recv_sizes) - recv_sizes).astype(jnp.int32)
+    kept = jnp.arange(m) - starts[me][eid // e_local] < cap
+    before = jnp.cumsum(sent, axis=0) - sent  # rows that earlier sources put in each destination
+    recv_sizes = sent[:, me]
+    recv_offsets = jnp.cumsum(recv_sizes) - recv_sizes
     room = n_ep * cap
 
-    def send(operand, aux, n_out, fill=0):  # aux: (input offsets, send sizes, output offsets, receive sizes)
-        buf = jnp.full((n_out, *operand.shape[1:]), fill, operand.dtype)
+    def send(operand, aux, n_out):  # aux: (input offsets, send sizes, output offsets, receive sizes)
+        buf = jnp.zeros((n_out, *operand.shape[1:]), operand.dtype)
         return jax.lax.ragged_all_to_all(operand, buf, *aux, axis_name="expert")
 
-    there = (starts, send_sizes, out_offsets, recv_sizes)
-    recv = _there(lambda v, a: send(v, a, room), rows, there, fp8)
-    recv_id = send((eid % e_local).astype(jnp.int32), there, room, fill=e_local)
-    out = expert_fn(recv, recv_id)
-    # Back: my received chunk from source s returns to s's sorted rows at its start for me.
-    starts_all = jax.lax.all_gather(starts, "expert")  # [source, destination]
-    back = _back(lambda v, a: send(v, a, m), out, (recv_offsets, recv_sizes, starts_all[:, me], send_sizes), fp8)
+    recv = _there(lambda v, a: send(v, a, room), rows, (starts[me], sent[me], before[me], recv_sizes), fp8)
+    out = expert_fn(recv, _ragged_ids(fits, room))
+    # Back: my received chunk from source s returns to s's sorted rows, at its start for me.
+    back = _back(lambda v, a: send(v, a, m), out, (recv_offsets, recv_sizes, starts[:, me], sent[me]), fp8)
     return back, kept
 
 

@@ -689,7 +689,8 @@ def test_moe_dispatch_sends_e4m3_and_its_gradient_comes_back_exactly(pow2):
 def test_moe_ragged_dispatch_sends_e4m3_when_lowered_for_tpu():
     """The ``ragged_all_to_all`` exchange (GPU / TPU; XLA:CPU has none) under FP8, differentiated and
     lowered for TPU: token rows go out as e4m3 + scales, results come back as they are, and in the
-    backward the down-projection's gradient goes out as e4m3 + scales, the rows' gradient back as is."""
+    backward the down-projection's gradient goes out as e4m3 + scales, the rows' gradient back as is.
+    No expert id travels (the receivers rebuild them from gathered counts)."""
     from dsjax.fp8 import Fp8Recipe
     from dsjax.moe import _a2a_ragged
 
@@ -699,7 +700,7 @@ def test_moe_ragged_dispatch_sends_e4m3_when_lowered_for_tpu():
 
     def loss(rows, eid, fp8):
         def local(r, i):
-            ys, _ = _a2a_ragged(r, i, 2, 8, 0.0, lambda a, ids: a * 2.0, fp8)
+            ys, _ = _a2a_ragged(r, i, 2, 8, 0.0, lambda a, ids: a * (2.0 + ids[:, None]), fp8)  # uses the ids
             return jnp.sum(ys * r)[None]
 
         return jax.shard_map(local, mesh=EXPERT8, in_specs=(P("expert"), P("expert")), out_specs=P("expert"),
