@@ -4,6 +4,7 @@ non-finite steps, data pipeline and checkpoint resume."""
 import dataclasses
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -622,6 +623,54 @@ def test_fp8_quality_call_cut_short_picks_up_where_it_stopped(tmp_path, monkeypa
     with pytest.raises(SystemExit, match="fp8_seed0 holds a run from scratch, this call asks for one branched at step 200"):
         main(["--seeds", "0", "--branch-at", "200", "--output-dir", str(scratch)])
     assert calls == [] and (scratch / "fp8_seed0" / "checkpoints" / "200").is_dir()
+
+
+def test_fp8_quality_runs_compile_once_per_machine(tmp_path, monkeypatch):
+    """Each run of `bench.fp8_train` uses a persistent compilation cache in its output dir, one folder
+    per machine: a later seed's runs load what the first compiled (no new entry); outside a run
+    nothing is cached, and a cache the user set is left alone."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_compilation_cache_dir", None)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache even this test's tiny program
+    try:
+        _check_runs_compile_once(tmp_path, monkeypatch)
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before[0])
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", before[1])
+        compilation_cache.reset_cache()
+
+
+def _check_runs_compile_once(tmp_path, monkeypatch):
+    from bench.common import environment
+    from bench.fp8_train import main
+
+    seen = []
+
+    def fake_train(cfg, resume=False, progress=True):  # compiles the same program in every run
+        seen.append((jax.config.jax_compilation_cache_dir, cfg.train.seed))
+        jax.jit(lambda x: jnp.tanh(x) * 3.0 + cfg.train.steps).lower(jnp.ones(7)).compile()
+        return {"step": cfg.train.steps, "val_loss": 2.25, "loss": 2.0}
+
+    monkeypatch.setattr(train_script, "train", fake_train)
+    jax.jit(lambda x: x - 2.0).lower(jnp.ones(2)).compile()  # a process that compiled before, uncached
+    out = tmp_path / "out"
+    main(["--seeds", "0", "--output-dir", str(out)])
+    cache = out / ".jax_cache"
+    assert [p.name for p in cache.iterdir()] == [re.sub(r"[^\w.-]+", "_", environment()["machine"])]
+    entries = sorted(p.name for p in cache.rglob("*") if p.is_file())
+    assert entries and {d for d, _ in seen} == {str(next(cache.iterdir()))}
+    main(["--seeds", "1", "--output-dir", str(out)])
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == entries  # loaded, not compiled again
+    assert jax.config.jax_compilation_cache_dir is None  # and off again after the runs
+    jax.jit(lambda x: x * 5.0 - 1.0).lower(jnp.ones(3)).compile()
+    assert sorted(p.name for p in cache.rglob("*") if p.is_file()) == entries
+
+    jax.config.update("jax_compilation_cache_dir", str(tmp_path / "mine"))
+    seen.clear()
+    main(["--seeds", "2", "--output-dir", str(out)])
+    assert {d for d, _ in seen} == {str(tmp_path / "mine")} and jax.config.jax_compilation_cache_dir == str(tmp_path / "mine")
 
 
 @pytest.mark.parametrize("case", ["rerun differs", "other experiment", "mislabeled"])
