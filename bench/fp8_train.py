@@ -86,9 +86,8 @@ def compiled_once(output_dir: str):
     """JAX's persistent compilation cache, in ``output_dir``, for the span of one run: every seed's
     runs compile the same train and eval programs, so only the first run of each variant compiles
     them (the tiny config's train step, on a 2-core CPU shared with two runs: 82 s to compile, 21 s
-    to trace and load from the cache). One folder per
-    machine, as an executable is built for the CPU it compiled on. A cache the user set
-    (``JAX_COMPILATION_CACHE_DIR``) is used as it is."""
+    to trace and load from the cache). One folder per machine, as an executable is built for the
+    CPU it compiled on. A cache the user set (``JAX_COMPILATION_CACHE_DIR``) is used as it is."""
     if jax.config.jax_compilation_cache_dir:
         yield
         return
