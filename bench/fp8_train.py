@@ -313,6 +313,22 @@ def summary(rel: list[float]) -> dict:
     return out
 
 
+def spread(base: dict, done: dict, seeds: list[int]) -> dict:
+    """Whether FP8 moves where a seed's run ends up, beyond its mean: each arm's seed-to-seed spread
+    of the final loss (standard deviation / mean) over the paired seeds, the correlation of a seed's
+    two losses (how much of the chaos the pairing shares) and the Brown-Forsythe test's p-value for
+    equal spreads (Levene's, centred on the medians: robust to the heavy tails of the forks)."""
+    b, f = [base[s]["val_loss"] for s in seeds], [done["fp8", s]["val_loss"] for s in seeds]
+    if len(seeds) < 3 or len(set(b)) < 2 or len(set(f)) < 2:  # no spread to compare
+        return {}
+    from scipy.stats import levene
+
+    rel_sd = lambda x: round(statistics.stdev(x) / statistics.fmean(x), 5)  # noqa: E731
+    return {"seed_spread": {"baseline": rel_sd(b), "fp8": rel_sd(f)},
+            "seed_correlation": round(statistics.correlation(b, f), 4),
+            "equal_spread_p": float(f"{levene(b, f, center='median').pvalue:.3g}")}  # fmt: skip
+
+
 def report(done: dict, header: dict) -> dict:
     """FP8 (and control) against the baseline, over every seed that has both runs of a pair."""
     base = {s: r for (v, s), r in sorted(done.items()) if v == "baseline"}
@@ -325,7 +341,7 @@ def report(done: dict, header: dict) -> dict:
             continue
         rel = [done[v, s]["val_loss"] / base[s]["val_loss"] - 1 for s in seeds]
         out |= {v: [done[v, s] for s in seeds], f"{name}_relative_difference": [round(r, 5) for r in rel]}
-        out |= summary(rel) if v == "fp8" else {"control_summary": summary(rel)}
+        out |= summary(rel) | spread(base, done, seeds) if v == "fp8" else {"control_summary": summary(rel)}
         machines = {base[s].get("machine") for s in seeds}
         if v == "fp8" and len(machines) > 1:  # pairs of several machines: each machine's own report
             out["by_machine"] = {str(h): summary([r for s, r in zip(seeds, rel) if base[s].get("machine") == h])

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import scipy.stats
 
 import train as train_script
 from dsjax import checkpoint as ckpt
@@ -544,6 +545,16 @@ def test_fp8_quality_summary_pools_pairs_across_output_dirs(tmp_path):
     assert out["pairs_for_interval_inside_target"] == math.ceil(need)
     assert len(out["unfinished"]) == 1 and "fp8_seed7" in out["unfinished"][0] and "step 200" in out["unfinished"][0]
     assert "control" not in out
+    # each arm's spread, their correlation, and the Brown-Forsythe test of equal spreads written out:
+    # a one-way ANOVA F on the distances from each arm's median
+    x, y = np.array(base), np.array(fp8)
+    for arm, v in (("baseline", x), ("fp8", y)):
+        np.testing.assert_allclose(out["seed_spread"][arm], v.std(ddof=1) / v.mean(), atol=1e-5)
+    np.testing.assert_allclose(out["seed_correlation"], np.corrcoef(x, y)[0, 1], atol=1e-4)
+    z = [np.abs(v - np.median(v)) for v in (x, y)]
+    zbar = np.concatenate(z).mean()
+    f_stat = 8 * sum(5 * (zi.mean() - zbar) ** 2 for zi in z) / sum(((zi - zi.mean()) ** 2).sum() for zi in z)
+    np.testing.assert_allclose(out["equal_spread_p"], scipy.stats.f.sf(f_stat, 1, 8), rtol=1e-3)
 
 
 def test_fp8_quality_branched_runs_are_marked_and_never_pooled_with_runs_from_scratch(tmp_path, monkeypatch):
