@@ -18,7 +18,8 @@ same in both, and the difference is what FP8 does to training from there on. Eac
 Pairs pile up over many calls (a lent GPU's 10-minute calls, sessions on a CPU): ``--summarize DIR...``
 reads the runs already in those output directories, pairs them by seed, and prints the same report
 over all of them -- the mean with its standard error and 95% interval, the median, how many pairs
-meet the target, and about how many pairs would bound the mean inside it at this spread. Run
+meet the target, about how many pairs would bound the mean inside it at this spread, and whether
+FP8 changes the spread of the final losses itself (each arm's, their correlation, a test). Run
 directories stay on the machine that ran them; the pairs themselves are kept in the repository:
 ``--pairs bench/fp8_train_pairs.jsonl`` pools the pairs recorded there (every finished
 from-scratch pair so far, with the machine it ran on) into the report, and ``--record`` appends the
