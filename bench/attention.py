@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import environment
-from dsjax.attention import AttentionMask, latent_attention_reference, mla_attention_reference
+from dsjax.model.attention import AttentionMask, latent_attention_reference, mla_attention_reference
 from pallas_kernels.flash_mla import flash_mla
 from pallas_kernels.mla_decode import mla_decode
 

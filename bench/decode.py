@@ -11,7 +11,7 @@ and MTP speculative vs plain decoding.
    layer are read from the cache arrays.
 2. Greedy generation tokens/s (best of 3 warm runs; batch 1 and 4, 32-token prompts), plain vs
    speculative (1 MTP module), with random weights (drafts essentially never right) and with
-   rigged weights (``rigged``: drafts right 70-90% of the time).
+   rigged weights (``echoing_variables``: drafts right 70-90% of the time).
 3. DeepSeek-V3 dims: bytes per token per layer of both caches (576 vs 40960 values).
 Prints JSON (device, date, jax version, ratios).
 """
@@ -27,10 +27,10 @@ import numpy as np
 
 from bench.common import environment
 from dsjax.config import ModelConfig
-from dsjax.generate import generate
-from dsjax.mla import MLA, LatentCache
-from dsjax.model import Transformer, init_cache, random_variables
-from dsjax.rope import rope_angles, softmax_scale
+from dsjax.infer.generate import generate
+from dsjax.model import Transformer, echoing_variables, init_cache, random_variables
+from dsjax.model.mla import MLA, LatentCache
+from dsjax.model.rope import rope_angles, softmax_scale
 
 
 def bench_config() -> ModelConfig:
@@ -67,23 +67,6 @@ class ExpandedMLA(MLA):
         scores = jnp.where(mask[:, None], scores * softmax_scale(c), jnp.finfo(jnp.float32).min)
         out = jnp.einsum("bhst,bhtd->bshd", jax.nn.softmax(scores, -1).astype(cache.v.dtype), cache.v)
         return self.o_proj(out), cache
-
-
-def rigged(variables, alpha: float = 30.0):
-    """The output head set to Emb^T, every residual branch scaled by alpha, and eh_proj passing the
-    embedding through: at alpha 0 the model and its MTP modules both repeat their input token, so
-    every draft is right; at alpha 30 (random weights otherwise) 70-90% are."""
-    v = jax.tree.map(np.array, variables)
-    p = v["params"]
-    p["lm_head"]["kernel"] = p["embed_tokens"]["embedding"].T.copy()
-    for path, leaf in jax.tree_util.tree_leaves_with_path(p):
-        keys = [getattr(k, "key", "") for k in path]
-        if keys[-2:] in (["o_proj", "kernel"], ["down_proj", "kernel"]) or keys[-1] == "w_down":
-            leaf *= alpha
-    for m in (k for k in p if k.startswith("mtp_")):
-        h = p[m]["eh_proj"]["kernel"].shape[1]
-        p[m]["eh_proj"]["kernel"] = np.concatenate([np.eye(h), np.zeros((h, h))]).astype(np.float32)
-    return v
 
 
 def time_ms(step, cache, repeats: int) -> float:
@@ -139,7 +122,7 @@ def speculative_vs_plain(cfg: ModelConfig, variables, batch: int, prompt_len: in
     """Greedy tokens/s (best of ``repeats`` warm runs), plain vs speculative, random and rigged weights."""
     prompts = np.random.default_rng(2).integers(0, cfg.vocab_size, (batch, prompt_len)).tolist()
     out = {}
-    for name, v in (("random", variables), ("rigged", rigged(variables))):
+    for name, v in (("random", variables), ("rigged", echoing_variables(variables))):
         runs = {}
         for spec in (False, True):
             generate(cfg, v, prompts, new, speculative=spec)  # compile

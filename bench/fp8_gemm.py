@@ -4,13 +4,13 @@ Rows per (N, K): ``pallas`` (this backend's kernel through the dispatch, TPU / G
 also each GPU kernel by name: ``mosaic_gpu`` (Hopper wgmma) and ``triton``), ``xla`` (the jnp
 reference: a scan over K blocks), and XLA's own ``bf16_dot`` and ``fp8_per_tensor_dot`` (e4m3
 operands, one scale each: what XLA can fuse into an FP8 GEMM itself) on the same device, each with
-its ratio to ``bf16_dot`` (issue 6's target on an H100: >= 1.3x), and each row's ``rel_err``: max |C -
+its ratio to ``bf16_dot`` (the target on an H100: >= 1.3x), and each row's ``rel_err``: max |C -
 C_ref| / max |C_ref| against the ``xla`` reference's output (the block-scaled rows take the same e4m3
 operands, so theirs is bf16 rounding, and ``matches_reference`` is ``rel_err <= 1e-2``; the bf16 and
 per-tensor dots show their own quantization's distance). A kernel that fails to compile or run is
 recorded with its error, the other rows still measured. Operands are quantized
-before timing (GEMM only); output bf16. M = 4096, (N, K) as in V3 (REFERENCE §7: DeepGEMM reaches
-1520 TFLOP/s at 4096 x 7168 x 16384 on H800). ``--sweep`` adds a row per Mosaic GPU tile
+before timing (GEMM only); output bf16. M = 4096, (N, K) as in V3 (DeepGEMM's README: 1520 TFLOP/s at
+4096 x 7168 x 16384 on an H800). ``--sweep`` adds a row per Mosaic GPU tile
 configuration (``mosaic_gpu_tn{N tile}_s{TMA ring depth}``): one run on a lent H100 tunes it.
 
     python -m bench.fp8_gemm [--quick] [--sweep] [--impls pallas mosaic_gpu triton xla bf16_dot fp8_per_tensor_dot] [--repeats 10]

@@ -1,12 +1,12 @@
 """FP8 training quality: the same runs with ``model.fp8`` off and on, final validation losses compared.
 
 For each seed (``train.seed``: initialization and data order), both runs use the same config, data
-and steps (``train.train``); only the FP8 recipe for the projections and experts changes
-(REFERENCE §7). Reported: each seed's relative difference of the final validation loss, their mean,
+and steps (``dsjax.train.train``); only the FP8 recipe for the projections and experts changes
+(DeepSeek-V3 §3.3). Reported: each seed's relative difference of the final validation loss, their mean,
 and the seed-to-seed spread of the baseline itself (how much a tiny run moves for reasons that are
 not FP8). ``--control`` adds, per seed, the baseline once more with its batch in two microbatches:
 the same math, only the order of fp32 sums changes -- how far the run's own chaos moves the final
-loss, the floor under which no comparison of two runs can see anything. Target (issue 6): mean
+loss, the floor under which no comparison of two runs can see anything. Target: mean
 relative difference <= 0.5% (V3 reports < 0.25% at scale).
 
 ``--branch-at STEP`` starts the FP8 (and control) runs from the baseline's own checkpoint at STEP
@@ -57,14 +57,14 @@ from dsjax.config import ConfigError, apply_overrides, load_config
 
 
 VARIANTS = {"baseline": [], "fp8": ["model.fp8=true"], "control": ["train.microbatches=2"]}
-TARGET = 0.005  # issue 6: |final validation loss, FP8 vs baseline| <= 0.5% relative
+TARGET = 0.005  # |final validation loss, FP8 vs baseline| <= 0.5% relative
 BRANCHED = "branched_from.json"  # in a --branch-at run's directory: the baseline and step it started from
 ENVIRONMENT = "environment.json"  # in a finished run's directory: the machine and libraries it finished on
 
 
 def run(config: str, output_dir: str, variant: str, seed: int, overrides: list[str], branch_at: int | None = None) -> dict:
-    from dsjax.checkpoint import run_dir
-    from train import train  # the repository's training loop (train.py at the root)
+    from dsjax.train import train
+    from dsjax.train.checkpoint import run_dir
 
     name = f"{variant}_seed{seed}"
     cfg = load_config(config, [*overrides, *VARIANTS[variant], f"train.seed={seed}", f"train.run_name={name}",
@@ -105,7 +105,7 @@ def earlier(cfg, branch_at: int | None) -> dict | None:
     has not finished; ``train`` then resumes it). Refused, naming the difference: a run there with
     other settings, or started otherwise (from scratch / branched at another step) -- continuing
     it would mix two experiments in one run."""
-    from dsjax.checkpoint import has_checkpoints, run_dir
+    from dsjax.train.checkpoint import has_checkpoints, run_dir
 
     rd = run_dir(cfg)
     if not (rd / "config.yaml").is_file():
@@ -143,7 +143,7 @@ def branch(source: Path, cfg, step: int) -> None:
     """Seeds ``cfg``'s run directory with ``source``'s checkpoint at ``step`` and its metrics up to it.
     Built aside and moved in whole: a call cut off mid-copy leaves no half-branched run (which the
     next call would take for a run from scratch), only the side directory, which it rebuilds."""
-    from dsjax import checkpoint as ckpt
+    from dsjax.train import checkpoint as ckpt
 
     src, dst = source / "checkpoints" / str(step), ckpt.run_dir(cfg)
     if not (src / "commit_success.txt").is_file():

@@ -10,12 +10,13 @@
 #      the file does not hold yet; another experiment than the file's is summarized on its own)
 #
 # The machine's python3 has JAX and the test tools but not grain (the data loader): `quality`
-# installs it from ./.whl, which a session fills beforehand (README, "Running on a GPU").
+# installs it from ./.whl, which a session fills beforehand (docs/gpu.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out=${OUT:-gpu_out}
 mkdir -p "$out"
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1  # several processes share the GPU
+export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda,cpu}  # tests/conftest.py defaults the suite to the CPU
 py=${PYTHON:-python3}
 phase=${1:?usage: bash bench/gpu.sh tests|bench|quality [key=value ...] --seeds SEED...}
 shift
@@ -26,7 +27,7 @@ tests)
   # XLA's default optimisation level (3), which tests/conftest.py lowers to 0 unless XLA_FLAGS names one:
   # the kernels are checked compiled as users compile them
   XLA_FLAGS="${XLA_FLAGS:-} --xla_backend_optimization_level=3" \
-    timeout 540 $py -m pytest -p no:cacheprovider -n 4 -m accelerator tests/test_fp8.py tests/test_attention.py 2>&1 | tee "$out/tests.log"
+    timeout 540 $py -m pytest -p no:cacheprovider -n 4 -m accelerator tests/kernels tests/model 2>&1 | tee "$out/tests.log"
   ;;
 bench)
   timeout 360 $py -m bench.fp8_gemm --sweep > "$out/fp8_gemm.json" 2> "$out/fp8_gemm.err"

@@ -1,9 +1,9 @@
 """Training throughput: tokens/s and model FLOPs utilization of the real train step.
 
-Times ``dsjax.trainer.make_train_step`` (forward, backward, AdamW, bias update) on synthetic tokens,
+Times ``dsjax.train.step.make_train_step`` (forward, backward, AdamW, bias update) on synthetic tokens,
 on the mesh from the config, and prints JSON with tokens/s and MFU = analytic training FLOPs per
-token (``dsjax.flops``: 6 x activated matmul parameters + causal attention) x tokens/s / (devices x
-the chip's dense bf16 peak). Baseline: the 35% MFU target (issue 4, on an H100).
+token (``dsjax.model.params``: 6 x activated matmul parameters + causal attention) x tokens/s / (devices x
+the chip's dense bf16 peak). Baseline: the 35% MFU target (on an H100).
 
     python -m bench.train_step --config configs/deepseek_v2_lite.yaml model.num_hidden_layers=8 \
         train.seq_len=4096 train.batch_size=4 model.dtype=bfloat16 [model.fp8=true] [--steps 10]
@@ -17,13 +17,13 @@ import jax
 import jax.numpy as jnp
 
 from bench.common import environment
-from dsjax import sharding
 from dsjax.config import load_config
-from dsjax.flops import training_flops_per_token
-from dsjax.model import Transformer
-from dsjax.trainer import init_state, make_train_step, state_shardings
+from dsjax.model import Transformer, training_flops_per_token
+from dsjax.parallel.mesh import check_divisible, make_mesh
+from dsjax.parallel.rules import batch_sharding
+from dsjax.train.step import init_state_sharded, make_train_step, state_shardings
 
-# Dense bf16 peak FLOP/s per device, by jax device_kind (REFERENCE §9; vendor figures).
+# Dense bf16 peak FLOP/s per device, by jax device_kind (vendor figures).
 PEAK = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "TPU v5": 459e12, "TPU v5p": 459e12,
         "TPU v6 lite": 918e12, "TPU v5 lite": 197e12, "TPU v4": 275e12}  # fmt: skip
 TARGET_MFU = 0.35
@@ -35,12 +35,12 @@ def peak_flops(kind: str) -> float | None:
 
 def measure(cfg, steps: int, warmup: int) -> dict:
     t = cfg.train
-    mesh = sharding.make_mesh(cfg.mesh)
-    sharding.check(mesh, cfg.model, t.batch_size // t.microbatches)
+    mesh = make_mesh(cfg.mesh)
+    check_divisible(mesh, cfg.model, t.batch_size // t.microbatches)
     model = Transformer(cfg.model)
-    state_sh, batch_sh = state_shardings(cfg, model, mesh), sharding.batch_sharding(mesh)
+    state_sh, batch_sh = state_shardings(cfg, model, mesh), batch_sharding(mesh)
+    state = init_state_sharded(cfg, model, mesh, jax.random.key(0), state_sh)
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda: init_state(cfg, model, jax.random.key(0)), out_shardings=state_sh)()
         tokens = jax.random.randint(jax.random.key(1), (t.batch_size, t.seq_len), 0, cfg.model.vocab_size)
         batch = jax.device_put({"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
                                 "positions": jnp.broadcast_to(jnp.arange(t.seq_len), tokens.shape)}, batch_sh)  # fmt: skip

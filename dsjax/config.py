@@ -1,12 +1,10 @@
-"""Typed, validated model configuration.
+"""Typed, validated run configuration: the sections of a ``configs/*.yaml`` file.
 
-Field names follow Hugging Face's ``DeepseekV3Config`` so hub ``config.json`` files map one to one;
-``scoring_func`` and the fields in ``OURS`` (dtypes, layer scan, kernel choices, remat, fp8) are ours.
+    cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=4"])   # Config(model, train, data, mesh)
 
-    cfg = load_config("configs/tiny.yaml", ["model.num_hidden_layers=4"])   # Config(model, train, data)
-    model_cfg = ModelConfig.from_hf("path/to/config.json")
-
-``python -m dsjax.config CONFIG.yaml [key=value ...]`` prints total and activated parameter counts.
+``ModelConfig``'s field names follow Hugging Face's ``DeepseekV3Config``, so hub ``config.json`` files
+map one to one (``dsjax.hf.config``); the fields after "ours" are dsjax's own. Every value is
+type-checked and validated when the dataclass is built, before anything compiles.
 """
 
 from __future__ import annotations
@@ -14,11 +12,9 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
-import math
 import os
 from pathlib import Path
 import re
-import sys
 import types
 import typing
 from typing import Any, Literal
@@ -32,7 +28,7 @@ class ConfigError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """YaRN context extension (REFERENCE §3); HF's ``rope_scaling`` / ``rope_parameters``."""
+    """YaRN context extension (arXiv 2309.00071, as DeepSeek-V2 §3.1.4 uses it); HF's ``rope_scaling``."""
 
     factor: float
     original_max_position_embeddings: int
@@ -94,17 +90,17 @@ class ModelConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
     scan_layers: bool = True
-    moe_impl: Literal["auto", "ragged_dot", "blocked", "rows"] = "auto"  # dsjax.gmm
+    moe_impl: Literal["auto", "ragged_dot", "blocked", "rows"] = "auto"  # dsjax.model.gmm
     remat: Literal["none", "full", "save_projections"] = "none"  # activation checkpointing per layer
-    attention_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # dsjax.attention
-    fp8: bool = False  # V3's FP8 recipe for the projections it quantizes (REFERENCE §7)
-    fp8_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # pallas_kernels.fp8 dispatch
+    attention_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # dsjax.model.attention
+    fp8: bool = False  # V3's FP8 recipe for the projections it quantizes (V3 report §3.3)
+    fp8_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # pallas_kernels.platform
     # FP8 scales (fp8 or fp8_weights): any float32, or powers of two ("ue8m0", as DeepSeek-V3.1 on).
     fp8_scale_fmt: Literal["float32", "ue8m0"] = "float32"
     # FP8 inference: the projections V3 quantizes hold e4m3 weights + 128x128 block scales, as the
-    # FP8 hub release stores them (dsjax.fp8.Fp8Linear; load_hf(path, fp8_weights=True)).
+    # FP8 hub release stores them (dsjax.model.fp8.Fp8Linear; load_hf(path, fp8_weights=True)).
     fp8_weights: bool = False
-    # Expert parallelism (dsjax.moe, mesh.expert > 1): how token copies travel to their experts'
+    # Expert parallelism (dsjax.parallel.expert_parallel, mesh.expert > 1): how token copies travel to their experts'
     # devices, and the receive buffer per device pair (0 = dropless: room for every copy).
     expert_dispatch: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"
     expert_capacity_factor: float = 0.0
@@ -126,49 +122,14 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        return _build(cls, d, "model")
-
-    @classmethod
-    def from_hf(cls, path_or_dict: str | os.PathLike | dict[str, Any], **overrides) -> ModelConfig:
-        """Reads an HF DeepseekV2/V3 ``config.json`` (a file, its directory, or the dict)."""
-        return _from_hf(path_or_dict, overrides)
-
-    def to_hf(self) -> dict[str, Any]:
-        """The HF ``config.json`` dict (hub spelling: ``rope_theta`` + ``rope_scaling``)."""
-        d = {f: getattr(self, f) for f in _HF_FIELDS}
-        d["rope_scaling"] = dataclasses.asdict(self.rope_scaling) if self.rope_scaling else None
-        v3 = self.scoring_func == "sigmoid"
-        d.update(
-            model_type="deepseek_v3" if v3 else "deepseek_v2",
-            architectures=["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
-            torch_dtype=self.param_dtype,
-            num_key_value_heads=self.num_attention_heads,
-            rope_interleave=True,
-            attention_bias=False,
-        )
-        if self.fp8_weights:  # the FP8 release's block-scaled e4m3 weights (dsjax.convert writes them)
-            d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                        "weight_block_size": [128, 128]}  # fmt: skip
-            if self.fp8_scale_fmt == "ue8m0":
-                d["quantization_config"]["scale_fmt"] = "ue8m0"
-        return d
-
-
-# Fields that are ours (HF configs do not carry them).
-OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl",
-        "fp8_scale_fmt", "fp8_weights", "expert_dispatch", "expert_capacity_factor")
-# Fields that keep their name and meaning in HF configs (everything but ours and rope_scaling).
-_HF_FIELDS = tuple(
-    f.name
-    for f in dataclasses.fields(ModelConfig)
-    if f.name not in OURS
-)
+    def from_dict(cls, d: dict[str, Any], where: str = "model") -> ModelConfig:
+        """From plain values (YAML, JSON); errors name each field as ``<where>.<field>``."""
+        return _build(cls, d, where)
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and run settings (defaults: DeepSeek-V3 pre-training, REFERENCE §8)."""
+    """Optimisation and run settings (defaults: DeepSeek-V3 pre-training, V3 report §4.2)."""
 
     run_name: str = ""  # runs/<run_name>/; default: the config file's stem
     output_dir: str = "runs"
@@ -241,7 +202,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Device mesh sizes (dsjax.sharding); one of them may be -1: the rest of the devices."""
+    """Device mesh sizes (dsjax.parallel.mesh); one of them may be -1: the rest of the devices."""
 
     data: int = -1
     fsdp: int = 1
@@ -443,102 +404,3 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     d.setdefault("train", {})
     d["train"].setdefault("run_name", Path(path).stem)
     return _build(Config, d, "")
-
-
-# ---------------------------------------------------------------------------------------------
-# Hugging Face configs (DeepseekV2 / DeepseekV3; hub ``rope_scaling`` and transformers-5
-# ``rope_parameters`` spellings).
-
-
-def _from_hf(src, overrides: dict[str, Any]) -> ModelConfig:
-    if not isinstance(src, dict):
-        p = os.fspath(src)
-        with open(os.path.join(p, "config.json") if os.path.isdir(p) else p) as f:
-            src = json.load(f)
-    hf = dict(src)
-    model_type = hf.get("model_type", "deepseek_v3")
-    if model_type not in ("deepseek_v2", "deepseek_v3"):
-        raise ConfigError(f"model_type={model_type!r}: only deepseek_v2 and deepseek_v3 configs are supported")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"hidden_act={hf['hidden_act']!r}: DeepSeek experts are SwiGLU; only 'silu' is supported")
-    if hf.get("attention_bias"):
-        raise ConfigError("attention_bias=True: DeepSeek MLA has no projection biases; not supported")
-    if hf.get("num_key_value_heads") not in (None, hf.get("num_attention_heads")):
-        raise ConfigError("num_key_value_heads: MLA has one latent shared by all heads; it must equal num_attention_heads")
-    if hf.get("rope_interleave", True) is not True:
-        raise ConfigError("rope_interleave=False: DeepSeek weights use the interleaved RoPE layout")
-
-    v3 = model_type == "deepseek_v3"
-    # null means "use the default", except for q_lora_rank where it means "no q LoRA" (V2-Lite).
-    d = {k: hf[k] for k in _HF_FIELDS if k in hf and (hf[k] is not None or k == "q_lora_rank")}
-    d.setdefault("scoring_func", hf.get("scoring_func") or ("sigmoid" if v3 else "softmax"))
-    d.setdefault("topk_method", "noaux_tc" if v3 else "greedy")
-    if "num_mtp_layers" in hf and "num_nextn_predict_layers" not in hf:
-        d["num_nextn_predict_layers"] = hf["num_mtp_layers"]
-    d.setdefault("num_nextn_predict_layers", 0)
-    if d["topk_method"] == "greedy":  # no group limit, whatever n_group says
-        d["n_group"], d["topk_group"] = 1, 1
-    if hf.get("torch_dtype") or hf.get("dtype"):
-        dt = str(hf.get("torch_dtype") or hf.get("dtype")).removeprefix("torch.")
-        if dt in ("float32", "bfloat16"):
-            d["param_dtype"] = dt
-
-    rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    if "rope_theta" in rope:
-        d["rope_theta"] = rope["rope_theta"]
-    rtype = rope.get("rope_type", rope.get("type", "default"))
-    if rtype == "yarn":
-        orig = rope.get("original_max_position_embeddings", hf.get("max_position_embeddings"))
-        factor = rope.get("factor") or hf["max_position_embeddings"] / orig
-        d["rope_scaling"] = {
-            "factor": factor,
-            "original_max_position_embeddings": orig,
-            "beta_fast": rope.get("beta_fast", 32.0),
-            "beta_slow": rope.get("beta_slow", 1.0),
-            "mscale": rope.get("mscale", 1.0),
-            "mscale_all_dim": rope.get("mscale_all_dim", 0.0),
-        }
-    elif rtype != "default":
-        raise ConfigError(f"rope_scaling type {rtype!r}: only 'yarn' (or none) is supported")
-    d.update(overrides)
-    return _build(ModelConfig, d, "hf config")
-
-
-def yarn_mscale(factor: float, mscale: float) -> float:
-    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 (1 when factor <= 1)."""
-    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
-
-
-def _main(argv: list[str]) -> int:
-    import argparse
-
-    from dsjax.model import count_params
-
-    ap = argparse.ArgumentParser(prog="python -m dsjax.config", description=__doc__.split("\n")[0])
-    ap.add_argument("config", help="YAML config (configs/*.yaml) or an HF config.json")
-    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.hidden_size=256")
-    a = ap.parse_args(argv)
-    try:
-        if a.config.endswith(".json"):
-            hf = {"model": dataclasses.asdict(ModelConfig.from_hf(a.config))}
-            cfg = ModelConfig.from_dict(apply_overrides(hf, a.overrides)["model"])
-        else:
-            cfg = load_config(a.config, a.overrides).model
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    counts = count_params(cfg)
-    print(json.dumps(counts, indent=2))
-    def human(n: int) -> str:
-        return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
-
-    print(
-        f"total {human(counts['total'])} (main {human(counts['main'])} + MTP {human(counts['mtp'])}), "
-        f"activated per token {human(counts['activated'])} (main model)",
-        file=sys.stderr,
-    )
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(_main(sys.argv[1:]))

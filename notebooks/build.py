@@ -8,7 +8,7 @@ The .ipynb files are generated: edit the sources here, so that diffs stay review
 notebooks carry the outputs of a full (non-QUICK) run on CPU; ``tests/test_notebooks.py`` checks
 that they match these sources and executes each one in QUICK mode.
 
-Every notebook uses only the public API (``dsjax``, ``train``, ``bench``), reads ``QUICK`` from the
+Every notebook uses only the public API (``dsjax``, ``bench``), reads ``QUICK`` from the
 environment in its first code cell (CI sets QUICK=1: small sizes, a few steps, well under a minute
 or two per notebook) and prints every number its conclusion states.
 """
@@ -33,7 +33,7 @@ if QUICK:  # a smoke run: compile fast (XLA spends less time optimising; its tim
     os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
 ROOT = next(p for p in (pathlib.Path.cwd(), *pathlib.Path.cwd().parents) if (p / "train.py").is_file())
 os.chdir(ROOT)  # configs/ and runs/ are relative to the repository root
-sys.path.insert(0, str(ROOT))  # train.py and bench/ live there (dsjax itself is installed)
+sys.path.insert(0, str(ROOT))  # bench/ lives there (dsjax itself is installed)
 RUNS = ROOT / "runs" / "notebooks" / "{name}" / ("quick" if QUICK else "full")  # runs/ is git-ignored
 
 import jax
@@ -47,7 +47,7 @@ plt.rcParams.update({{"figure.dpi": 80, "axes.grid": True, "grid.alpha": 0.3}})
 
 
 def show(fig):
-    """Displays fig whatever matplotlib backend is active (train.train switches to Agg), then closes it."""
+    """Displays fig whatever matplotlib backend is active, then closes it."""
     display(fig)
     plt.close(fig)
 
@@ -237,7 +237,7 @@ NB02 = [
     (0.01; DeepSeek-V2 used 0.003 for its expert-level loss) as a stand-in for an auxiliary-loss-based
     baseline: it is the same `f_i * P_i` form, computed per sequence instead of per batch.
 
-    The training loop is `train.py`'s, written out with `dsjax.trainer` so that we can also read each
+    The training loop is `dsjax.train`'s, written out with its step functions so that we can also read each
     MoE layer's expert loads (token counts per expert, from `Transformer.apply(...).router`) on the
     batch every few steps.
     """),
@@ -245,10 +245,9 @@ NB02 = [
     code('''
     import jax.numpy as jnp
     from dsjax.config import load_config
-    from dsjax.data import eval_batches, load_splits, make_tokenizer, train_batches
     from dsjax.model import Transformer, count_params
-    from dsjax.trainer import init_state, make_eval_step, make_train_step
-    from train import evaluate
+    from dsjax.train import evaluate, init_state, make_eval_step, make_train_step
+    from dsjax.train.data import eval_batches, load_splits, make_tokenizer, train_batches
 
     SIZE = (["model.num_hidden_layers=3", "model.hidden_size=64", "model.num_nextn_predict_layers=0", "train.seq_len=64",
              "train.batch_size=4", "train.steps=8", "train.warmup_steps=2", "train.decay_steps=6", "train.eval_batches=1"] if QUICK
@@ -278,7 +277,7 @@ NB02 = [
     '''),
     code('''
     def run(cfg):
-        """train.py's loop (same init, batches, step) + expert loads per MoE layer every LOAD_EVERY steps."""
+        """dsjax.train's loop (same init, batches, step) + expert loads per MoE layer every LOAD_EVERY steps."""
         state = jax.tree.map(jnp.copy, state0)  # the step donates (consumes) its input state
         step_fn = jax.jit(make_train_step(cfg, model), donate_argnums=0)
         batches = train_batches(train_split, cfg.train.batch_size, cfg.train.seed)
@@ -400,16 +399,16 @@ NB03 = [
     second).
 
     We train the same tiny model (`configs/tiny.yaml`) with and without the MTP module on the same
-    tokens, with `train.train`, then compare
+    tokens, with `dsjax.train.train`, then compare
     1. the **main head's** validation loss (MTP should not hurt it, and may help);
     2. the MTP module's **draft acceptance rate** in `generate(..., speculative=True)`;
     3. the **speed-up** of speculative over plain decoding (greedy output is identical).
     """),
     setup("03_mtp"),
     code('''
-    import train
     from dsjax.config import load_config
     from dsjax.model import count_params
+    from dsjax.train import train
 
     SIZE = (["model.num_hidden_layers=3", "model.hidden_size=64", "train.seq_len=64", "train.batch_size=4",
              "train.steps=8", "train.warmup_steps=2", "train.decay_steps=6", "train.eval_every=4", "train.eval_batches=1"] if QUICK
@@ -422,7 +421,7 @@ NB03 = [
     for name, ov in RUN_OVERRIDES.items():
         cfgs[name] = cfg = load_config("configs/tiny.yaml", COMMON + ov)
         t0 = time.perf_counter()
-        last[name] = train.train(cfg, progress=False)
+        last[name] = train(cfg, progress=False)
         last[name]["seconds"] = time.perf_counter() - t0
         metrics[name] = [json.loads(l) for l in (RUNS / cfg.train.run_name / "metrics.jsonl").read_text().splitlines()]
         speeds = [r["tokens_per_s"] for r in metrics[name] if "tokens_per_s" in r][1:]  # step 1 includes compilation
@@ -466,9 +465,9 @@ NB03 = [
     acceptance is lower.
     """),
     code('''
-    from dsjax.checkpoint import restore_model
-    from dsjax.data import load_splits, make_tokenizer
-    from dsjax.generate import generate
+    from dsjax.infer import generate
+    from dsjax.train import restore_model
+    from dsjax.train.data import load_splits, make_tokenizer
 
     mcfg, variables = restore_model(RUNS / "mtp")
     dcfg = cfgs["MTP (D=1)"]
@@ -568,8 +567,8 @@ NB04 = [
     """),
     setup("04_fp8"),
     code('''
-    import train
     from dsjax.config import load_config
+    from dsjax.train import train
 
     SIZE = (["model.num_hidden_layers=3", "model.hidden_size=64", "train.seq_len=64", "train.batch_size=4",
              "train.steps=4", "train.warmup_steps=2", "train.decay_steps=2", "train.eval_every=4", "train.eval_batches=1"] if QUICK
@@ -582,7 +581,7 @@ NB04 = [
     for name, ov in RUN_OVERRIDES.items():
         cfgs[name] = cfg = load_config("configs/tiny.yaml", COMMON + ov)
         t0 = time.perf_counter()
-        last[name] = train.train(cfg, progress=False)
+        last[name] = train(cfg, progress=False)
         last[name]["seconds"] = time.perf_counter() - t0
         metrics[name] = [json.loads(l) for l in (RUNS / cfg.train.run_name / "metrics.jsonl").read_text().splitlines()]
         print(f"  {name}: {last[name]['seconds']:.0f} s, validation {last[name]['val_loss']:.4f} nats/token = "
@@ -629,9 +628,9 @@ NB04 = [
     code('''
     import flax.linen as nn
     import jax.numpy as jnp
-    from dsjax.checkpoint import restore_model
-    from dsjax.data import eval_batches, load_splits, make_tokenizer
     from dsjax.model import Transformer
+    from dsjax.train import restore_model
+    from dsjax.train.data import eval_batches, load_splits, make_tokenizer
     from pallas_kernels.quant import (dequantize_blocks, dequantize_tiles, quantize_blocks, quantize_tiles,
                                       scale_from_amax, to_e4m3)
 
@@ -789,9 +788,9 @@ NB05 = [
     """),
     setup("05_moe_vs_dense"),
     code('''
-    import train
     from dsjax.config import load_config
     from dsjax.model import count_params
+    from dsjax.train import train
 
     SIZE = (["model.num_hidden_layers=3", "model.hidden_size=64", "train.seq_len=64", "train.batch_size=4",
              "train.steps=8", "train.warmup_steps=2", "train.decay_steps=6", "train.eval_every=4", "train.eval_batches=1"] if QUICK
@@ -823,7 +822,7 @@ NB05 = [
     metrics, last = {}, {}
     for name, cfg in {"MoE": moe, "dense": dns}.items():
         t0 = time.perf_counter()
-        last[name] = train.train(cfg, progress=False)
+        last[name] = train(cfg, progress=False)
         last[name]["seconds"] = time.perf_counter() - t0
         metrics[name] = [json.loads(l) for l in (RUNS / cfg.train.run_name / "metrics.jsonl").read_text().splitlines()]
         steps_s = [r["tokens_per_s"] for r in metrics[name] if "tokens_per_s" in r][1:]  # step 1 includes compilation

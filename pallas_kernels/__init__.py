@@ -5,5 +5,5 @@
 - ``fp8_gmm``: the grouped versions for routed experts (``fp8_gmm``, ``fp8_gmm_wgrad``).
 - ``flash_mla``: flash attention with MLA's head shapes (q/k 128 + 64, v 128), causal within
   segments, forward + dQ / dK-dV backward kernels; ``mla_decode``: split-K absorbed MLA decode over
-  the latent cache. Mosaic TPU and Triton GPU; jnp references and dispatch in ``dsjax.attention``.
+  the latent cache. Mosaic TPU and Triton GPU; jnp references and dispatch in ``dsjax.model.attention``.
 """

@@ -11,7 +11,7 @@ finfo(f32).min, like the jnp reference, so a row's result is the same function o
 
 One kernel body per pass, portable Pallas (BlockSpec grid over (batch, head, block); a fori_loop
 over the other axis's blocks reads slices of a whole-sequence block), lowered by Mosaic on TPU and
-Triton on GPU. Backend constraints, checked in ``check_blocks``: Triton wants every loaded tile
+Triton on GPU. Backend constraints, checked in ``_check_blocks``: Triton wants every loaded tile
 power-of-two sized (so 192 is split into the 128 + 64 dots, never padded) and dots of >= 16;
 Mosaic wants the (sublane, lane) dims of tiles in multiples of (8, 128): segment ids, lse and D
 are sliced along lanes, so TPU blocks are multiples of 128. Sequences are padded up to a whole
@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.platform import gpu_big_shared_memory
+from pallas_kernels.platform import check_blocks, gpu_big_shared_memory
 
 MASKED = float(jnp.finfo(jnp.float32).min)  # score of a masked (query, key) pair, as the reference
 BACKENDS = ("tpu", "gpu", "interpret")
@@ -236,17 +236,9 @@ _flash.defvjp(_flash_fwd, lambda scale, blocks, res, do: _backward(scale, blocks
 # -- public entry ---------------------------------------------------------------------------------
 
 
-def check_blocks(backend: str, block_q: int, block_k: int):
+def _check_blocks(backend: str, block_q: int, block_k: int):
     """Raises ValueError when the blocks do not fit the backend (before anything is traced)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"flash_mla: backend must be one of {BACKENDS}, got {backend!r}")
-    for name, blk in (("block_q", block_q), ("block_k", block_k)):
-        if blk <= 0 or blk % 8:
-            raise ValueError(f"flash_mla: {name}={blk} must be a positive multiple of 8")
-        if backend == "gpu" and (blk < 16 or blk & (blk - 1)):
-            raise ValueError(f"flash_mla: {name}={blk}: Triton wants a power of two >= 16")
-        if backend == "tpu" and blk % 128:
-            raise ValueError(f"flash_mla: {name}={blk}: Mosaic slices ids and lse along lanes, needs a multiple of 128")
+    check_blocks("flash_mla", backend, BACKENDS, lane_dense=True, block_q=block_q, block_k=block_k)
     if max(block_q, block_k) % min(block_q, block_k):
         raise ValueError(f"flash_mla: block_q={block_q} and block_k={block_k}: one must divide the other")
 
@@ -277,7 +269,7 @@ def flash_mla(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, backe
     small_gpu = backend == "gpu" and not gpu_big_shared_memory()  # (128, 64)'s dK/dV kernel needs 201 KiB on an H100
     dq, dk = SMALL_SMEM_GPU_BLOCKS if small_gpu else DEFAULT_BLOCKS[backend]
     block_q, block_k = block_q or _fit(dq, s, backend), block_k or _fit(dk, s, backend)
-    check_blocks(backend, block_q, block_k)
+    _check_blocks(backend, block_q, block_k)
 
     pad = -s % max(block_q, block_k)
     heads_major = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa: E731

@@ -1,4 +1,4 @@
-"""Block-scaled FP8 GEMM with fp32 promotion per 128-deep K block (V3 report §3.3.2, REFERENCE §7).
+"""Block-scaled FP8 GEMM with fp32 promotion per 128-deep K block (DeepSeek-V3 §3.3.2).
 
     C = sum_kb (A_kb B_kb) a_s[:, kb] b_s[kb, :]     (A_kb B_kb: e4m3 x e4m3 -> fp32, 128-deep)
 
@@ -319,7 +319,7 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, impl: str = "auto",
     ``jax.default_backend()`` (set it to lower for another platform, e.g. ``"tpu"`` on CPU)."""
     check_operands(a, a_scale, b, b_scale, out_dtype)
     platform = platform or target_platform()
-    impl = resolve_impl(impl, platform)
+    impl = resolve_impl(impl, "fp8", platform)
     if impl == "xla":
         return fp8_gemm_reference(a, a_scale, b, b_scale, out_dtype)
     kernel = {"mgpu": fp8_gemm_mgpu, "triton": fp8_gemm_gpu, "tpu": fp8_gemm_tpu}[kernel_for(platform)]

@@ -275,7 +275,7 @@ def fp8_gmm(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, impl="a
     expect = [((r, k // TILE),), ((g, k // TILE, -(-n // TILE)), (g, k // TILE, n))]
     _check(a, b, block_group, (a_scale, b_scale), expect, out_dtype)
     platform = platform or target_platform()
-    impl = resolve_impl(impl, platform)
+    impl = resolve_impl(impl, "fp8", platform)
     if impl == "xla":
         return fp8_gmm_reference(a, a_scale, b, b_scale, block_group, out_dtype)
     kernel = {"mgpu": fp8_gmm_mgpu, "triton": fp8_gmm_gpu, "tpu": fp8_gmm_tpu}[kernel_for(platform)]
@@ -291,7 +291,7 @@ def fp8_gmm_wgrad(a, a_scale, b, b_scale, block_group, num_groups: int, impl="au
     expect = [((r // TILE, k),), ((r // TILE, b.shape[1]),)]
     _check(a, b, block_group, (a_scale, b_scale), expect, tiled_k=False)
     platform = platform or target_platform()
-    impl = resolve_impl(impl, platform)
+    impl = resolve_impl(impl, "fp8", platform)
     if impl == "xla":
         return fp8_gmm_wgrad_reference(a, a_scale, b, b_scale, block_group, num_groups)
     kernel = {"mgpu": fp8_gmm_wgrad_mgpu, "triton": fp8_gmm_wgrad_gpu, "tpu": fp8_gmm_wgrad_tpu}[kernel_for(platform)]

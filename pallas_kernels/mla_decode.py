@@ -27,7 +27,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from pallas_kernels.flash_mla import MASKED, _dot, _dot_nt, _params
-from pallas_kernels.platform import forward_only, gpu_big_shared_memory
+from pallas_kernels.platform import check_blocks, forward_only, gpu_big_shared_memory
 
 BACKENDS = ("tpu", "gpu", "interpret")
 DEFAULTS = {"tpu": (128, 128, 4), "gpu": (64, 64, 4), "interpret": (64, 64, 2)}  # block_m, block_t, num_splits; GPU untuned
@@ -61,19 +61,6 @@ def combine(o, m, l):
     return jnp.sum(w * o, axis=1) / jnp.sum(w * l, axis=1)
 
 
-def check_blocks(backend: str, block_m: int, block_t: int, num_splits: int):
-    """Raises ValueError when the blocks do not fit the backend (before anything is traced)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"mla_decode: backend must be one of {BACKENDS}, got {backend!r}")
-    if num_splits < 1:
-        raise ValueError(f"mla_decode: num_splits={num_splits} must be >= 1")
-    for name, blk in (("block_m", block_m), ("block_t", block_t)):
-        if blk <= 0 or blk % 8:
-            raise ValueError(f"mla_decode: {name}={blk} must be a positive multiple of 8")
-        if backend == "gpu" and (blk < 16 or blk & (blk - 1)):
-            raise ValueError(f"mla_decode: {name}={blk}: Triton wants a power of two >= 16")
-
-
 def mla_decode(q_lat, q_pe, c_kv, k_pe, lengths, scale: float, *, backend: str = "interpret",
                block_m: int | None = None, block_t: int | None = None, num_splits: int | None = None):  # fmt: skip
     """softmax((q_lat . c_kv + q_pe . k_pe) * scale, slots < length) c_kv, per query row.
@@ -93,7 +80,9 @@ def mla_decode(q_lat, q_pe, c_kv, k_pe, lengths, scale: float, *, backend: str =
     floor = 16 if backend == "gpu" else 8
     block_m = block_m or max(floor, min(dm, pl.next_power_of_2(rows)))
     block_t = block_t or dt
-    check_blocks(backend, block_m, block_t, num_splits or dc)
+    if (num_splits or dc) < 1:
+        raise ValueError(f"mla_decode: num_splits={num_splits} must be >= 1")
+    check_blocks("mla_decode", backend, BACKENDS, block_m=block_m, block_t=block_t)
     blocks = pl.cdiv(t, block_t)
     num_splits = max(d for d in range(1, min(num_splits or dc, blocks) + 1) if blocks % d == 0)  # chunks of whole blocks
     chunk = blocks // num_splits * block_t

@@ -1,5 +1,6 @@
 """Which platform a program is being compiled for, and which implementation of a kernel family runs
-there: the choices every "auto" follows (the FP8 GEMMs and quantizers share them)."""
+there: the one dispatch rule (``resolve_impl``) every kernel family follows, and the tile-size
+checks they share (``check_blocks``)."""
 
 import os
 import re
@@ -76,11 +77,21 @@ def gpu_big_shared_memory() -> bool:
     return kind is None or re.search(BIG_SMEM_KINDS, kind) is not None
 
 
-def requested_impl(impl: str = "auto") -> str:
-    """``DSJAX_FP8_IMPL`` over ``impl`` (the config's ``fp8_impl``), checked."""
-    impl = os.environ.get("DSJAX_FP8_IMPL") or impl
+# Each kernel family: what a GPU needs to compile its kernels, the check, the config field that
+# chooses the implementation, and an environment variable that overrides the config (or None).
+FAMILIES = {
+    "fp8": ("a GPU with FP8 (compute capability >= 8.9: Ada, Hopper, Blackwell)", gpu_has_fp8, "fp8_impl", "DSJAX_FP8_IMPL"),
+    "attention": ("an Ampere or newer GPU (sm_80+: its kernels are Triton's)", gpu_runs_triton, "attention_impl", None),
+}
+
+
+def requested_impl(impl: str = "auto", family: str = "fp8") -> str:
+    """The family's environment override (``DSJAX_FP8_IMPL``) over ``impl`` (its config field), checked."""
+    _, _, field, env = FAMILIES[family]
+    impl = (env and os.environ.get(env)) or impl
     if impl not in IMPLS:
-        raise ValueError(f"fp8 impl={impl!r}: expected one of {', '.join(IMPLS)} (config fp8_impl or DSJAX_FP8_IMPL)")
+        where = f" (config {field} or {env})" if env else ""
+        raise ValueError(f"{field}={impl!r}: expected one of {', '.join(IMPLS)}{where}")
     return impl
 
 
@@ -91,25 +102,43 @@ def auto_partitioned() -> bool:
     return any(n > 1 and t != jax.sharding.AxisType.Manual for n, t in zip(mesh.axis_sizes, mesh.axis_types))
 
 
-def resolve_impl(impl: str = "auto", platform: str | None = None, per_shard: bool = False) -> str:
-    """``requested_impl``, with ``auto`` -> pallas on TPU / FP8 GPUs, xla elsewhere. Under a mesh XLA
-    partitions, a kernel needs a caller that runs it per shard (``per_shard``, as ``dsjax.fp8`` does);
-    for anyone else ``auto`` is xla there and an explicit kernel is an error."""
-    impl = requested_impl(impl)
+def resolve_impl(impl: str = "auto", family: str = "fp8", platform: str | None = None, per_shard: bool = False) -> str:
+    """The one dispatch rule of every kernel family: "xla" (the jnp reference), "pallas" (the kernel
+    compiled for this platform) or "interpret" (the Pallas interpreter, any backend: how CPU tests
+    check a kernel). ``auto`` -> pallas on a TPU, or on a GPU that can compile the family's kernels;
+    xla elsewhere. Under a mesh XLA partitions, a kernel needs a caller that runs it per shard
+    (``per_shard``, as ``dsjax.model.fp8`` and the attention dispatch do); for anyone else ``auto``
+    is xla there and an explicit kernel is an error. A choice the devices cannot run: ValueError."""
+    needs, gpu_can, field, _ = FAMILIES[family]
+    impl = requested_impl(impl, family)
     platform = platform or target_platform()
     partitioned = auto_partitioned() and not per_shard
     if partitioned and impl in ("pallas", "interpret"):
-        raise ValueError(f"fp8 impl={impl!r}: under a multi-device mesh the FP8 Pallas kernels run per shard, "
-                         "inside jax.shard_map (dsjax.fp8 does this); called directly, use 'xla' or 'auto'")  # fmt: skip
-    fp8_gpu = platform != "gpu" or gpu_has_fp8()
+        raise ValueError(f"{field}={impl!r}: under a multi-device mesh the Pallas kernels run per shard, "
+                         "inside jax.shard_map (dsjax.model does this); called directly, use 'xla' or 'auto'")  # fmt: skip
+    gpu_ok = platform != "gpu" or gpu_can()
     if impl == "auto":
-        impl = "pallas" if platform in ("tpu", "gpu") and fp8_gpu and not partitioned else "xla"
+        impl = "pallas" if platform in ("tpu", "gpu") and gpu_ok and not partitioned else "xla"
     if impl == "pallas" and platform not in ("tpu", "gpu"):
-        raise ValueError(f"fp8 impl='pallas' needs a TPU or GPU, backend is {platform!r}: use 'interpret' or 'xla'")
-    if impl == "pallas" and not fp8_gpu:
-        raise ValueError(f"fp8 impl='pallas' needs a GPU with FP8 (compute capability >= 8.9: Ada, Hopper, Blackwell), "
-                         f"this one is {_target_gpu()[1]!r}: use 'xla' or 'auto'")  # fmt: skip
+        raise ValueError(f"{field}='pallas' needs a TPU or GPU, this is {platform!r}: use 'interpret' or 'xla'")
+    if impl == "pallas" and not gpu_ok:
+        raise ValueError(f"{field}='pallas' needs {needs}, this one is {_target_gpu()[1]!r}: use 'xla' or 'auto'")
     return impl
+
+
+def check_blocks(kernel: str, backend: str, backends: tuple[str, ...], lane_dense: bool = False, **blocks: int) -> None:
+    """ValueError, before anything is traced, for tile sizes the backend cannot lower: every block a
+    positive multiple of 8; Triton (gpu) wants powers of two >= 16; Mosaic (tpu) wants multiples of
+    128 for blocks sliced along lanes (``lane_dense``)."""
+    if backend not in backends:
+        raise ValueError(f"{kernel}: backend must be one of {backends}, got {backend!r}")
+    for name, blk in blocks.items():
+        if blk <= 0 or blk % 8:
+            raise ValueError(f"{kernel}: {name}={blk} must be a positive multiple of 8")
+        if backend == "gpu" and (blk < 16 or blk & (blk - 1)):
+            raise ValueError(f"{kernel}: {name}={blk}: Triton wants a power of two >= 16")
+        if backend == "tpu" and lane_dense and blk % 128:
+            raise ValueError(f"{kernel}: {name}={blk}: Mosaic slices it along lanes, needs a multiple of 128")
 
 
 def kernel_for(platform: str):
@@ -122,7 +151,7 @@ def kernel_for(platform: str):
 
 def forward_only(name: str, kernel, *args):
     """``kernel(*args)``: a Pallas call that nothing differentiates (the FP8 GEMMs inside
-    ``dsjax.fp8``'s own custom_vjp, FP8 inference, latent decoding), wrapped so that dead-code
+    ``dsjax.model.fp8``'s own custom_vjp, FP8 inference, latent decoding), wrapped so that dead-code
     elimination drops it when its outputs go unused. JAX 0.11's DCE keeps every pallas_call, and Flax's
     ``nn.scan`` refuses a layer body whose kept ops read the carry ("broadcasted variable has a data
     dependency on the scan body"); a custom_vjp call is dropped whole. Its gradient is an error naming it."""

@@ -1,4 +1,4 @@
-"""E4M3 quantization with fine-grained scales (V3 report §3.3.2, REFERENCE §7).
+"""E4M3 quantization with fine-grained scales (DeepSeek-V3 §3.3.2).
 
     s = max(amax, 1e-4) / 448,   q = e4m3(x / s),   x ~= q s        (amax over one tile or block)
 
@@ -49,6 +49,11 @@ def to_e4m3(x, s):
     return jnp.clip(x / s, -E4M3_MAX, E4M3_MAX).astype(E4M3)
 
 
+def block_count(n: int) -> int:
+    """Scale tiles or blocks along a dim of n elements: ceil(n / 128)."""
+    return -(-n // TILE)
+
+
 def pad_to(x, axis: int, multiple: int = TILE):
     pad = -x.shape[axis] % multiple
     if not pad:
@@ -65,7 +70,7 @@ def quantize_tiles(x, axis: int = -1, pow2: bool = False, amax_min: float = AMAX
     s [M, Kp/128]); axis 0 = 128x1 tiles (q [Mp, K], s [Mp/128, K]). Gradients: ``GRAD_AMAX_MIN``.
     ``impl`` as the FP8 GEMMs' (``auto``: the TPU kernel on TPU for 2-D x, jnp elsewhere)."""
     platform = platform or target_platform()
-    impl = resolve_impl(impl, platform)
+    impl = resolve_impl(impl, "fp8", platform)
     if x.ndim == 2 and impl != "xla" and kernel_for(platform) == "tpu":
         interpret = impl == "interpret"
         run = functools.partial(quantize_tiles_tpu, axis=axis % 2, pow2=pow2, amax_min=amax_min, interpret=interpret)

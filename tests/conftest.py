@@ -1,7 +1,16 @@
-"""Every test process sees 8 simulated CPU devices (set before JAX initialises its backends), so the
-sharding tests can build meshes; single-device code keeps running on device 0."""
+"""The suite's environment and shared fixtures.
+
+Every test process sees 8 simulated CPU devices (set before JAX initialises its backends), so the
+mesh tests can build meshes; single-device code keeps running on device 0. The suite is a CPU
+suite (``JAX_PLATFORMS=cpu`` unless set: ``bench/gpu.sh tests`` sets it for a GPU).
+
+Shared fixtures: ``hf_fixture`` (a test taking it runs once per HF reference fixture in
+tests/fixtures/, made by tools/make_hf_reference.py), ``load_hf_fixture`` (name -> config,
+variables, reference outputs), ``tiny_config`` (configs/tiny.yaml) and ``jax_0_11_dce``.
+"""
 
 import os
+from pathlib import Path
 
 flags = os.environ.get("XLA_FLAGS", "").split()
 if not any("xla_force_host_platform_device_count" in f for f in flags):
@@ -12,8 +21,9 @@ if not any("xla_force_host_platform_device_count" in f for f in flags):
 if not any("xla_backend_optimization_level" in f for f in flags):
     flags.append("--xla_backend_optimization_level=0")
 os.environ["XLA_FLAGS"] = " ".join(flags)
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu (for dsjax.aot) in several processes
-# JAX's persistent compilation cache, shared by the xdist workers and the train.py / notebook
+# JAX's persistent compilation cache, shared by the xdist workers and the training / notebook
 # subprocesses (they inherit the environment): a program compiled once in the run is loaded, not
 # compiled again. Keyed by the HLO, flags and JAX version, so a stale entry is never used. A size
 # cap turns on JAX's file lock, which the workers need to write the same directory.
@@ -21,6 +31,41 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+HF_FIXTURES = sorted(p.name for p in FIXTURES.iterdir() if (p / "reference.npz").exists())
+
+
+def pytest_generate_tests(metafunc):
+    if "hf_fixture" in metafunc.fixturenames:
+        metafunc.parametrize("hf_fixture", HF_FIXTURES)
+
+
+@pytest.fixture(scope="session")
+def fixtures_dir() -> Path:
+    return FIXTURES
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> Path:
+    return ROOT / "configs" / "tiny.yaml"
+
+
+@pytest.fixture(scope="session")
+def load_hf_fixture():
+    """name, **ModelConfig overrides -> (config, variables (numpy), the HF reference outputs)."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from dsjax.hf import from_hf_config, from_hf_state_dict
+
+    def load(name: str, **overrides):
+        cfg = from_hf_config(FIXTURES / name, **overrides)
+        variables = from_hf_state_dict(cfg, load_file(FIXTURES / name / "model.safetensors"))
+        return cfg, variables, np.load(FIXTURES / name / "reference.npz")
+
+    return load
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ program loads on the device, so here they are checked only as far as lowering. T
 through the dispatch (``impl="pallas"``), which refuses GPUs without e4m3 by name.
 
 Needs the CUDA plugin (``pip install "jax[cuda13]"``, ~4.5 GB; not in the test extra), no GPU. The
-GPUs are ``dsjax.aot.GPUS`` (``python -m dsjax.aot --topology h100:1`` compiles a whole train step):
+GPUs are ``dsjax.parallel.topology.GPUS`` (``dsjax-aot --topology h100:1`` compiles a whole train step):
 
     python tools/gpu_compile.py [--gpus h100 a100 l4 t4] > gpu_compile.json
 """
@@ -65,7 +65,7 @@ def compile_for(name: str, dump: Path) -> dict:
     import jax
     from jax.sharding import AbstractDevice, AbstractMesh, SingleDeviceSharding
 
-    from dsjax.aot import GPUS, gpu_devices
+    from dsjax.parallel.topology import GPUS, gpu_devices
 
     on_target = SingleDeviceSharding(gpu_devices(f"{name}:1")[0])
     kind, _, sms = GPUS[name][:3]
@@ -93,7 +93,7 @@ def main():
     import jax
 
     from bench.common import environment
-    from dsjax.aot import GPUS
+    from dsjax.parallel.topology import GPUS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--gpus", nargs="+", choices=sorted(GPUS), default=sorted(GPUS))

@@ -1,0 +1,55 @@
+"""Pre-train a DeepSeek-V3-style model (MLA + MoE + MTP).
+
+    dsjax-train                                       # configs/tiny.yaml on the standard library
+    dsjax-train --config configs/small.yaml data.paths='[my/*.txt]' train.steps=5000
+    dsjax-train --resume                              # continue runs/<name>/ from its newest checkpoint
+    dsjax-train mesh.fsdp=4 mesh.expert=2             # any mesh of the devices (dsjax.parallel)
+    dsjax-train --distributed ...                     # one process per host: jax.distributed
+
+(``python train.py`` and ``python -m dsjax.cli.train`` are the same command.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import jax
+
+from dsjax.config import ConfigError, load_config
+from dsjax.train.data import DataError
+from dsjax.train.loop import TrainingError, train
+
+# The repository's configs/ (an editable install): the default config from any working directory.
+REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+
+
+def default_config() -> Path:
+    local = Path("configs") / "tiny.yaml"
+    return local if local.is_file() else REPO_CONFIGS / "tiny.yaml"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="dsjax-train", description=__doc__.split("\n")[0])
+    ap.add_argument("--config", help="YAML run config (default: configs/tiny.yaml)")
+    ap.add_argument("--resume", action="store_true", help="continue the run's newest checkpoint")
+    ap.add_argument("--distributed", action="store_true",
+                    help="multi-host: call jax.distributed.initialize() (cluster settings auto-detected)")  # fmt: skip
+    ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
+    a = ap.parse_intermixed_args(argv)
+    if a.distributed:
+        jax.distributed.initialize()
+    try:
+        cfg = load_config(a.config or default_config(), a.overrides)
+        last = train(cfg, resume=a.resume)
+    except (ConfigError, DataError, TrainingError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, (ConfigError, DataError, OSError)) else 1
+    if "val_bpb" in last:
+        print(f"done: validation {last['val_loss']:.4f} nats/token, {last['val_bpb']:.3f} bits per byte")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""The small layers every block is built from: RMSNorm, the one projection helper, SwiGLU.
+
+    RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)            statistics in fp32
+    linear:      y = x W (no bias), W [*in, *out] annotated with logical axis names
+    MLP(x)     = W_down (silu(W_gate x) * (W_up x))        (DeepSeek-V3 §2.1.2: every expert is one)
+"""
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.model.fp8 import Fp8Linear, Fp8Recipe, fp8_dense_general
+
+
+class RMSNorm(nn.Module):
+    eps: float
+    axis_name: str = "norm"  # logical axis of the scale, for sharding rules
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],), self.param_dtype,
+        )
+        x32 = x.astype(jnp.float32)
+        y = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
+        return scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+def linear(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1, quantize: bool = True) -> nn.Module:
+    """A bias-free projection whose kernel is [*in, *out], normal(initializer_range) initialised.
+
+    With ``cfg.fp8`` and ``quantize`` its GEMMs run in FP8 (``dsjax.model.fp8``); V3 keeps the output
+    head (and MTP's eh_proj) unquantized: pass ``quantize=False`` there. The parameter is the same.
+    With ``cfg.fp8_weights`` and ``quantize`` the kernel is stored in e4m3 + block scales instead
+    (``Fp8Linear``, inference)."""
+    if cfg.fp8_weights and quantize:
+        return Fp8Linear(features, axis, axes, cfg.initializer_range, jnp.dtype(cfg.dtype), Fp8Recipe.of(cfg), name=name)
+    init = nn.initializers.normal(cfg.initializer_range)
+    kwargs = dict(
+        features=features,
+        axis=axis,
+        use_bias=False,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nn.with_logical_partitioning(init, axes),
+        name=name,
+    )
+    if cfg.fp8 and quantize:
+        return fp8_dense_general(Fp8Recipe.of(cfg), **kwargs)
+    return nn.DenseGeneral(**kwargs)
+
+
+class MLP(nn.Module):
+    cfg: ModelConfig
+    intermediate_size: int
+
+    @nn.compact
+    def __call__(self, x):
+        c, i = self.cfg, self.intermediate_size
+        gate = linear(c, i, ("embed", "mlp"), "gate_proj")(x)
+        up = linear(c, i, ("embed", "mlp"), "up_proj")(x)
+        return linear(c, c.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)

@@ -1,0 +1,115 @@
+"""Multi-head Latent Attention (DeepSeek-V2 §2.1; as restated in DeepSeek-V3 §2.1.1, eq. 1-11).
+
+    c_q = RMSNorm(W_DQ x)                q = W_UQ c_q   -> [q_nope | q_pe], RoPE on q_pe
+    [c_kv | k_pe] = W_DKV x              c_kv <- RMSNorm(c_kv), RoPE on k_pe (one head, shared)
+    [k_nope | v] = W_UKV c_kv            score = (q_nope.k_nope + q_pe.k_pe) * scale
+
+Without a cache (training, full forward; ``mla_attention``): k_nope and v expanded per head. With
+one (generation: prefill and every decode step; ``mla_attention_absorbed``): only c_kv and k_pe are
+cached per token (``LatentCache``), W_UK is folded into the query and W_UV applied after the
+attention: q_nope.k_nope = (q_nope W_UK).c_kv, p.v = (p.c_kv) W_UV. The attention itself (jnp
+references and their Pallas kernels, chosen by ``cfg.attention_impl``) is in ``dsjax.model.attention``.
+"""
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from dsjax.config import ModelConfig
+from dsjax.model.attention import AttentionMask, latent_attention, mla_attention
+from dsjax.model.fp8 import Fp8Weight
+from dsjax.model.layers import RMSNorm, linear
+from dsjax.model.rope import apply_rope, softmax_scale
+
+
+@flax.struct.dataclass
+class LatentCache:
+    """Per token: c_kv (after its norm) and k_pe (after RoPE), shared by all heads; slot = position.
+
+    c_kv [..., B, T, kv_lora_rank], k_pe [..., B, T, qk_rope_head_dim]; leading axis = layer when
+    stacked for a layer stack.
+    """
+
+    c_kv: jax.Array
+    k_pe: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, layers: tuple[int, ...] = ()):
+        """An empty cache of ``max_len`` slots (dtype = cfg.dtype)."""
+        shape = (*layers, batch, max_len)
+        dt = jnp.dtype(cfg.dtype)
+        return cls(jnp.zeros((*shape, cfg.kv_lora_rank), dt), jnp.zeros((*shape, cfg.qk_rope_head_dim), dt))
+
+    def write(self, positions, c_kv, k_pe):
+        """Stores the entries of tokens at ``positions`` [B, S] in their slots (out of range: dropped)."""
+        b = jnp.arange(positions.shape[0])[:, None]
+        slot = jnp.where(positions < 0, self.c_kv.shape[-2], positions)  # negative: dropped, not wrapped
+        return LatentCache(
+            self.c_kv.at[b, slot].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
+            self.k_pe.at[b, slot].set(k_pe.astype(self.k_pe.dtype), mode="drop"),
+        )
+
+
+def mla_attention_absorbed(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale, impl: str = "xla"):
+    """softmax(((q_nope W_UK).c_kv + q_pe.k_pe) * scale + mask) c_kv W_UV: the same attention,
+    read from the latent cache (one 'KV head' of dim kv_lora + dr for scores, kv_lora for values).
+
+    q_nope [b,s,h,dn], q_pe [b,s,h,dr], c_kv [b,t,r], k_pe [b,t,dr], w_uk [r,h,dn], w_uv [r,h,dv]
+    (the two blocks of kv_b_proj), mask [b,s,t] or an AttentionMask. Returns [b,s,h,dv]."""
+    q_lat = jnp.einsum("bshd,rhd->bshr", q_nope, w_uk)
+    out_lat = latent_attention(q_lat, q_pe, c_kv, k_pe, mask, scale, impl)
+    return jnp.einsum("bshr,rhd->bshd", out_lat, w_uv)
+
+
+class MLA(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        h, pdt = c.num_attention_heads, jnp.dtype(c.param_dtype)
+        if c.q_lora_rank is None:
+            self.q_proj = linear(c, (h, c.qk_head_dim), ("embed", "heads", "qk_dim"), "q_proj")
+        else:
+            self.q_a_proj = linear(c, c.q_lora_rank, ("embed", "q_lora"), "q_a_proj")
+            self.q_a_layernorm = RMSNorm(c.rms_norm_eps, "q_lora", pdt)
+            self.q_b_proj = linear(c, (h, c.qk_head_dim), ("q_lora", "heads", "qk_dim"), "q_b_proj")
+        self.kv_a_proj_with_mqa = linear(c, c.kv_lora_rank + c.qk_rope_head_dim, ("embed", "kv_lora"), "kv_a_proj_with_mqa")
+        self.kv_a_layernorm = RMSNorm(c.rms_norm_eps, "kv_lora", pdt)
+        self.kv_b_proj = linear(c, (h, c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads", "kv_dim"), "kv_b_proj")
+        self.o_proj = linear(c, c.hidden_size, ("heads", "v_dim", "embed"), "o_proj", axis=(-2, -1))
+
+    def kv_b_weight(self):
+        """W_UKV [r, h, dn + dv] in the compute dtype (dequantized when stored in FP8)."""
+        c, p = self.cfg, nn.meta.unbox(self.kv_b_proj.variables["params"])
+        if not c.fp8_weights:
+            return p["kernel"].astype(c.dtype)
+        r, h, d = p["kernel"].shape
+        return Fp8Weight(p["kernel"].reshape(r, h * d), p["kernel_scale_inv"]).dequantize(c.dtype).reshape(r, h, d)
+
+    def project(self, x, cos, sin):
+        """q = W_UQ RMSNorm(W_DQ x) -> (q_nope, RoPE(q_pe)); W_DKV x -> (RMSNorm(c_kv), RoPE(k_pe))."""
+        c = self.cfg
+        q = self.q_proj(x) if c.q_lora_rank is None else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        kv = self.kv_a_proj_with_mqa(x)
+        c_kv, k_pe = kv[..., : c.kv_lora_rank], kv[..., c.kv_lora_rank :]
+        q_nope, q_pe = q[..., : c.qk_nope_head_dim], q[..., c.qk_nope_head_dim :]
+        return q_nope, apply_rope(q_pe, cos, sin), self.kv_a_layernorm(c_kv), apply_rope(k_pe, cos, sin)
+
+    def __call__(self, x, cos, sin, mask: AttentionMask, cache: LatentCache | None = None, positions=None):
+        """Returns (attention output, cache). Without a cache: among the S tokens of x (mask
+        ``AttentionMask.causal``). With one: the tokens' latents are written at ``positions`` [B, S],
+        then attention runs in absorbed form over all cache slots (``AttentionMask.cache``). A dense
+        [B, S, T] bool mask also works with ``attention_impl`` xla. Kernels: ``dsjax.model.attention``."""
+        c = self.cfg
+        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        if cache is None:
+            kv = self.kv_b_proj(c_kv)
+            k_nope, v = kv[..., : c.qk_nope_head_dim], kv[..., c.qk_nope_head_dim :]
+            out = mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, softmax_scale(c), c.attention_impl)
+        else:
+            cache = cache.write(positions, c_kv, k_pe)
+            w = self.kv_b_weight()  # [r, h, dn + dv]
+            w_uk, w_uv = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim :]
+            out = mla_attention_absorbed(q_nope, q_pe, cache.c_kv, cache.k_pe, w_uk, w_uv, mask, softmax_scale(c), c.attention_impl)
+        return self.o_proj(out), cache

@@ -1,0 +1,199 @@
+"""The DeepSeek-V2/V3 transformer: embedding, first_k_dense_replace dense blocks, MoE blocks,
+final norm, output head, and D MTP modules sharing embedding and head.
+
+    model = Transformer(cfg)
+    variables = model.init(rng, tokens)          # {"params": ..., "selection_bias": ...}
+    out = model.apply(variables, tokens, segment_ids=None, positions=None)
+    out.logits [B, S, V] fp32, out.mtp_logits [D, B, S, V] (position i of depth k predicts t_{i+k+1})
+
+Decoding (``dsjax.infer.generate``) uses the other methods with a latent cache from ``init_cache``:
+
+    h, normed, cache = model.apply(variables, tokens, positions, cache, method="decode")
+    logits = model.apply(variables, normed, method="logits")
+    h1, normed1, cache = model.apply(variables, 0, h, next_tokens, positions, cache, method="draft")
+"""
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.config import ModelConfig
+from dsjax.model.attention import AttentionMask
+from dsjax.model.block import Stack
+from dsjax.model.layers import RMSNorm, linear
+from dsjax.model.mla import LatentCache
+from dsjax.model.moe import RouterStats
+from dsjax.model.mtp import MTPModule
+from dsjax.model.rope import rope_angles
+from dsjax.parallel.rules import constrain
+
+
+@flax.struct.dataclass
+class ModelOutput:
+    logits: jax.Array  # [B, S, V] fp32
+    mtp_logits: jax.Array | None  # [D, B, S, V] fp32, or None without MTP
+    router: RouterStats | None  # main-model MoE layers, leading axis = layer
+    mtp_router: RouterStats | None  # MTP modules' MoE layers, leading axis = depth
+
+
+def segment_positions(segment_ids):
+    """Position of each token within its segment (restarts at every change of segment id)."""
+    idx = jnp.arange(segment_ids.shape[-1])
+    starts = jnp.concatenate(
+        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
+    )
+    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
+
+
+def attention_mask(segment_ids) -> AttentionMask:
+    """Causal, and only within the same segment (packed documents stay apart); ``.dense(S)`` is the
+    [B, S, S] bool."""
+    return AttentionMask.causal(segment_ids)
+
+
+def shift_left(tokens, k: int):
+    """t_{i+k} at position i (zero-filled at the end; those positions carry no MTP target)."""
+    return jnp.pad(tokens[:, k:], ((0, 0), (0, min(k, tokens.shape[1]))))
+
+
+class Transformer(nn.Module):
+    cfg: ModelConfig
+
+    def setup(self):
+        c = self.cfg
+        self.embed_tokens = nn.Embed(
+            c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
+            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), ("vocab", "embed")),
+        )  # fmt: skip
+        if not c.tie_word_embeddings:
+            self.lm_head = linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", quantize=False)  # V3: head stays bf16
+        if c.first_k_dense_replace:
+            self.dense_layers = Stack(c, False, c.first_k_dense_replace)
+        if c.num_moe_layers:
+            self.moe_layers = Stack(c, True, c.num_moe_layers)
+        self.norm = RMSNorm(c.rms_norm_eps, "norm", jnp.dtype(c.param_dtype))
+        self.mtp = [MTPModule(c) for _ in range(c.num_nextn_predict_layers)]  # mtp_0, mtp_1, ...
+
+    def _embed(self, tokens):
+        """Embedding lookup, split like the activations: the table (FSDP-sharded like every weight) is
+        gathered for the lookup, so rows come out split over the batch (a lookup split over the hidden
+        dim could only be turned into that by replicating it)."""
+        table = constrain(self.embed_tokens.embedding.astype(self.cfg.dtype), ("vocab", None))
+        return constrain(jnp.take(table, tokens, axis=0), ("batch", None, None))
+
+    def __call__(self, tokens, segment_ids=None, positions=None) -> ModelOutput:
+        """tokens [B, S] int; segment_ids [B, S] int (0 = padding; default one segment);
+        positions [B, S] int (default: index within the segment)."""
+        c = self.cfg
+        if segment_ids is None:
+            segment_ids = jnp.ones_like(tokens)
+        if positions is None:
+            positions = segment_positions(segment_ids)
+        mask, token_mask = attention_mask(segment_ids), segment_ids > 0
+        cos, sin = rope_angles(c, positions)
+
+        x, router, _ = self._trunk(tokens, cos, sin, mask, token_mask)
+        logits = self.logits(self.norm(x))
+
+        mtp_logits, mtp_stats = [], []
+        for k, mtp in enumerate(self.mtp, 1):
+            x, normed, stats, _ = mtp(x, self._embed(shift_left(tokens, k)), cos, sin, mask, token_mask)
+            mtp_logits.append(self.logits(normed))
+            mtp_stats.append(stats)
+        return ModelOutput(
+            logits=logits,
+            mtp_logits=jnp.stack(mtp_logits) if mtp_logits else None,
+            router=router,
+            mtp_router=jax.tree.map(lambda *a: jnp.stack(a), *mtp_stats) if mtp_stats else None,
+        )
+
+    def _trunk(self, tokens, cos, sin, mask, token_mask, cache=None, positions=None):
+        """h^0 = the blocks applied to Emb(tokens), before the final norm. Returns (h^0, router, cache)."""
+        x, router, cache = self._embed(tokens), None, dict(cache or {})
+        if self.cfg.first_k_dense_replace:
+            x, _, cache["dense_layers"] = self.dense_layers(x, cos, sin, mask, token_mask, cache.get("dense_layers"), positions)
+        if self.cfg.num_moe_layers:
+            x, router, cache["moe_layers"] = self.moe_layers(x, cos, sin, mask, token_mask, cache.get("moe_layers"), positions)
+        return x, router, cache
+
+    def logits(self, normed):
+        """The output head shared by the model and its MTP modules: W_head h (Emb^T h if tied), fp32."""
+        head = self.embed_tokens.attend if self.cfg.tie_word_embeddings else self.lm_head
+        return head(normed).astype(jnp.float32)
+
+    def decode(self, tokens, positions, cache):
+        """The main model on tokens [B, S] at ``positions`` [B, S], with a decode cache (``init_cache``):
+        their latents are written at their positions, then each attends to every slot <= its own
+        position (absorbed MLA). Returns (h^0, RMSNorm(h^0) for ``logits``, cache)."""
+        cos, sin, mask = _decode_inputs(self.cfg, positions)
+        h, _, cache = self._trunk(tokens, cos, sin, mask, jnp.ones(tokens.shape, bool), cache, positions)
+        return h, self.norm(h), cache
+
+    def draft(self, depth: int, h_prev, tokens, positions, cache):
+        """MTP module k = depth + 1 at ``positions``: h'_i = W_eh [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]
+        with ``tokens`` = t_{i+k} and ``h_prev`` = h^{k-1}, then its block over its cache.
+        Returns (h^k, shared_head_norm(h^k) for ``logits``, cache)."""
+        cos, sin, mask = _decode_inputs(self.cfg, positions)
+        name = f"mtp_{depth}"
+        h, normed, _, kv = self.mtp[depth](
+            h_prev, self._embed(tokens), cos, sin, mask, jnp.ones(tokens.shape, bool), cache[name], positions
+        )
+        return h, normed, {**cache, name: kv}
+
+
+def _decode_inputs(cfg: ModelConfig, positions):
+    """RoPE angles of the positions, and the mask: cache slot j visible to position p iff j <= p."""
+    cos, sin = rope_angles(cfg, positions)
+    return cos, sin, AttentionMask.cache(positions)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, with_mtp: bool = False) -> dict:
+    """An empty decode cache of ``max_len`` slots: a ``LatentCache`` per layer stack (leading layer
+    axis, named like the stack) and, ``with_mtp``, one per MTP module (``mtp_0`` ...)."""
+    cache = {}
+    if cfg.first_k_dense_replace:
+        cache["dense_layers"] = LatentCache.zeros(cfg, batch, max_len, (cfg.first_k_dense_replace,))
+    if cfg.num_moe_layers:
+        cache["moe_layers"] = LatentCache.zeros(cfg, batch, max_len, (cfg.num_moe_layers,))
+    for d in range(cfg.num_nextn_predict_layers if with_mtp else 0):
+        cache[f"mtp_{d}"] = LatentCache.zeros(cfg, batch, max_len)
+    return cache
+
+
+def abstract_variables(cfg: ModelConfig):
+    """Shapes and dtypes of every variable (no allocation), with logical-axis metadata boxes."""
+    model = Transformer(cfg)
+    return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
+
+
+def random_variables(cfg: ModelConfig, seed: int = 0):
+    """Variables drawn like ``init`` (weights ~ N(0, initializer_range), norm scales 1, selection bias
+    0) but in numpy: no init to trace and compile, for tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+
+    def draw(path, a):
+        if path[-1].key == "scale" or path[0].key == "selection_bias":
+            return np.full(a.shape, float(path[-1].key == "scale"), a.dtype)
+        return (cfg.initializer_range * rng.standard_normal(a.shape)).astype(a.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, nn.meta.unbox(abstract_variables(cfg)))
+
+
+def echoing_variables(variables, alpha: float = 30.0):
+    """Weights whose MTP drafts are predictably right, for tests and benchmarks of speculative decoding:
+    the output head set to Emb^T, every residual branch scaled by alpha, and eh_proj passing the
+    embedding through. At alpha 0 the model and its MTP modules both repeat their input token, so
+    every draft is right; at alpha 30 (random weights otherwise) 70-90% are."""
+    v = jax.tree.map(np.array, variables)
+    p = v["params"]
+    p["lm_head"]["kernel"] = p["embed_tokens"]["embedding"].T.copy()
+    for path, leaf in jax.tree_util.tree_leaves_with_path(p):
+        keys = [getattr(k, "key", "") for k in path]
+        if keys[-2:] in (["o_proj", "kernel"], ["down_proj", "kernel"]) or keys[-1] == "w_down":
+            leaf *= alpha
+    for m in (k for k in p if k.startswith("mtp_")):
+        h = p[m]["eh_proj"]["kernel"].shape[1]
+        p[m]["eh_proj"]["kernel"] = np.concatenate([np.eye(h), np.zeros((h, h))]).astype(np.float32)
+    return v

@@ -1,0 +1,157 @@
+"""One training step: the loss (``dsjax.train.loss``), gradient accumulation over microbatches,
+AdamW, the aux-loss-free bias update, and skipping of non-finite steps.
+
+    b_e <- b_e + gamma * sign(mean_load - load_e)   (DeepSeek-V3 §2.1.2; loads over the whole global batch)
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from dsjax.config import Config
+from dsjax.model.moe import BIAS
+from dsjax.parallel.rules import constrain, logical_shardings, shardings_like_params
+from dsjax.train.loss import loss_sums, shifted_ce, target_counts, total_loss, valid_targets
+from dsjax.train.optim import lr_schedule, make_optimizer
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32: optimizer steps taken (skipped steps not counted)
+    params: Any
+    opt_state: Any
+    bias: Any  # the selection_bias collection; updated by balancing, never by the optimizer
+    nonfinite: jax.Array  # int32: consecutive skipped steps
+    skipped: jax.Array  # int32: skipped steps in total
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def init_state(cfg: Config, model: nn.Module, rng) -> TrainState:
+    """Fresh parameters and optimizer state (logical-axis boxes removed), compiled as one program:
+    run op by op, the model's init (a whole forward pass) takes several times longer on CPU."""
+    tokens = jnp.zeros((1, cfg.train.seq_len), jnp.int32)
+    variables = nn.meta.unbox(model.init(rng, tokens))
+    params = variables["params"]
+    zero = jnp.zeros((), jnp.int32)
+    return TrainState(zero, params, make_optimizer(cfg.train).init(params), variables.get(BIAS, {}), zero, zero)
+
+
+def abstract_state(cfg: Config, model: nn.Module, shardings: TrainState | None = None) -> TrainState:
+    """The TrainState's shapes and dtypes (nothing allocated), with ``shardings`` if given: what a
+    checkpoint restores into and the planner compiles for."""
+    abstract = jax.eval_shape(lambda: init_state(cfg, model, jax.random.key(0)))
+    if shardings is None:
+        return abstract
+    return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+def state_shardings(cfg: Config, model: nn.Module, mesh) -> TrainState:
+    """NamedShardings of the TrainState: params by their logical axes (``dsjax.parallel.rules``),
+    optimizer moments like their params, everything else replicated."""
+    tokens = jax.ShapeDtypeStruct((1, cfg.train.seq_len), jnp.int32)
+    boxed = jax.eval_shape(model.init, jax.random.key(0), tokens)
+    params_sh = logical_shardings(mesh, boxed["params"])
+    abstract = abstract_state(cfg, model)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_sh = shardings_like_params(abstract.opt_state, abstract.params, params_sh, replicated)
+    rest = jax.tree.map(lambda _: replicated, abstract.bias)
+    return TrainState(replicated, params_sh, opt_sh, rest, replicated, replicated)
+
+
+def init_state_sharded(cfg: Config, model: nn.Module, mesh, rng, shardings: TrainState | None = None) -> TrainState:
+    """``init_state`` compiled with out_shardings (default ``state_shardings``): every array is created
+    directly on its devices, never whole on one host."""
+    shardings = shardings or state_shardings(cfg, model, mesh)
+    with jax.set_mesh(mesh):
+        return jax.jit(lambda r: init_state(cfg, model, r), out_shardings=shardings)(rng)
+
+
+def update_bias(bias, loads, gamma):
+    """b += gamma * sign(mean_load - load), per MoE layer (main stack, then each MTP module)."""
+
+    def step(b, load):
+        load = load.astype(jnp.float32)
+        return b + gamma * jnp.sign(load.mean(-1, keepdims=True) - load)
+
+    new = jax.tree.map(lambda x: x, bias)  # fresh dicts, same leaves: updated below
+    sites = []  # (the dict holding one e_score_correction_bias, that leaf's loads)
+    if loads["main"] is not None:
+        stack = new["moe_layers"]
+        if "layers" in stack:  # scanned: one [L, E] leaf
+            sites.append((stack["layers"]["mlp"], loads["main"]))
+        else:
+            sites += [(stack[f"layer_{i}"]["mlp"], load) for i, load in enumerate(loads["main"])]
+    if loads["mtp"] is not None:
+        sites += [(new[f"mtp_{d}"]["block"]["mlp"], load) for d, load in enumerate(loads["mtp"])]
+    for leaf, load in sites:
+        leaf["e_score_correction_bias"] = step(leaf["e_score_correction_bias"], load)
+    return new
+
+
+def make_train_step(cfg: Config, model: nn.Module):
+    """(state, batch of [B, S] arrays) -> (state, metrics); jit it."""
+    t, depth, micro = cfg.train, cfg.model.num_nextn_predict_layers, cfg.train.microbatches
+    tx, lr = make_optimizer(t), lr_schedule(t)
+
+    def step(state: TrainState, batch):
+        counts = target_counts(batch, depth)  # over the whole batch: microbatch gradients add up
+        # Microbatch j = sequences j, j + micro, ...: each stays split over the batch axes of the mesh.
+        mb = jax.tree.map(lambda a: constrain(a.reshape(a.shape[0] // micro, micro, *a.shape[1:]).swapaxes(0, 1),
+                                              (None, "batch")), batch)  # fmt: skip
+
+        def micro_loss(params, one):
+            sums, loads = loss_sums(model, params, state.bias, one, depth)
+            return total_loss(sums, counts, cfg, micro)[0], (sums, loads)
+
+        def accumulate(carry, one):
+            (_, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, one)
+            return jax.tree.map(jnp.add, carry, (grads, *aux)), None
+
+        first = jax.tree.map(lambda a: a[0], mb)
+        shapes = jax.eval_shape(lambda: (state.params, *loss_sums(model, state.params, state.bias, first, depth)))
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+        (grads, sums, loads), _ = jax.lax.scan(accumulate, zeros, mb)
+
+        loss, parts = total_loss(sums, counts, cfg, micro)
+        grad_norm = optax.tree.norm(grads)
+        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        gamma = t.bias_update_rate
+        if t.bias_update_stop_step >= 0:  # the schedule: gamma, then 0 from the stop step on
+            gamma = jnp.where(state.step < t.bias_update_stop_step, gamma, 0.0)
+
+        def keep(new, old):  # a non-finite step changes nothing
+            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+        new_state = TrainState(
+            step=state.step + ok.astype(jnp.int32),
+            params=keep(optax.apply_updates(state.params, updates), state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            bias=keep(update_bias(state.bias, loads, gamma), state.bias),
+            nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
+            skipped=state.skipped + (~ok).astype(jnp.int32),
+        )
+        main = loads["main"].astype(jnp.float32) if loads["main"] is not None else jnp.ones((1, 1))
+        metrics = dict(
+            loss=loss, **parts, grad_norm=grad_norm, lr=lr(state.step), ok=ok, tokens=counts[0],
+            load_max_mean=jnp.mean(main.max(-1) / jnp.maximum(main.mean(-1), 1e-9)),
+            dropped=sums["dropped"] / micro,
+        )  # fmt: skip
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(cfg: Config, model: nn.Module):
+    """(params, bias, batch) -> (sum of next-token nats, count)."""
+
+    def evaluate(params, bias, batch):
+        out = model.apply({"params": params, BIAS: bias}, batch["tokens"], batch["segment_ids"], batch["positions"])
+        return shifted_ce(out.logits, batch["tokens"], batch["segment_ids"], 1), valid_targets(batch["segment_ids"], 1).sum()
+
+    return evaluate
