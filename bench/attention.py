@@ -65,7 +65,9 @@ def prefill_fns(kernel_backend: str, on_gpu: bool):
         q = jnp.concatenate([qn, qp], -1)
         k = jnp.concatenate([kn, jnp.broadcast_to(kp[:, :, None], (*kp.shape[:2], h, DR))], -1)
         v = jnp.pad(v, ((0, 0), (0, 0), (0, 0), (0, DN + DR - DV)))
-        out = jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True, implementation="cudnn" if on_gpu else "xla")
+        out = jax.nn.dot_product_attention(
+            q, k, v, scale=scale, is_causal=True, implementation="cudnn" if on_gpu else "xla"
+        )
         return out[..., :DV]
 
     return {
@@ -94,32 +96,46 @@ def prefill(b: int, s: int, h: int, kernel_backend: str, on_gpu: bool, repeats: 
             continue
         err = rel_err(fwd(*args), ref)
         row[name] = {
-            "fwd_ms": round(f_ms, 3), "fwd_tflops": sig(flops / f_ms / 1e9),
-            "fwd_bwd_ms": round(fb_ms, 3), "fwd_bwd_tflops": sig(3.5 * flops / fb_ms / 1e9),
-            "rel_err": err, "matches_reference": err <= 1e-2,
-        }  # fmt: skip
+            "fwd_ms": round(f_ms, 3),
+            "fwd_tflops": sig(flops / f_ms / 1e9),
+            "fwd_bwd_ms": round(fb_ms, 3),
+            "fwd_bwd_tflops": sig(3.5 * flops / fb_ms / 1e9),
+            "rel_err": err,
+            "matches_reference": err <= 1e-2,
+        }
     return row
 
 
 def decode(b: int, t: int, h: int, kernel_backend: str, repeats: int) -> dict:
     ks = jax.random.split(jax.random.key(1), 4)
-    q_lat, q_pe = jax.random.normal(ks[0], (b, 1, h, R), jnp.bfloat16), jax.random.normal(ks[1], (b, 1, h, DR), jnp.bfloat16)
+    q_lat, q_pe = (
+        jax.random.normal(ks[0], (b, 1, h, R), jnp.bfloat16),
+        jax.random.normal(ks[1], (b, 1, h, DR), jnp.bfloat16),
+    )
     c_kv, k_pe = jax.random.normal(ks[2], (b, t, R), jnp.bfloat16), jax.random.normal(ks[3], (b, t, DR), jnp.bfloat16)
     positions = jnp.full((b, 1), t - 1)
     scale = (DN + DR) ** -0.5
     cache_bytes = c_kv.nbytes + k_pe.nbytes
     fns = {
         f"mla_decode ({kernel_backend})": lambda ql, qp, c, kp: mla_decode(
-            ql[:, 0], qp[:, 0], c, kp, jnp.full((b, h), t), scale, backend=kernel_backend),
-        "xla (jnp reference)": lambda ql, qp, c, kp: latent_attention_reference(ql, qp, c, kp, AttentionMask.cache(positions), scale),
-    }  # fmt: skip
+            ql[:, 0], qp[:, 0], c, kp, jnp.full((b, h), t), scale, backend=kernel_backend
+        ),
+        "xla (jnp reference)": lambda ql, qp, c, kp: latent_attention_reference(
+            ql, qp, c, kp, AttentionMask.cache(positions), scale
+        ),
+    }
     row = {"batch": b, "context": t, "heads": h, "cache_bytes": cache_bytes}
     f32 = [x.astype(jnp.float32) for x in (q_lat, q_pe, c_kv, k_pe)]
     ref = jax.jit(lambda *a: latent_attention_reference(*a, AttentionMask.cache(positions), scale))(*f32)
     for name, fn in fns.items():
         ms = best_ms(jax.jit(fn), q_lat, q_pe, c_kv, k_pe, repeats=repeats)
         err = rel_err(jax.jit(fn)(q_lat, q_pe, c_kv, k_pe).reshape(ref.shape), ref)
-        row[name] = {"ms": round(ms, 4), "effective_GB_per_s": sig(cache_bytes / ms / 1e6), "rel_err": err, "matches_reference": err <= 1e-2}
+        row[name] = {
+            "ms": round(ms, 4),
+            "effective_GB_per_s": sig(cache_bytes / ms / 1e6),
+            "rel_err": err,
+            "matches_reference": err <= 1e-2,
+        }
     return row
 
 
@@ -142,7 +158,12 @@ def main():
     for shape in decodes:
         rows["decode"].append(decode(*shape, kernel_backend, a.repeats))
         print(json.dumps(rows["decode"][-1]), flush=True)
-    print(json.dumps({"benchmark": "attention", **environment(), "kernel_backend": kernel_backend, "dtype": "bfloat16", **rows}, indent=2))
+    print(
+        json.dumps(
+            {"benchmark": "attention", **environment(), "kernel_backend": kernel_backend, "dtype": "bfloat16", **rows},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

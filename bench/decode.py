@@ -36,12 +36,27 @@ from dsjax.model.rope import rope_angles, softmax_scale
 def bench_config() -> ModelConfig:
     """V3-shaped, CPU-sized: 16 heads, latent 256 + 32 (expanded: 16 x (96 + 64) = 2560 values)."""
     return ModelConfig(
-        vocab_size=4096, hidden_size=512, intermediate_size=1536, moe_intermediate_size=256,
-        num_hidden_layers=4, first_k_dense_replace=1, num_attention_heads=16, q_lora_rank=256,
-        kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
-        max_position_embeddings=65536, n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=4,
-        n_group=4, topk_group=2, num_nextn_predict_layers=1, initializer_range=0.02,
-    )  # fmt: skip
+        vocab_size=4096,
+        hidden_size=512,
+        intermediate_size=1536,
+        moe_intermediate_size=256,
+        num_hidden_layers=4,
+        first_k_dense_replace=1,
+        num_attention_heads=16,
+        q_lora_rank=256,
+        kv_lora_rank=256,
+        qk_nope_head_dim=64,
+        qk_rope_head_dim=32,
+        v_head_dim=64,
+        max_position_embeddings=65536,
+        n_routed_experts=16,
+        n_shared_experts=1,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        num_nextn_predict_layers=1,
+        initializer_range=0.02,
+    )
 
 
 @flax.struct.dataclass
@@ -94,12 +109,18 @@ def layer_decode(cfg: ModelConfig, params, context: int, repeats: int) -> dict:
     h = cfg.num_attention_heads
     caches = {
         "latent": (MLA(cfg), LatentCache.zeros(cfg, 1, context + 1)),
-        "expanded": (ExpandedMLA(cfg), ExpandedCache(
-            jnp.zeros((1, h, context + 1, cfg.qk_head_dim)), jnp.zeros((1, h, context + 1, cfg.v_head_dim)))),
-    }  # fmt: skip
+        "expanded": (
+            ExpandedMLA(cfg),
+            ExpandedCache(
+                jnp.zeros((1, h, context + 1, cfg.qk_head_dim)), jnp.zeros((1, h, context + 1, cfg.v_head_dim))
+            ),
+        ),
+    }
     out = {}
     for name, (layer, cache) in caches.items():
-        step = jax.jit(lambda c, layer=layer: layer.apply({"params": params}, x, cos, sin, mask, c, pos), donate_argnums=0)
+        step = jax.jit(
+            lambda c, layer=layer: layer.apply({"params": params}, x, cos, sin, mask, c, pos), donate_argnums=0
+        )
         out[f"{name}_bytes"] = nbytes_per_token_layer(cache, context + 1, 1)
         out[f"{name}_ms"] = time_ms(step, cache, repeats)
     return out
@@ -126,8 +147,10 @@ def speculative_vs_plain(cfg: ModelConfig, variables, batch: int, prompt_len: in
         runs = {}
         for spec in (False, True):
             generate(cfg, v, prompts, new, speculative=spec)  # compile
-            runs[spec] = max((generate(cfg, v, prompts, new, speculative=spec) for _ in range(repeats)),
-                             key=lambda g: g.stats["decode_tokens_per_s"])  # fmt: skip
+            runs[spec] = max(
+                (generate(cfg, v, prompts, new, speculative=spec) for _ in range(repeats)),
+                key=lambda g: g.stats["decode_tokens_per_s"],
+            )
         assert (runs[True].tokens == runs[False].tokens).all(), "speculative greedy != greedy"
         plain, spec = runs[False].stats, runs[True].stats
         out[name] = {
@@ -155,33 +178,63 @@ def main():
     rows = []
     for ctx in a.contexts:
         r = layer_decode(cfg, layer_params, ctx, a.repeats)
-        rows.append({
-            "context": ctx,
-            "layer_latent_ms": round(r["latent_ms"], 3),
-            "layer_expanded_ms": round(r["expanded_ms"], 3),
-            "layer_time_ratio_latent_vs_expanded": round(r["latent_ms"] / r["expanded_ms"], 3),
-            "model_latent_ms_per_token": round(model_decode(cfg, variables, ctx, a.repeats), 3),
-            "latent_bytes_per_token_layer": r["latent_bytes"],
-            "expanded_bytes_per_token_layer": r["expanded_bytes"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "context": ctx,
+                "layer_latent_ms": round(r["latent_ms"], 3),
+                "layer_expanded_ms": round(r["expanded_ms"], 3),
+                "layer_time_ratio_latent_vs_expanded": round(r["latent_ms"] / r["expanded_ms"], 3),
+                "model_latent_ms_per_token": round(model_decode(cfg, variables, ctx, a.repeats), 3),
+                "latent_bytes_per_token_layer": r["latent_bytes"],
+                "expanded_bytes_per_token_layer": r["expanded_bytes"],
+            }
+        )
         print(json.dumps(rows[-1]), flush=True)
 
     v3 = ModelConfig()
     latent, expanded = v3.kv_lora_rank + v3.qk_rope_head_dim, v3.num_attention_heads * (v3.qk_head_dim + v3.v_head_dim)
-    print(json.dumps({
-        "benchmark": "decode",
-        **environment(),
-        "config": {k: getattr(cfg, k) for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "kv_lora_rank",
-                                                "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "dtype")},
-        "cache_bytes_ratio_latent_vs_expanded": round(rows[0]["latent_bytes_per_token_layer"] / rows[0]["expanded_bytes_per_token_layer"], 4),
-        "contexts": rows,
-        "speculative_vs_plain": [{"batch": b, "prompt_len": 32, "new_tokens": a.new_tokens,
-                                  **speculative_vs_plain(cfg, variables, b, 32, a.new_tokens, 3)} for b in a.batch],
-        "v3_dims_per_token_per_layer": {
-            "latent_values": latent, "expanded_values": expanded, "ratio": round(latent / expanded, 4),
-            "latent_bytes_bf16": 2 * latent, "expanded_bytes_bf16": 2 * expanded,
-        },
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "decode",
+                **environment(),
+                "config": {
+                    k: getattr(cfg, k)
+                    for k in (
+                        "hidden_size",
+                        "num_hidden_layers",
+                        "num_attention_heads",
+                        "kv_lora_rank",
+                        "qk_nope_head_dim",
+                        "qk_rope_head_dim",
+                        "v_head_dim",
+                        "dtype",
+                    )
+                },
+                "cache_bytes_ratio_latent_vs_expanded": round(
+                    rows[0]["latent_bytes_per_token_layer"] / rows[0]["expanded_bytes_per_token_layer"], 4
+                ),
+                "contexts": rows,
+                "speculative_vs_plain": [
+                    {
+                        "batch": b,
+                        "prompt_len": 32,
+                        "new_tokens": a.new_tokens,
+                        **speculative_vs_plain(cfg, variables, b, 32, a.new_tokens, 3),
+                    }
+                    for b in a.batch
+                ],
+                "v3_dims_per_token_per_layer": {
+                    "latent_values": latent,
+                    "expanded_values": expanded,
+                    "ratio": round(latent / expanded, 4),
+                    "latent_bytes_bf16": 2 * latent,
+                    "expanded_bytes_bf16": 2 * expanded,
+                },
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

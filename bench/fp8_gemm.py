@@ -13,7 +13,8 @@ before timing (GEMM only); output bf16. M = 4096, (N, K) as in V3 (DeepGEMM's RE
 4096 x 7168 x 16384 on an H800). ``--sweep`` adds a row per Mosaic GPU tile
 configuration (``mosaic_gpu_tn{N tile}_s{TMA ring depth}``): one run on a lent H100 tunes it.
 
-    python -m bench.fp8_gemm [--quick] [--sweep] [--impls pallas mosaic_gpu triton xla bf16_dot fp8_per_tensor_dot] [--repeats 10]
+    python -m bench.fp8_gemm [--quick] [--sweep] [--repeats 10]
+        [--impls pallas mosaic_gpu triton xla bf16_dot fp8_per_tensor_dot]
 """
 
 import argparse
@@ -31,7 +32,14 @@ from pallas_kernels.quant import E4M3, quantize_blocks, quantize_tiles, scale_fr
 DEEPSEEK_NK = [(7168, 16384), (4096, 7168), (7168, 2048), (2112, 7168)]
 QUICK_NK = [(512, 1024), (256, 512)]  # CPU: exercise the script, not the hardware
 MGPU_SWEEP = {f"mosaic_gpu_tn{tn}_s{stages}": (tn, stages) for tn in (64, 128, 256) for stages in (2, 3, 4, 6)}
-BLOCK_SCALED = ("pallas", "mosaic_gpu", "triton", "interpret", "xla", *MGPU_SWEEP)  # rows that must equal the jnp reference
+BLOCK_SCALED = (
+    "pallas",
+    "mosaic_gpu",
+    "triton",
+    "interpret",
+    "xla",
+    *MGPU_SWEEP,
+)  # rows that must equal the jnp reference
 
 
 def gemms(x, w):
@@ -40,18 +48,25 @@ def gemms(x, w):
     qb, sb = quantize_blocks(w)
     ta, tb = scale_from_amax(jnp.abs(x).max()), scale_from_amax(jnp.abs(w).max())
     pa, pb = to_e4m3(x, ta), to_e4m3(w, tb)
-    per_tensor = lambda a, b, sa, sb: (jnp.dot(a, b, preferred_element_type=jnp.float32) * (sa * sb)).astype(jnp.bfloat16)  # noqa: E731
+    per_tensor = lambda a, b, sa, sb: (jnp.dot(a, b, preferred_element_type=jnp.float32) * (sa * sb)).astype(
+        jnp.bfloat16
+    )  # noqa: E731
     return {
         "pallas": (jax.jit(lambda *o: fp8_gemm(*o, impl="pallas")), (qa, sa, qb, sb)),
         "mosaic_gpu": (jax.jit(lambda *o: fp8_gemm_mgpu(*o)), (qa, sa, qb, sb)),
         "triton": (jax.jit(lambda *o: fp8_gemm_gpu(*o)), (qa, sa, qb, sb)),
         "interpret": (jax.jit(lambda *o: fp8_gemm(*o, impl="interpret")), (qa, sa, qb, sb)),
         "xla": (jax.jit(lambda *o: fp8_gemm(*o, impl="xla")), (qa, sa, qb, sb)),
-        "bf16_dot": (jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)), (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))),
+        "bf16_dot": (
+            jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.bfloat16)),
+            (x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)),
+        ),
         "fp8_per_tensor_dot": (jax.jit(per_tensor), (pa.astype(E4M3), pb.astype(E4M3), ta, tb)),
-        **{name: (jax.jit(lambda *o, tn=tn, st=st: fp8_gemm_mgpu(*o, tn=tn, stages=st)), (qa, sa, qb, sb))
-           for name, (tn, st) in MGPU_SWEEP.items()},
-    }  # fmt: skip
+        **{
+            name: (jax.jit(lambda *o, tn=tn, st=st: fp8_gemm_mgpu(*o, tn=tn, stages=st)), (qa, sa, qb, sb))
+            for name, (tn, st) in MGPU_SWEEP.items()
+        },
+    }
 
 
 def time_it(f, args, repeats: int) -> float:
@@ -67,8 +82,12 @@ def time_it(f, args, repeats: int) -> float:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes (M=256) for a CPU")
-    ap.add_argument("--impls", nargs="+", default=None,
-                    help="default: pallas (TPU/GPU), mosaic_gpu and triton (GPU), xla, bf16_dot, fp8_per_tensor_dot")
+    ap.add_argument(
+        "--impls",
+        nargs="+",
+        default=None,
+        help="default: pallas (TPU/GPU), mosaic_gpu and triton (GPU), xla, bf16_dot, fp8_per_tensor_dot",
+    )
     ap.add_argument("--sweep", action="store_true", help="also each Mosaic GPU tile configuration (MGPU_SWEEP)")
     ap.add_argument("--m", type=int, default=None)
     ap.add_argument("--repeats", type=int, default=10)
@@ -91,8 +110,11 @@ def main(argv=None):
             except Exception as e:  # noqa: BLE001 -- a kernel that does not compile here is a result too
                 row[name] = {"error": f"{type(e).__name__}: {str(e)[:400]}"}
                 continue
-            row[name] = {"ms": round(1e3 * t, 3), "tflops": round(2 * m * n * k / t / 1e12, 3),
-                         "rel_err": float(f"{err:.2e}")}  # fmt: skip
+            row[name] = {
+                "ms": round(1e3 * t, 3),
+                "tflops": round(2 * m * n * k / t / 1e12, 3),
+                "rel_err": float(f"{err:.2e}"),
+            }
             if name in BLOCK_SCALED:  # the same e4m3 operands and scales as the reference: bf16 rounding apart
                 row[name]["matches_reference"] = err <= 1e-2
         if "ms" in row.get("bf16_dot", {}):

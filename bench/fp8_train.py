@@ -55,20 +55,30 @@ from jax.experimental.compilation_cache import compilation_cache
 from bench.common import environment
 from dsjax.config import ConfigError, apply_overrides, load_config
 
-
 VARIANTS = {"baseline": [], "fp8": ["model.fp8=true"], "control": ["train.microbatches=2"]}
 TARGET = 0.005  # |final validation loss, FP8 vs baseline| <= 0.5% relative
 BRANCHED = "branched_from.json"  # in a --branch-at run's directory: the baseline and step it started from
 ENVIRONMENT = "environment.json"  # in a finished run's directory: the machine and libraries it finished on
 
 
-def run(config: str, output_dir: str, variant: str, seed: int, overrides: list[str], branch_at: int | None = None) -> dict:
+def run(
+    config: str, output_dir: str, variant: str, seed: int, overrides: list[str], branch_at: int | None = None
+) -> dict:
     from dsjax.train import train
     from dsjax.train.checkpoint import run_dir
 
     name = f"{variant}_seed{seed}"
-    cfg = load_config(config, [*overrides, *VARIANTS[variant], f"train.seed={seed}", f"train.run_name={name}",
-                               f"train.output_dir={output_dir}", "train.sample_tokens=0"])  # fmt: skip
+    cfg = load_config(
+        config,
+        [
+            *overrides,
+            *VARIANTS[variant],
+            f"train.seed={seed}",
+            f"train.run_name={name}",
+            f"train.output_dir={output_dir}",
+            "train.sample_tokens=0",
+        ],
+    )
     if prior := earlier(cfg, branch_at):
         return prior | {"reused": True}
     if branch_at is not None and branched_at(run_dir(cfg)) is None:
@@ -92,7 +102,9 @@ def compiled_once(output_dir: str):
     if jax.config.jax_compilation_cache_dir:
         yield
         return
-    compilation_cache.set_cache_dir(str(Path(output_dir) / ".jax_cache" / re.sub(r"[^\w.-]+", "_", environment()["machine"])))
+    compilation_cache.set_cache_dir(
+        str(Path(output_dir) / ".jax_cache" / re.sub(r"[^\w.-]+", "_", environment()["machine"]))
+    )
     try:
         yield
     finally:  # off again: the cache set up at the run's first compile would outlive the setting
@@ -113,11 +125,15 @@ def earlier(cfg, branch_at: int | None) -> dict | None:
     saved, now = flatten(load_config(rd / "config.yaml").to_dict()), flatten(cfg.to_dict())
     saved["train.output_dir"] = now["train.output_dir"]  # where it lies now, also if the dir was moved
     if saved != now:
-        raise SystemExit(f"{rd} holds a run with other settings ({differing(saved, now)} differ); "
-                         f"pick a new --output-dir (nothing was overwritten)")  # fmt: skip
+        raise SystemExit(
+            f"{rd} holds a run with other settings ({differing(saved, now)} differ); "
+            f"pick a new --output-dir (nothing was overwritten)"
+        )
     if (at := branched_at(rd)) != branch_at and (at is not None or has_checkpoints(rd) or metrics(rd)):
-        raise SystemExit(f"{rd} holds a run {how(at)}, this call asks for one {how(branch_at)}; "
-                         f"pick a new --output-dir (nothing was overwritten)")  # fmt: skip
+        raise SystemExit(
+            f"{rd} holds a run {how(at)}, this call asks for one {how(branch_at)}; "
+            f"pick a new --output-dir (nothing was overwritten)"
+        )
     return final(rd, cfg)
 
 
@@ -135,8 +151,14 @@ def final(run_dir: Path, cfg) -> dict | None:
 
 
 def record(cfg, val_loss: float, train_loss: float) -> dict:
-    return {"seed": cfg.train.seed, "val_loss": val_loss, "train_loss": train_loss, "steps": cfg.train.steps,
-            "dtype": cfg.model.dtype, "fp8_impl": cfg.model.fp8_impl}  # fmt: skip
+    return {
+        "seed": cfg.train.seed,
+        "val_loss": val_loss,
+        "train_loss": train_loss,
+        "steps": cfg.train.steps,
+        "dtype": cfg.model.dtype,
+        "fp8_impl": cfg.model.fp8_impl,
+    }
 
 
 def branch(source: Path, cfg, step: int) -> None:
@@ -147,8 +169,10 @@ def branch(source: Path, cfg, step: int) -> None:
 
     src, dst = source / "checkpoints" / str(step), ckpt.run_dir(cfg)
     if not (src / "commit_success.txt").is_file():
-        raise SystemExit(f"--branch-at {step}: {source} has no complete checkpoint at step {step} "
-                         f"(train.checkpoint_every must divide it)")  # fmt: skip
+        raise SystemExit(
+            f"--branch-at {step}: {source} has no complete checkpoint at step {step} "
+            f"(train.checkpoint_every must divide it)"
+        )
     if dst.exists() and any(dst.iterdir()):
         held = "checkpoints" if (dst / "checkpoints").exists() else "files of another run"
         raise SystemExit(f"--branch-at: {dst} already holds {held}; pick a new --output-dir (nothing was overwritten)")
@@ -202,14 +226,17 @@ def collect(dirs: list[str]) -> tuple[dict, list[str], int | None, dict | None]:
             if shared is None:
                 shared = (rd, rest)
             elif rest != shared[1]:
-                raise SystemExit(f"--summarize: {rd} and {shared[0]} are different experiments "
-                                 f"({differing(rest, shared[1])} differ)")  # fmt: skip
+                raise SystemExit(
+                    f"--summarize: {rd} and {shared[0]} are different experiments ({differing(rest, shared[1])} differ)"
+                )
             if m[1] != "baseline":  # a baseline is the same run in both kinds of experiment
                 at = branched_at(rd)
                 if start is None:
                     start = (rd, at)
                 elif at != start[1]:
-                    raise SystemExit(f"--summarize: {rd} was run {how(at)}, {start[0]} {how(start[1])}: different experiments")
+                    raise SystemExit(
+                        f"--summarize: {rd} was run {how(at)}, {start[0]} {how(start[1])}: different experiments"
+                    )
             if (rec := final(rd, cfg)) is None:
                 evals = [r["step"] for r in metrics(rd) if "val_loss" in r]
                 last = f"step {evals[-1]}" if evals else "none yet"
@@ -220,8 +247,10 @@ def collect(dirs: list[str]) -> tuple[dict, list[str], int | None, dict | None]:
                 rec |= {"machine": env["machine"], "date": env["date"], "jax": env["jax"]}
             key = (m[1], cfg.train.seed)
             if key in where and done[key]["val_loss"] != rec["val_loss"]:
-                raise SystemExit(f"--summarize: {rd.name} finished in {where[key]} and in {rd} with different "
-                                 f"losses ({done[key]['val_loss']} vs {rec['val_loss']}); keep one of them")  # fmt: skip
+                raise SystemExit(
+                    f"--summarize: {rd.name} finished in {where[key]} and in {rd} with different "
+                    f"losses ({done[key]['val_loss']} vs {rec['val_loss']}); keep one of them"
+                )
             where.setdefault(key, rd)
             done.setdefault(key, rec)
     return done, unfinished, start[1] if start else None, shared[1] if shared else None
@@ -258,17 +287,27 @@ def with_recorded(done: dict, experiment_: dict | None, branch_at: int | None, p
         for v in ("baseline", "fp8"):
             run = out.get((v, p["seed"]))
             if run is not None and run["val_loss"] != p[v]:
-                raise SystemExit(f"--pairs: seed {p['seed']}'s {v} run ended at {run['val_loss']}, {path} records "
-                                 f"{p[v]} (on {p['machine']}); a rerun elsewhere is another pair: use a new seed")  # fmt: skip
+                raise SystemExit(
+                    f"--pairs: seed {p['seed']}'s {v} run ended at {run['val_loss']}, {path} records "
+                    f"{p[v]} (on {p['machine']}); a rerun elsewhere is another pair: use a new seed"
+                )
             out[v, p["seed"]] = {"seed": p["seed"], "val_loss": p[v], "machine": p["machine"], "recorded": True}
     held = {p["seed"] for p in pairs}
     for (v, seed), run in sorted(done.items()):
         if v == "fp8" and seed not in held and (base := done.get(("baseline", seed))):
             if None not in (run.get("machine"), base.get("machine")) and run["machine"] != base["machine"]:
-                raise SystemExit(f"--pairs: seed {seed}'s runs finished on {base['machine']} and {run['machine']}: "
-                                 "not a pair (one machine runs both)")  # fmt: skip
-            new.append({"seed": seed, "baseline": base["val_loss"], "fp8": run["val_loss"],
-                        **{k: run.get(k) or base.get(k) for k in ("machine", "date", "jax")}})  # fmt: skip
+                raise SystemExit(
+                    f"--pairs: seed {seed}'s runs finished on {base['machine']} and {run['machine']}: "
+                    "not a pair (one machine runs both)"
+                )
+            new.append(
+                {
+                    "seed": seed,
+                    "baseline": base["val_loss"],
+                    "fp8": run["val_loss"],
+                    **{k: run.get(k) or base.get(k) for k in ("machine", "date", "jax")},
+                }
+            )
     return out, new
 
 
@@ -300,17 +339,24 @@ def summary(rel: list[float]) -> dict:
     (Student t), the median, the pairs within the target, and about how many pairs would put the
     95% interval inside the target at this mean and spread (normal approximation)."""
     n, mean = len(rel), statistics.fmean(rel)
-    out = {"pairs": n, "mean_relative_difference": round(mean, 5),
-           "median_relative_difference": round(statistics.median(rel), 5),
-           "pairs_within_target": sum(abs(r) <= TARGET for r in rel)}  # fmt: skip
+    out = {
+        "pairs": n,
+        "mean_relative_difference": round(mean, 5),
+        "median_relative_difference": round(statistics.median(rel), 5),
+        "pairs_within_target": sum(abs(r) <= TARGET for r in rel),
+    }
     if n > 1:
         from scipy.stats import t
 
         sd = statistics.stdev(rel)
         se, half = sd / math.sqrt(n), t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-        out |= {"standard_error": round(se, 5), "interval_95": [round(mean - half, 5), round(mean + half, 5)],
-                "pairs_for_interval_inside_target": math.ceil((1.96 * sd / (TARGET - abs(mean))) ** 2)
-                if abs(mean) < TARGET else None}  # fmt: skip
+        out |= {
+            "standard_error": round(se, 5),
+            "interval_95": [round(mean - half, 5), round(mean + half, 5)],
+            "pairs_for_interval_inside_target": math.ceil((1.96 * sd / (TARGET - abs(mean))) ** 2)
+            if abs(mean) < TARGET
+            else None,
+        }
     return out
 
 
@@ -325,17 +371,25 @@ def spread(base: dict, done: dict, seeds: list[int]) -> dict:
     from scipy.stats import levene
 
     rel_sd = lambda x: round(statistics.stdev(x) / statistics.fmean(x), 5)  # noqa: E731
-    return {"seed_spread": {"baseline": rel_sd(b), "fp8": rel_sd(f)},
-            "seed_correlation": round(statistics.correlation(b, f), 4),
-            "equal_spread_p": float(f"{levene(b, f, center='median').pvalue:.3g}")}  # fmt: skip
+    return {
+        "seed_spread": {"baseline": rel_sd(b), "fp8": rel_sd(f)},
+        "seed_correlation": round(statistics.correlation(b, f), 4),
+        "equal_spread_p": float(f"{levene(b, f, center='median').pvalue:.3g}"),
+    }
 
 
 def report(done: dict, header: dict) -> dict:
     """FP8 (and control) against the baseline, over every seed that has both runs of a pair."""
     base = {s: r for (v, s), r in sorted(done.items()) if v == "baseline"}
     losses = [r["val_loss"] for r in base.values()]
-    out = {"benchmark": "fp8_train", **header, "baseline": list(base.values()),
-           "baseline_seed_spread": round(statistics.stdev(losses) / statistics.fmean(losses), 5) if len(losses) > 1 else None}  # fmt: skip
+    out = {
+        "benchmark": "fp8_train",
+        **header,
+        "baseline": list(base.values()),
+        "baseline_seed_spread": round(statistics.stdev(losses) / statistics.fmean(losses), 5)
+        if len(losses) > 1
+        else None,
+    }
     for v, name in (("fp8", "val_loss"), ("control", "control")):
         seeds = sorted(s for w, s in done if w == v and s in base)
         if not seeds:
@@ -345,8 +399,10 @@ def report(done: dict, header: dict) -> dict:
         out |= summary(rel) | spread(base, done, seeds) if v == "fp8" else {"control_summary": summary(rel)}
         machines = {base[s].get("machine") for s in seeds}
         if v == "fp8" and len(machines) > 1:  # pairs of several machines: each machine's own report
-            out["by_machine"] = {str(h): summary([r for s, r in zip(seeds, rel) if base[s].get("machine") == h])
-                                 for h in sorted(machines, key=str)}  # fmt: skip
+            out["by_machine"] = {
+                str(h): summary([r for s, r in zip(seeds, rel) if base[s].get("machine") == h])
+                for h in sorted(machines, key=str)
+            }
     return out | {"target_abs_mean_relative_difference": TARGET}
 
 
@@ -355,11 +411,19 @@ def main(argv=None):
     ap.add_argument("--config", default="configs/tiny.yaml")
     ap.add_argument("--output-dir", default="runs/fp8_train")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--jobs", type=int, default=1, choices=range(1, 9), metavar="1..8", help="runs at once, one process each")
+    ap.add_argument(
+        "--jobs", type=int, default=1, choices=range(1, 9), metavar="1..8", help="runs at once, one process each"
+    )
     ap.add_argument("--control", action="store_true", help="per seed, also the baseline in two microbatches")
-    ap.add_argument("--branch-at", type=int, metavar="STEP",
-                    help="start the FP8 and control runs from the baseline's checkpoint at STEP")  # fmt: skip
-    ap.add_argument("--summarize", nargs="*", metavar="DIR", help="report the finished runs in these output dirs; run nothing")
+    ap.add_argument(
+        "--branch-at",
+        type=int,
+        metavar="STEP",
+        help="start the FP8 and control runs from the baseline's checkpoint at STEP",
+    )
+    ap.add_argument(
+        "--summarize", nargs="*", metavar="DIR", help="report the finished runs in these output dirs; run nothing"
+    )
     ap.add_argument("--pairs", type=Path, metavar="FILE", help="with --summarize: pool the pairs recorded in FILE")
     ap.add_argument("--record", action="store_true", help="with --pairs: append the dirs' new pairs to FILE")
     ap.add_argument("overrides", nargs="*", help="section.key=value, applied to every run")
@@ -374,10 +438,17 @@ def main(argv=None):
         if a.pairs:
             done, new = with_recorded(done, exp, branch_at, a.pairs)
         if not any(v == "fp8" and ("baseline", s) in done for v, s in done):
-            raise SystemExit(f"--summarize: no finished baseline/fp8 pair in {' '.join(a.summarize)}; unfinished: {unfinished}")
+            raise SystemExit(
+                f"--summarize: no finished baseline/fp8 pair in {' '.join(a.summarize)}; unfinished: {unfinished}"
+            )
         here = environment()
-        header = {"date": here["date"], "summarized": a.summarize, "pairs_file": str(a.pairs) if a.pairs else None,
-                  "branch_at": branch_at, "unfinished": unfinished}  # fmt: skip
+        header = {
+            "date": here["date"],
+            "summarized": a.summarize,
+            "pairs_file": str(a.pairs) if a.pairs else None,
+            "branch_at": branch_at,
+            "unfinished": unfinished,
+        }
         if a.record:
             with a.pairs.open("a") as f:
                 for p in new:  # a run without environment.json finished before it was written: here
@@ -394,13 +465,18 @@ def main(argv=None):
     if a.branch_at is not None:  # checked before anything runs; the baselines keep every checkpoint
         t = load_config(a.config, overrides).train
         if not 0 < a.branch_at < t.steps or a.branch_at % t.checkpoint_every:
-            ap.error(f"--branch-at {a.branch_at}: must lie in (0, train.steps={t.steps}) "
-                     f"and be a multiple of train.checkpoint_every={t.checkpoint_every}")  # fmt: skip
+            ap.error(
+                f"--branch-at {a.branch_at}: must lie in (0, train.steps={t.steps}) "
+                f"and be a multiple of train.checkpoint_every={t.checkpoint_every}"
+            )
         overrides = [*overrides, f"train.keep_checkpoints={t.steps // t.checkpoint_every + 1}"]
     runs = [(a.config, a.output_dir, v, seed, overrides) for seed in a.seeds for v in variants]
     # with --branch-at, the baselines run first and every other run starts from one of them
-    phases = [runs] if a.branch_at is None else [[r for r in runs if r[2] == "baseline"],
-                                                  [(*r, a.branch_at) for r in runs if r[2] != "baseline"]]  # fmt: skip
+    phases = (
+        [runs]
+        if a.branch_at is None
+        else [[r for r in runs if r[2] == "baseline"], [(*r, a.branch_at) for r in runs if r[2] != "baseline"]]
+    )
     done = {}
     for phase in phases:
         if a.jobs > 1:

@@ -21,12 +21,27 @@ from dsjax.model import Transformer
 
 def bench_config(num_experts: int, impl: str) -> ModelConfig:
     return ModelConfig(
-        vocab_size=1024, hidden_size=256, intermediate_size=768, moe_intermediate_size=128,
-        num_hidden_layers=2, first_k_dense_replace=0, num_attention_heads=4, q_lora_rank=128,
-        kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
-        n_routed_experts=num_experts, n_shared_experts=1, num_experts_per_tok=6, n_group=1, topk_group=1,
-        num_nextn_predict_layers=0, initializer_range=0.02, moe_impl=impl,
-    )  # fmt: skip
+        vocab_size=1024,
+        hidden_size=256,
+        intermediate_size=768,
+        moe_intermediate_size=128,
+        num_hidden_layers=2,
+        first_k_dense_replace=0,
+        num_attention_heads=4,
+        q_lora_rank=128,
+        kv_lora_rank=64,
+        qk_nope_head_dim=32,
+        qk_rope_head_dim=16,
+        v_head_dim=32,
+        n_routed_experts=num_experts,
+        n_shared_experts=1,
+        num_experts_per_tok=6,
+        n_group=1,
+        topk_group=1,
+        num_nextn_predict_layers=0,
+        initializer_range=0.02,
+        moe_impl=impl,
+    )
 
 
 def time_step(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float:
@@ -60,16 +75,22 @@ def main():
     batch = a.tokens // a.seq
     ms = {e: 1e3 * time_step(bench_config(e, a.impl), batch, a.seq, a.repeats) for e in a.experts}
     base = ms[a.experts[0]]
-    print(json.dumps({
-        "benchmark": "moe_scaling",
-        **environment(),
-        "impl": a.impl,
-        "tokens": a.tokens, "top_k": 6,
-        "fwd_bwd_ms": {str(e): round(t, 1) for e, t in ms.items()},
-        "baseline": f"{a.experts[0]} experts",
-        "ratio_to_baseline": {str(e): round(t / base, 3) for e, t in ms.items()},
-        "target_ratio_64_vs_8": 1.3,
-    }, indent=2))  # fmt: skip
+    print(
+        json.dumps(
+            {
+                "benchmark": "moe_scaling",
+                **environment(),
+                "impl": a.impl,
+                "tokens": a.tokens,
+                "top_k": 6,
+                "fwd_bwd_ms": {str(e): round(t, 1) for e, t in ms.items()},
+                "baseline": f"{a.experts[0]} experts",
+                "ratio_to_baseline": {str(e): round(t / base, 3) for e, t in ms.items()},
+                "target_ratio_64_vs_8": 1.3,
+            },
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

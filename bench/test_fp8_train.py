@@ -25,8 +25,17 @@ def _fake_run(out: Path, variant: str, seed: int, final: float, done=300, extra=
     """A finished-looking bench.fp8_train run: its saved config and metrics rows (no training)."""
     from bench.fp8_train import VARIANTS
 
-    cfg = load_config(TINY, [*extra, *VARIANTS[variant], f"train.seed={seed}", f"train.run_name={variant}_seed{seed}",
-                             f"train.output_dir={out}", "train.steps=300"])  # fmt: skip
+    cfg = load_config(
+        TINY,
+        [
+            *extra,
+            *VARIANTS[variant],
+            f"train.seed={seed}",
+            f"train.run_name={variant}_seed{seed}",
+            f"train.output_dir={out}",
+            "train.steps=300",
+        ],
+    )
     ckpt.save_config(cfg, out / f"{variant}_seed{seed}")
     rows = [{"step": s, "loss": 9.0} for s in (10, 20)]
     rows += [{"step": s, "val_loss": final if s == done else 2.5} for s in range(100, done + 1, 100)]
@@ -84,7 +93,9 @@ def test_fp8_quality_branched_runs_are_marked_and_never_pooled_with_runs_from_sc
         _fake_run(a, "baseline", s, 2.0 + s / 10)
         (a / f"baseline_seed{s}" / "checkpoints" / "200").mkdir(parents=True)
         (a / f"baseline_seed{s}" / "checkpoints" / "200" / "commit_success.txt").write_text("")
-        cfg = load_config(TINY, ["model.fp8=true", f"train.seed={s}", f"train.run_name=fp8_seed{s}", f"train.output_dir={b}"])
+        cfg = load_config(
+            TINY, ["model.fp8=true", f"train.seed={s}", f"train.run_name=fp8_seed{s}", f"train.output_dir={b}"]
+        )
         branch(a / f"baseline_seed{s}", cfg, 200)
         started = [json.loads(r) for r in (b / f"fp8_seed{s}" / "metrics.jsonl").read_text().splitlines()]
         assert max(r["step"] for r in started) == 200 and (b / f"fp8_seed{s}" / "checkpoints" / "200").is_dir()
@@ -110,7 +121,9 @@ def test_fp8_quality_branched_runs_are_marked_and_never_pooled_with_runs_from_sc
     _fake_run(c, "fp8", 2, 2.2)
     _fake_run(c, "baseline", 2, 2.2)
     assert main(["--summarize", str(c)])["branch_at"] is None
-    with pytest.raises(SystemExit, match=f"{c / 'fp8_seed2'} was run from scratch, {b / 'fp8_seed0'} branched at step 200"):
+    with pytest.raises(
+        SystemExit, match=f"{c / 'fp8_seed2'} was run from scratch, {b / 'fp8_seed0'} branched at step 200"
+    ):
         main(["--summarize", str(a), str(b), str(c)])
 
 
@@ -141,13 +154,17 @@ def test_fp8_quality_call_cut_short_picks_up_where_it_stopped(tmp_path, monkeypa
     calls.clear()
     other = tmp_path / "other"
     _fake_run(other, "baseline", 0, 2.0, extra=[*same, "train.learning_rate=0.001"])
-    with pytest.raises(SystemExit, match=r"baseline_seed0 holds a run with other settings \(train.learning_rate differ\)"):
+    with pytest.raises(
+        SystemExit, match=r"baseline_seed0 holds a run with other settings \(train.learning_rate differ\)"
+    ):
         main(["--seeds", "0", "--output-dir", str(other)])
     scratch = tmp_path / "scratch"  # an FP8 run from scratch where a --branch-at call would branch
     _fake_run(scratch, "baseline", 0, 2.0, extra=[*same, "train.keep_checkpoints=4"])
     _fake_run(scratch, "fp8", 0, 2.1, done=200, extra=[*same, "train.keep_checkpoints=4"])
     (scratch / "fp8_seed0" / "checkpoints" / "200").mkdir(parents=True)
-    with pytest.raises(SystemExit, match="fp8_seed0 holds a run from scratch, this call asks for one branched at step 200"):
+    with pytest.raises(
+        SystemExit, match="fp8_seed0 holds a run from scratch, this call asks for one branched at step 200"
+    ):
         main(["--seeds", "0", "--branch-at", "200", "--output-dir", str(scratch)])
     assert calls == [] and (scratch / "fp8_seed0" / "checkpoints" / "200").is_dir()
 
@@ -234,21 +251,30 @@ def test_fp8_quality_pairs_file_pools_recorded_pairs_and_records_new_ones(tmp_pa
     exp = experiment(load_config(TINY, ["train.steps=300"]))  # what _fake_run's runs share
     pairs = tmp_path / "pairs.jsonl"
     head = json.dumps({"experiment": exp}) + "\n"
-    old = [{"seed": 0, "baseline": 2.0, "fp8": 2.03, "machine": "A"}, {"seed": 1, "baseline": 1.9, "fp8": 1.88, "machine": "A"}]
+    old = [
+        {"seed": 0, "baseline": 2.0, "fp8": 2.03, "machine": "A"},
+        {"seed": 1, "baseline": 1.9, "fp8": 1.88, "machine": "A"},
+    ]
     pairs.write_text(head + "".join(json.dumps(p) + "\n" for p in old))
     d = tmp_path / "runs"
     for seed, b, f in ((1, 1.9, 1.88), (2, 1.95, 1.96), (3, 2.05, 2.0)):  # seed 1: the recorded pair, found again
         _fake_run(d, "baseline", seed, b)
         _fake_run(d, "fp8", seed, f)
     for v in ("baseline", "fp8"):  # seed 2 finished where environment.json says; seed 3 before it was written
-        (d / f"{v}_seed2" / "environment.json").write_text(json.dumps({"machine": "B", "date": "2026-12-01", "jax": "0.11.2"}))
+        (d / f"{v}_seed2" / "environment.json").write_text(
+            json.dumps({"machine": "B", "date": "2026-12-01", "jax": "0.11.2"})
+        )
 
     out = main(["--summarize", str(d), "--pairs", str(pairs)])
     rel = np.array([2.03 / 2.0, 1.88 / 1.9, 1.96 / 1.95, 2.0 / 2.05]) - 1
     assert out["pairs"] == 4 and "recorded" not in out
     np.testing.assert_allclose(out["mean_relative_difference"], rel.mean(), atol=1e-5)
     np.testing.assert_allclose(out["standard_error"], rel.std(ddof=1) / 2, atol=1e-5)
-    assert out["by_machine"]["A"]["pairs"] == 2 and out["by_machine"]["B"]["pairs"] == 1 and out["by_machine"]["None"]["pairs"] == 1
+    assert (
+        out["by_machine"]["A"]["pairs"] == 2
+        and out["by_machine"]["B"]["pairs"] == 1
+        and out["by_machine"]["None"]["pairs"] == 1
+    )
     np.testing.assert_allclose(out["by_machine"]["A"]["mean_relative_difference"], rel[:2].mean(), atol=1e-5)
     assert pairs.read_text() == head + "".join(json.dumps(p) + "\n" for p in old)  # without --record: unchanged
 
@@ -256,7 +282,9 @@ def test_fp8_quality_pairs_file_pools_recorded_pairs_and_records_new_ones(tmp_pa
     assert recording["recorded"] == [2, 3] and set(recording["by_machine"]) == {"A", "B", "here"}
     rows = [json.loads(r) for r in pairs.read_text().splitlines()[1:]]
     assert [(r["seed"], r["baseline"], r["fp8"], r["machine"], r["date"]) for r in rows[2:]] == [
-        (2, 1.95, 1.96, "B", "2026-12-01"), (3, 2.05, 2.0, "here", "2026-12-02")]  # fmt: skip
+        (2, 1.95, 1.96, "B", "2026-12-01"),
+        (3, 2.05, 2.0, "here", "2026-12-02"),
+    ]
     assert main(["--summarize", str(d), "--pairs", str(pairs), "--record"])["recorded"] == []  # nothing twice
     alone = main(["--summarize", "--pairs", str(pairs)])  # the record alone: the same report
     np.testing.assert_allclose(alone["mean_relative_difference"], rel.mean(), atol=1e-5)
@@ -272,10 +300,12 @@ def test_fp8_quality_pairs_file_pools_recorded_pairs_and_records_new_ones(tmp_pa
     for v, host in (("baseline", "B"), ("fp8", "C")):
         _fake_run(split, v, 7, 2.0)
         (split / f"{v}_seed7" / "environment.json").write_text(json.dumps({"machine": host, "date": "d", "jax": "j"}))
-    for where, match in ((other, r"records another experiment \(train.learning_rate differ\)"),
-                         (rerun, "seed 0's baseline run ended at 2.01, .* records 2.0 \\(on A\\)"),
-                         (branched, "branched at step 200; .* records pairs from scratch"),
-                         (split, "seed 7's runs finished on B and C: not a pair")):  # fmt: skip
+    for where, match in (
+        (other, r"records another experiment \(train.learning_rate differ\)"),
+        (rerun, "seed 0's baseline run ended at 2.01, .* records 2.0 \\(on A\\)"),
+        (branched, "branched at step 200; .* records pairs from scratch"),
+        (split, "seed 7's runs finished on B and C: not a pair"),
+    ):
         with pytest.raises(SystemExit, match=match):
             main(["--summarize", str(where), "--pairs", str(pairs), "--record"])
     assert pairs.read_text() == kept

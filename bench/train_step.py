@@ -24,8 +24,15 @@ from dsjax.parallel.rules import batch_sharding
 from dsjax.train.step import init_state_sharded, make_train_step, state_shardings
 
 # Dense bf16 peak FLOP/s per device, by jax device_kind (vendor figures).
-PEAK = {"NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H200": 989e12, "TPU v5": 459e12, "TPU v5p": 459e12,
-        "TPU v6 lite": 918e12, "TPU v5 lite": 197e12, "TPU v4": 275e12}  # fmt: skip
+PEAK = {
+    "NVIDIA H100 80GB HBM3": 989e12,
+    "NVIDIA H200": 989e12,
+    "TPU v5": 459e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+    "TPU v5 lite": 197e12,
+    "TPU v4": 275e12,
+}
 TARGET_MFU = 0.35
 
 
@@ -42,10 +49,20 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     state = init_state_sharded(cfg, model, mesh, jax.random.key(0), state_sh)
     with jax.set_mesh(mesh):
         tokens = jax.random.randint(jax.random.key(1), (t.batch_size, t.seq_len), 0, cfg.model.vocab_size)
-        batch = jax.device_put({"tokens": tokens, "segment_ids": jnp.ones_like(tokens),
-                                "positions": jnp.broadcast_to(jnp.arange(t.seq_len), tokens.shape)}, batch_sh)  # fmt: skip
-        step = jax.jit(make_train_step(cfg, model), in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, None), donate_argnums=0)  # fmt: skip
+        batch = jax.device_put(
+            {
+                "tokens": tokens,
+                "segment_ids": jnp.ones_like(tokens),
+                "positions": jnp.broadcast_to(jnp.arange(t.seq_len), tokens.shape),
+            },
+            batch_sh,
+        )
+        step = jax.jit(
+            make_train_step(cfg, model),
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, None),
+            donate_argnums=0,
+        )
         start = time.perf_counter()
         state, m = step(state, batch)
         jax.block_until_ready(m)
@@ -63,11 +80,18 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     peak = peak_flops(jax.devices()[0].device_kind)
     mfu = flops * tokens_per_s / (peak * mesh.size) if peak else None
     return {
-        "step_s": dt, "tokens_per_s": tokens_per_s, "model_tflops_per_s": flops * tokens_per_s / 1e12,
-        "flops_per_token": flops, "peak_tflops_per_device": peak / 1e12 if peak else None, "mfu": mfu,
-        "ratio_to_baseline": mfu / TARGET_MFU if mfu is not None else None, "baseline": f"MFU {TARGET_MFU:.0%}",
-        "compile_and_first_step_s": compile_s, "loss": float(m["loss"]), "mesh": dict(mesh.shape),
-    }  # fmt: skip
+        "step_s": dt,
+        "tokens_per_s": tokens_per_s,
+        "model_tflops_per_s": flops * tokens_per_s / 1e12,
+        "flops_per_token": flops,
+        "peak_tflops_per_device": peak / 1e12 if peak else None,
+        "mfu": mfu,
+        "ratio_to_baseline": mfu / TARGET_MFU if mfu is not None else None,
+        "baseline": f"MFU {TARGET_MFU:.0%}",
+        "compile_and_first_step_s": compile_s,
+        "loss": float(m["loss"]),
+        "mesh": dict(mesh.shape),
+    }
 
 
 def main(argv=None):
@@ -80,10 +104,17 @@ def main(argv=None):
     cfg = load_config(a.config, a.overrides)
     m = cfg.model
     result = {
-        **environment(), "benchmark": "train_step", "config": a.config, "overrides": a.overrides,
-        "batch_size": cfg.train.batch_size, "seq_len": cfg.train.seq_len, "dtype": m.dtype, "fp8": m.fp8,
-        "remat": m.remat, **measure(cfg, a.steps, a.warmup),
-    }  # fmt: skip
+        **environment(),
+        "benchmark": "train_step",
+        "config": a.config,
+        "overrides": a.overrides,
+        "batch_size": cfg.train.batch_size,
+        "seq_len": cfg.train.seq_len,
+        "dtype": m.dtype,
+        "fp8": m.fp8,
+        "remat": m.remat,
+        **measure(cfg, a.steps, a.warmup),
+    }
     print(json.dumps(result))
 
 

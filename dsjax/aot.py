@@ -40,8 +40,12 @@ def plan(cfg: Config, topology: str) -> dict:
     batch = {"tokens": tokens, "segment_ids": tokens, "positions": tokens}
     start = time.perf_counter()
     with jax.set_mesh(mesh):
-        step = jax.jit(make_train_step(cfg, model), in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, None), donate_argnums=0)  # fmt: skip
+        step = jax.jit(
+            make_train_step(cfg, model),
+            in_shardings=(state_sh, batch_sh),
+            out_shardings=(state_sh, None),
+            donate_argnums=0,
+        )
         lowered = step.trace(state, batch).lower()
         try:
             compiled = lowered.compile()
@@ -51,9 +55,14 @@ def plan(cfg: Config, topology: str) -> dict:
                 raise
             compiled = None
     if compiled is None:
-        return {**_head(topology, devices, mesh, cfg), "fits": False, "temporaries_gib": float(oom[1]),
-                "hbm_gib": float(oom[2]), "compile_s": time.perf_counter() - start,
-                "note": "the TPU compiler stopped: temporaries alone exceed HBM"}  # fmt: skip
+        return {
+            **_head(topology, devices, mesh, cfg),
+            "fits": False,
+            "temporaries_gib": float(oom[1]),
+            "hbm_gib": float(oom[2]),
+            "compile_s": time.perf_counter() - start,
+            "note": "the TPU compiler stopped: temporaries alone exceed HBM",
+        }
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = (cost[0] if isinstance(cost, (list, tuple)) else cost) or {}  # none from XLA's GPU compiler
@@ -64,18 +73,30 @@ def plan(cfg: Config, topology: str) -> dict:
     tokens_per_step = t.batch_size * t.seq_len
     return {
         **_head(topology, devices, mesh, cfg),
-        "arguments_gib": args / GIB, "temporaries_gib": temp / GIB, "outputs_not_aliased_gib": out_new / GIB,
-        "code_gib": mem.generated_code_size_in_bytes / GIB, "total_gib": total / GIB,
-        "hbm_gib": HBM_GIB.get(kind), "fits": HBM_GIB.get(kind) is not None and total <= HBM_GIB[kind] * GIB,
+        "arguments_gib": args / GIB,
+        "temporaries_gib": temp / GIB,
+        "outputs_not_aliased_gib": out_new / GIB,
+        "code_gib": mem.generated_code_size_in_bytes / GIB,
+        "total_gib": total / GIB,
+        "hbm_gib": HBM_GIB.get(kind),
+        "fits": HBM_GIB.get(kind) is not None and total <= HBM_GIB[kind] * GIB,
         "compiled_flops_per_chip": float(cost.get("flops", float("nan"))),
         "model_flops_per_chip": training_flops_per_token(cfg.model, t.seq_len) * tokens_per_step / len(devices),
         "compile_s": time.perf_counter() - start,
         "pallas_kernel_calls": sum(lowered.as_text().count(call) for call in KERNEL_CALLS),
-    }  # fmt: skip
+    }
 
 
 def _head(topology, devices, mesh, cfg: Config) -> dict:
     t = cfg.train
-    return {"topology": topology, "device_kind": devices[0].device_kind, "chips": len(devices), "mesh": dict(mesh.shape),
-            "batch_size": t.batch_size, "seq_len": t.seq_len, "microbatches": t.microbatches, "remat": cfg.model.remat,
-            "expert_capacity_factor": cfg.model.expert_capacity_factor}  # fmt: skip
+    return {
+        "topology": topology,
+        "device_kind": devices[0].device_kind,
+        "chips": len(devices),
+        "mesh": dict(mesh.shape),
+        "batch_size": t.batch_size,
+        "seq_len": t.seq_len,
+        "microbatches": t.microbatches,
+        "remat": cfg.model.remat,
+        "expert_capacity_factor": cfg.model.expert_capacity_factor,
+    }

@@ -13,10 +13,10 @@ import dataclasses
 import difflib
 import json
 import os
-from pathlib import Path
 import re
 import types
 import typing
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
@@ -167,17 +167,36 @@ class TrainConfig:
 
     def __post_init__(self):
         _check_types(self, "train.")
-        for f in ("steps", "batch_size", "microbatches", "seq_len", "log_every", "eval_every",
-                  "eval_batches", "checkpoint_every", "keep_checkpoints", "max_nonfinite_steps"):  # fmt: skip
+        for f in (
+            "steps",
+            "batch_size",
+            "microbatches",
+            "seq_len",
+            "log_every",
+            "eval_every",
+            "eval_batches",
+            "checkpoint_every",
+            "keep_checkpoints",
+            "max_nonfinite_steps",
+        ):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"train.{f}={getattr(self, f)!r}: must be a positive integer")
         for f in ("warmup_steps", "constant_steps", "decay_steps", "min_lr_steps", "sample_tokens"):
             if getattr(self, f) < 0:
                 raise ConfigError(f"train.{f}={getattr(self, f)!r}: must be >= 0")
         if self.batch_size % self.microbatches:
-            raise ConfigError(f"train.batch_size={self.batch_size}: must be divisible by train.microbatches={self.microbatches}")
-        for f in ("learning_rate", "min_lr", "tail_lr", "weight_decay", "mtp_loss_weight",
-                  "balance_loss_alpha", "bias_update_rate"):  # fmt: skip
+            raise ConfigError(
+                f"train.batch_size={self.batch_size}: must be divisible by train.microbatches={self.microbatches}"
+            )
+        for f in (
+            "learning_rate",
+            "min_lr",
+            "tail_lr",
+            "weight_decay",
+            "mtp_loss_weight",
+            "balance_loss_alpha",
+            "bias_update_rate",
+        ):
             if getattr(self, f) < 0:
                 raise ConfigError(f"train.{f}={getattr(self, f)!r}: must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
@@ -231,8 +250,10 @@ class Config:
     def __post_init__(self):
         _check_types(self)
         if self.model.fp8_weights:
-            raise ConfigError("model.fp8_weights=True: e4m3 weights are for inference and cannot be trained; "
-                              "train with model.fp8=true (fp32 master weights, FP8 GEMMs)")
+            raise ConfigError(
+                "model.fp8_weights=True: e4m3 weights are for inference and cannot be trained; "
+                "train with model.fp8=true (fp32 master weights, FP8 GEMMs)"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(dataclasses.asdict(self)))
@@ -244,40 +265,75 @@ def _validate(c: ModelConfig) -> None:
             raise ConfigError(f"{field}={getattr(c, field)!r}: {msg}")
 
     for f in (
-        "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-        "num_hidden_layers", "num_attention_heads", "kv_lora_rank", "qk_nope_head_dim",
-        "qk_rope_head_dim", "v_head_dim", "max_position_embeddings", "n_routed_experts",
-        "num_experts_per_tok", "n_group", "topk_group",
-    ):  # fmt: skip
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "max_position_embeddings",
+        "n_routed_experts",
+        "num_experts_per_tok",
+        "n_group",
+        "topk_group",
+    ):
         rule(getattr(c, f) > 0, f, "must be a positive integer")
     rule(c.q_lora_rank is None or c.q_lora_rank > 0, "q_lora_rank", "must be positive, or null for a plain q_proj")
     rule(c.n_shared_experts >= 0, "n_shared_experts", "must be >= 0")
     rule(c.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", "must be >= 0")
     rule(c.qk_rope_head_dim % 2 == 0, "qk_rope_head_dim", "RoPE rotates pairs of channels, so it must be even")
-    rule(0 <= c.first_k_dense_replace <= c.num_hidden_layers, "first_k_dense_replace",
-         f"must be between 0 and num_hidden_layers={c.num_hidden_layers}")
+    rule(
+        0 <= c.first_k_dense_replace <= c.num_hidden_layers,
+        "first_k_dense_replace",
+        f"must be between 0 and num_hidden_layers={c.num_hidden_layers}",
+    )
     rule(c.rms_norm_eps > 0, "rms_norm_eps", "must be > 0")
-    rule(c.expert_capacity_factor == 0 or c.expert_capacity_factor >= 1, "expert_capacity_factor",
-         "must be 0 (dropless) or >= 1 (receive room for that many times the even share of token copies)")
+    rule(
+        c.expert_capacity_factor == 0 or c.expert_capacity_factor >= 1,
+        "expert_capacity_factor",
+        "must be 0 (dropless) or >= 1 (receive room for that many times the even share of token copies)",
+    )
     rule(c.initializer_range > 0, "initializer_range", "must be > 0")
-    rule(not (c.fp8 and c.fp8_weights), "fp8_weights",
-         "stores e4m3 weights for inference, while fp8=True trains fp32 masters with FP8 GEMMs: set one of them")
-    rule(c.fp8_scale_fmt == "float32" or c.fp8 or c.fp8_weights, "fp8_scale_fmt",
-         "sets the scales of FP8 GEMMs; without fp8 or fp8_weights there are none")
+    rule(
+        not (c.fp8 and c.fp8_weights),
+        "fp8_weights",
+        "stores e4m3 weights for inference, while fp8=True trains fp32 masters with FP8 GEMMs: set one of them",
+    )
+    rule(
+        c.fp8_scale_fmt == "float32" or c.fp8 or c.fp8_weights,
+        "fp8_scale_fmt",
+        "sets the scales of FP8 GEMMs; without fp8 or fp8_weights there are none",
+    )
     rule(c.rope_theta > 1, "rope_theta", "must be > 1")
     rule(c.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
-    rule(c.n_routed_experts % c.n_group == 0, "n_routed_experts",
-         f"must be divisible by n_group={c.n_group} (experts are split into equal groups)")
+    rule(
+        c.n_routed_experts % c.n_group == 0,
+        "n_routed_experts",
+        f"must be divisible by n_group={c.n_group} (experts are split into equal groups)",
+    )
     rule(c.topk_group <= c.n_group, "topk_group", f"cannot exceed n_group={c.n_group}")
     per_group = c.n_routed_experts // c.n_group
-    rule(c.num_experts_per_tok <= c.topk_group * per_group, "num_experts_per_tok",
-         f"the {c.topk_group} kept group(s) of {per_group} expert(s) hold only "
-         f"{c.topk_group * per_group} experts to choose from")
-    rule(c.topk_method != "greedy" or c.n_group == 1, "topk_method",
-         f"'greedy' does not limit groups but n_group={c.n_group}; set n_group=1 and topk_group=1, "
-         "or use 'group_limited_greedy' / 'noaux_tc'")
-    rule(c.topk_method != "noaux_tc" or c.n_group == 1 or per_group >= 2, "topk_method",
-         f"'noaux_tc' scores a group by its top-2 experts, but each group holds {per_group}")
+    rule(
+        c.num_experts_per_tok <= c.topk_group * per_group,
+        "num_experts_per_tok",
+        f"the {c.topk_group} kept group(s) of {per_group} expert(s) hold only "
+        f"{c.topk_group * per_group} experts to choose from",
+    )
+    rule(
+        c.topk_method != "greedy" or c.n_group == 1,
+        "topk_method",
+        f"'greedy' does not limit groups but n_group={c.n_group}; set n_group=1 and topk_group=1, "
+        "or use 'group_limited_greedy' / 'noaux_tc'",
+    )
+    rule(
+        c.topk_method != "noaux_tc" or c.n_group == 1 or per_group >= 2,
+        "topk_method",
+        f"'noaux_tc' scores a group by its top-2 experts, but each group holds {per_group}",
+    )
 
 
 # ---------------------------------------------------------------------------------------------

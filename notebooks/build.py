@@ -127,7 +127,7 @@ NB01 = [
     for k, b in per_token.items():
         print(f"{k:22s}{b / L / dt.itemsize:20.0f}{b / 1024:12.1f}{b / mha:9.2%}{b * CONTEXT / 2**30:17.2f}")
     '''),
-    code('''
+    code("""
     fig, ax = plt.subplots(figsize=(7, 3.2))
     names = list(per_token)
     ax.barh(names[::-1], [per_token[n] / 1024 for n in names[::-1]], color=["C3", "C1", "C0", "C2"][::-1])
@@ -139,7 +139,7 @@ NB01 = [
     ax.set_title("DeepSeek-V3 dims: cache per token")
     fig.tight_layout()
     show(fig)
-    '''),
+    """),
     md("""
     ## 2. Decode time vs context: absorbed (latent cache) vs expanded cache
 
@@ -150,7 +150,7 @@ NB01 = [
     `LatentCache`) and the same layer reading an expanded per-head K/V cache, best of several
     repeats after compilation.
     """),
-    code('''
+    code("""
     from bench.decode import bench_config, layer_decode
     from dsjax.model import random_variables
 
@@ -164,8 +164,8 @@ NB01 = [
         rows.append({"context": ctx, **r})
         print(f"context {ctx:6d}: latent {r['latent_ms']:8.3f} ms, expanded {r['expanded_ms']:8.3f} ms, "
               f"ratio {r['latent_ms'] / r['expanded_ms']:.3f}  (cache {r['latent_bytes']:.0f} vs {r['expanded_bytes']:.0f} B/token)")
-    '''),
-    code('''
+    """),
+    code("""
     ctx = np.array([r["context"] for r in rows])
     lat, exp_ = np.array([r["latent_ms"] for r in rows]), np.array([r["expanded_ms"] for r in rows])
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(11, 3.8))
@@ -178,13 +178,13 @@ NB01 = [
     a2.set(xlabel="context", ylabel="latent / expanded time", title="time ratio (< 1: absorbed faster)")
     fig.tight_layout()
     show(fig)
-    '''),
+    """),
     md("""
     ## Conclusion
 
     The numbers below are computed from the measurements above (nothing is typed in by hand).
     """),
-    code('''
+    code("""
     mla, gqa, mqa = per_token["MLA (latent, dsjax)"], per_token["GQA (8 groups)"], per_token["MQA (1 KV head)"]
     print(f"KV cache per token at V3 dims (61 layers, bf16): MHA {mha / 1024:.0f} KiB, GQA-8 {gqa / 1024:.0f} KiB, "
           f"MQA {mqa / 1024:.1f} KiB, MLA {mla / 1024:.1f} KiB.")
@@ -202,7 +202,7 @@ NB01 = [
               f"{rows[0]['latent_bytes'] / rows[0]['expanded_bytes']:.1%} of the expanded cache's bytes per token.")
     else:
         print("The absorbed path was not faster at any measured context on this machine.")
-    '''),
+    """),
     md("""
     Why: the absorbed form does more arithmetic per cached token (scores against a 256 + 32 wide
     latent per head instead of 96 + 64) but reads far fewer bytes, so it wins once the expanded
@@ -242,7 +242,7 @@ NB02 = [
     batch every few steps.
     """),
     setup("02_load_balancing"),
-    code('''
+    code("""
     import jax.numpy as jnp
     from dsjax.config import load_config
     from dsjax.model import Transformer, count_params
@@ -274,7 +274,7 @@ NB02 = [
     print(f"{n['total']:,} parameters ({n['activated']:,} activated), {base.model.num_moe_layers} MoE layers x "
           f"{base.model.n_routed_experts} experts (top-{base.model.num_experts_per_tok}); "
           f"{t.steps} steps x {t.batch_size} x {t.seq_len} tokens per run")
-    '''),
+    """),
     code('''
     def run(cfg):
         """dsjax.train's loop (same init, batches, step) + expert loads per MoE layer every LOAD_EVERY steps."""
@@ -311,7 +311,7 @@ NB02 = [
     expert's share of the layer's token assignments relative to an even split (1 = balanced,
     0 = idle, >= 3 = overloaded).
     """),
-    code('''
+    code("""
     layers = base.model.num_moe_layers
     fig, axes = plt.subplots(len(results), layers, figsize=(3.8 * layers + 1, 2.3 * len(results)), squeeze=False)
     for i, (name, r) in enumerate(results.items()):
@@ -325,8 +325,8 @@ NB02 = [
             ax.set(xlabel="step" if i == len(results) - 1 else None, ylabel="expert" if l == 0 else None)
     fig.colorbar(im, ax=axes, shrink=0.8, label="load / mean load")
     show(fig)
-    '''),
-    code('''
+    """),
+    code("""
     def smooth(x, w):
         x = np.asarray(x)
         w = max(1, min(w, len(x)))
@@ -355,14 +355,14 @@ NB02 = [
     a3.set(ylabel="bits per byte", title="final validation")
     fig.tight_layout()
     show(fig)
-    '''),
+    """),
     md("""
     ## Conclusion
 
     Printed from the runs above. "Late" is the last 20% of training steps. One seed per run: at
     this scale, differences of a few thousandths of a bit per byte are within run-to-run noise.
     """),
-    code('''
+    code("""
     late = max(1, len(results["(a) no balancing"]["ce"]) // 5)
     s = {k: {"load": float(np.mean(r["load_max_mean"][-late:])), "worst": float(np.max(r["loads"][-max(1, late // LOAD_EVERY):] /
              r["loads"][-max(1, late // LOAD_EVERY):].mean(-1, keepdims=True))), "bpb": r["val_bpb"]} for k, r in results.items()}
@@ -381,7 +381,7 @@ NB02 = [
     print(f"DeepSeek's claims at this scale: (c) balances the experts: {'yes' if claim_balance else 'no'}; "
           f"at no quality cost (within 0.01 bit/byte of no balancing): {'yes' if claim_quality else 'no'}; "
           f"better validation than the auxiliary loss (b): {'yes' if claim_beats_b else 'no'}.")
-    '''),
+    """),
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -405,7 +405,7 @@ NB03 = [
     3. the **speed-up** of speculative over plain decoding (greedy output is identical).
     """),
     setup("03_mtp"),
-    code('''
+    code("""
     from dsjax.config import load_config
     from dsjax.model import count_params
     from dsjax.train import train
@@ -429,8 +429,8 @@ NB03 = [
         n = count_params(cfg.model)
         print(f"  {name}: main model {n['main']:,} + MTP {n['mtp']:,} parameters; {last[name]['seconds']:.0f} s; "
               f"validation (main head) {last[name]['val_loss']:.4f} nats/token, {last[name]['val_bpb']:.4f} bits/byte")
-    '''),
-    code('''
+    """),
+    code("""
     def series(rows, key):
         pts = [(r["step"], r[key]) for r in rows if key in r]
         return np.array(pts).T if pts else np.zeros((2, 0))
@@ -453,7 +453,7 @@ NB03 = [
     a1.legend(); a2.legend()
     fig.tight_layout()
     show(fig)
-    '''),
+    """),
     md("""
     ## Speculative decoding with the trained MTP module
 
@@ -502,7 +502,7 @@ NB03 = [
     g = outputs["greedy"][0]
     print("greedy sample:", repr(tokenizer.decode(prompts[0]) + " >>> " + tokenizer.decode(g.tokens[0, : g.lengths[0]])))
     '''),
-    code('''
+    code("""
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.3))
     modes = list(spec_results)
     a1.bar(modes, [spec_results[m]["acceptance"] for m in modes], color="C2")
@@ -515,14 +515,14 @@ NB03 = [
     a2.legend()
     fig.tight_layout()
     show(fig)
-    '''),
+    """),
     md("""
     ## Conclusion
 
     Printed from the runs above (one seed each; at this scale a few thousandths of a bit per byte
     are within run-to-run noise).
     """),
-    code('''
+    code("""
     a, b = last["no MTP"], last["MTP (D=1)"]
     d = b["val_bpb"] - a["val_bpb"]
     print(f"Main-head validation: no MTP {a['val_loss']:.4f} nats/token ({a['val_bpb']:.4f} bits/byte), "
@@ -538,7 +538,7 @@ NB03 = [
     print(f"Caveat: the most frequent token makes up {rep:.0%} of this small model's greedy continuations (on average); "
           + ("such repetition is easy to draft, so the sampled acceptance is the more telling figure." if rep > 0.5
              else "they are not dominated by repetition."))
-    '''),
+    """),
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -566,7 +566,7 @@ NB04 = [
        scale per tensor.
     """),
     setup("04_fp8"),
-    code('''
+    code("""
     from dsjax.config import load_config
     from dsjax.train import train
 
@@ -586,8 +586,8 @@ NB04 = [
         metrics[name] = [json.loads(l) for l in (RUNS / cfg.train.run_name / "metrics.jsonl").read_text().splitlines()]
         print(f"  {name}: {last[name]['seconds']:.0f} s, validation {last[name]['val_loss']:.4f} nats/token = "
               f"{last[name]['val_bpb']:.4f} bits/byte")
-    '''),
-    code('''
+    """),
+    code("""
     W = 1 if QUICK else 10
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 3.8))
     curves = {}
@@ -609,7 +609,7 @@ NB04 = [
     a1.legend()
     fig.tight_layout()
     show(fig)
-    '''),
+    """),
     md("""
     ## Quantization error on real weights and activations
 
@@ -672,7 +672,7 @@ NB04 = [
                for name, w in p["mlp"].items() if name in ("w_gate", "w_up", "w_down") for e in range(0, w.shape[0], 4)]
     print(f"captured {len(captured)} projection inputs and weights, + {len(experts)} routed-expert weights (every 4th expert)")
     '''),
-    code('''
+    code("""
     def err(x, xq):
         nz = x != 0
         return float(np.linalg.norm(xq - x) / np.linalg.norm(x)), float(np.mean((xq == 0) & nz) / max(np.mean(nz), 1e-12))
@@ -703,8 +703,8 @@ NB04 = [
     for kind, name, e_t, z_t, e_f, z_f, crest in rows:
         if kind == "activation" or "[" not in name:
             print(f"{kind:11s}{name:44s}{e_t:15.4f}{z_t:9.2%}{e_f:10.4f}{z_f:9.2%}{crest:9.1f}")
-    '''),
-    code('''
+    """),
+    code("""
     fig, axes = plt.subplots(1, 2, figsize=(13, 4))
     for ax, kind, fine in ((axes[0], "activation", "1x128 tiles"), (axes[1], "weight", "128x128 blocks")):
         sel = [r for r in rows if r[0] == kind]
@@ -716,14 +716,14 @@ NB04 = [
         ax.legend()
     fig.tight_layout()
     show(fig)
-    '''),
+    """),
     md("""
     The tensors of this small, briefly trained model have few outliers (see their max/rms above),
     which is where per-tensor scaling fails. To show the mechanism on the same real data, we scale
     one token's row of a real activation (the first FFN's `down_proj` input) by a growing factor,
     as an outlier token would, and measure the error on the *other* tokens.
     """),
-    code('''
+    code("""
     name, x, _ = next(c for c in captured if c[0].endswith("mlp/down_proj"))
     factors = [1, 10, 100, 1000, 10000, 100000]
     outlier = []
@@ -740,13 +740,13 @@ NB04 = [
     ax.legend()
     fig.tight_layout()
     show(fig)
-    '''),
+    """),
     md("""
     ## Conclusion
 
     Printed from the runs and measurements above.
     """),
-    code('''
+    code("""
     b, f = last["BF16"], last["FP8"]
     rel_val = (f["val_loss"] - b["val_loss"]) / b["val_loss"]
     print(f"Training ({cfgs['FP8'].train.steps} steps, same tokens): validation BF16 {b['val_loss']:.4f}, FP8 {f['val_loss']:.4f} "
@@ -764,7 +764,7 @@ NB04 = [
     (pt, _), (tl, _) = outlier[-1]
     print(f"With one token {factors[-1]}x larger, the other tokens' error is {pt:.4f} per tensor vs {tl:.4f} with 1x128 tiles "
           f"({pt / tl:.0f}x); at factor 1 it is {outlier[0][0][0]:.4f} vs {outlier[0][1][0]:.4f}.")
-    '''),
+    """),
 ]
 
 # ---------------------------------------------------------------------------------------------
@@ -787,7 +787,7 @@ NB05 = [
     and compare loss curves (per step and per second of wall time) and step time.
     """),
     setup("05_moe_vs_dense"),
-    code('''
+    code("""
     from dsjax.config import load_config
     from dsjax.model import count_params
     from dsjax.train import train
@@ -816,8 +816,8 @@ NB05 = [
     print(f"dense feed-forward width {width}: activated parameters MoE {counts['MoE']['activated']:,} vs dense "
           f"{counts['dense']['activated']:,} ({counts['dense']['activated'] / counts['MoE']['activated'] - 1:+.2%}); "
           f"total MoE {counts['MoE']['total']:,} vs dense {counts['dense']['total']:,}")
-    '''),
-    code('''
+    """),
+    code("""
     shutil.rmtree(RUNS, ignore_errors=True)
     metrics, last = {}, {}
     for name, cfg in {"MoE": moe, "dense": dns}.items():
@@ -829,8 +829,8 @@ NB05 = [
         last[name]["tokens_per_s_median"] = float(np.median(steps_s)) if steps_s else last[name]["tokens_per_s"]
         print(f"  {name}: {last[name]['seconds']:.0f} s, median {last[name]['tokens_per_s_median']:.0f} tokens/s, "
               f"validation {last[name]['val_loss']:.4f} nats/token = {last[name]['val_bpb']:.4f} bits/byte")
-    '''),
-    code('''
+    """),
+    code("""
     W = 1 if QUICK else 10
     fig, (a1, a2, a3) = plt.subplots(1, 3, figsize=(15, 3.8))
     for i, (name, rows) in enumerate(metrics.items()):
@@ -854,13 +854,13 @@ NB05 = [
     a3.set(ylabel="ms per training step (median)", title="step time, CPU")
     fig.tight_layout()
     show(fig)
-    '''),
+    """),
     md("""
     ## Conclusion
 
     Printed from the runs above (one seed each).
     """),
-    code('''
+    code("""
     m, d = last["MoE"], last["dense"]
     step_ratio = d["tokens_per_s_median"] / m["tokens_per_s_median"]
     print(f"Same activated parameters ({counts['MoE']['activated']:,} vs {counts['dense']['activated']:,}) and the same "
@@ -871,7 +871,7 @@ NB05 = [
           f"{abs(d['val_bpb'] - m['val_bpb']):.4f} bits/byte.")
     print(f"Step time: an MoE step takes {step_ratio:.2f}x the dense step on this CPU "
           f"({m['tokens_per_s_median']:.0f} vs {d['tokens_per_s_median']:.0f} tokens/s, median over logged steps).")
-    '''),
+    """),
 ]
 
 NOTEBOOKS = {
@@ -888,10 +888,12 @@ def make(name: str):
     import nbformat
 
     nb = nbformat.v4.new_notebook()
-    nb.metadata.update({
-        "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
-        "language_info": {"name": "python"},
-    })  # fmt: skip
+    nb.metadata.update(
+        {
+            "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
+            "language_info": {"name": "python"},
+        }
+    )
     for kind, src in NOTEBOOKS[name]:
         nb.cells.append(nbformat.v4.new_markdown_cell(src) if kind == "markdown" else nbformat.v4.new_code_cell(src))
     for i, cell in enumerate(nb.cells):
@@ -903,7 +905,9 @@ def execute(nb, timeout: int = 3600):
     """Runs ``nb`` in place (kernel cwd: this folder, as when a user opens it)."""
     import nbclient
 
-    nbclient.NotebookClient(nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}).execute()
+    nbclient.NotebookClient(
+        nb, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(HERE)}}
+    ).execute()
     return nb
 
 

@@ -82,8 +82,23 @@ def _fwd_kernel(qn_ref, qp_ref, kn_ref, kp_ref, v_ref, qseg_ref, kseg_ref, o_ref
 # -- backward dQ: grid (batch, head, query block), loop over key blocks up to the diagonal --------
 
 
-def _dq_kernel(qn_ref, qp_ref, kn_ref, kp_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
-               dqn_ref, dqp_ref, *, scale, block_k):  # fmt: skip
+def _dq_kernel(
+    qn_ref,
+    qp_ref,
+    kn_ref,
+    kp_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dqn_ref,
+    dqp_ref,
+    *,
+    scale,
+    block_k,
+):
     bq = qn_ref.shape[0]
     i = pl.program_id(2)
     qn, qp, qseg, do = qn_ref[...], qp_ref[...], qseg_ref[...], do_ref[...]
@@ -107,8 +122,24 @@ def _dq_kernel(qn_ref, qp_ref, kn_ref, kp_ref, v_ref, qseg_ref, kseg_ref, do_ref
 # -- backward dK, dV: grid (batch, head, key block), loop over query blocks from the diagonal -----
 
 
-def _dkv_kernel(qn_ref, qp_ref, kn_ref, kp_ref, v_ref, qseg_ref, kseg_ref, do_ref, lse_ref, delta_ref,
-                dkn_ref, dkp_ref, dv_ref, *, scale, block_q):  # fmt: skip
+def _dkv_kernel(
+    qn_ref,
+    qp_ref,
+    kn_ref,
+    kp_ref,
+    v_ref,
+    qseg_ref,
+    kseg_ref,
+    do_ref,
+    lse_ref,
+    delta_ref,
+    dkn_ref,
+    dkp_ref,
+    dv_ref,
+    *,
+    scale,
+    block_q,
+):
     bk = kn_ref.shape[0]
     j = pl.program_id(2)
     kn, kp, v, kseg = kn_ref[...], kp_ref[...], v_ref[...], kseg_ref[...]  # kseg [bk, 1]
@@ -147,6 +178,7 @@ def _params(backend: str, dims: int, num_warps: int = 4):
 def _specs(b, h, s, dn, dr, dv, blocked: str, block: int):
     """BlockSpecs of (qn, qp, kn, kp, v, q segment ids, k segment ids, do, lse, delta): the ``blocked``
     side ("q" or "k") in blocks of ``block`` along the grid's last axis, the other side whole."""
+
     def spec(d, is_q, per_head=True):
         if (blocked == "q") == is_q:
             shape, index = (block, d), lambda b, h, i: (i, 0)
@@ -162,8 +194,18 @@ def _specs(b, h, s, dn, dr, dv, blocked: str, block: int):
         lead = (None, None) if per_head else (None,)
         return pl.BlockSpec((*lead, 1, s), lambda b, h, i: (b, h, 0, 0) if per_head else (b, 0, 0))
 
-    return [spec(dn, True), spec(dr, True), spec(dn, False), spec(dr, False, per_head=False), spec(dv, False),
-            row_spec(True, False), row_spec(False, False), spec(dv, True), row_spec(True, True), row_spec(True, True)]  # fmt: skip
+    return [
+        spec(dn, True),
+        spec(dr, True),
+        spec(dn, False),
+        spec(dr, False, per_head=False),
+        spec(dv, False),
+        row_spec(True, False),
+        row_spec(False, False),
+        spec(dv, True),
+        row_spec(True, True),
+        row_spec(True, True),
+    ]
 
 
 def _orient(x, col: bool):
@@ -212,8 +254,11 @@ def _backward(scale, blocks, res, g):
         grid=(b, h, s // block_k),
         in_specs=k_specs,
         out_specs=[k_specs[2], dkp_spec, k_specs[4]],
-        out_shape=[jax.ShapeDtypeStruct(kn.shape, kn.dtype), jax.ShapeDtypeStruct((b, h, s, dr), jnp.float32),
-                   jax.ShapeDtypeStruct(v.shape, v.dtype)],  # fmt: skip
+        out_shape=[
+            jax.ShapeDtypeStruct(kn.shape, kn.dtype),
+            jax.ShapeDtypeStruct((b, h, s, dr), jnp.float32),
+            jax.ShapeDtypeStruct(v.shape, v.dtype),
+        ],
         name="flash_mla_dkv",
         **_params(backend, 3),
     )(qn, qp, kn, kp, v, _orient(seg, False), _orient(seg, True), do, _orient(lse, False), _orient(delta, False))
@@ -251,8 +296,19 @@ def _fit(block: int, s: int, backend: str) -> int:
     return block
 
 
-def flash_mla(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, backend: str = "interpret",
-              block_q: int | None = None, block_k: int | None = None):  # fmt: skip
+def flash_mla(
+    q_nope,
+    q_pe,
+    k_nope,
+    k_pe,
+    v,
+    segment_ids,
+    scale: float,
+    *,
+    backend: str = "interpret",
+    block_q: int | None = None,
+    block_k: int | None = None,
+):
     """Causal self-attention within segments: softmax((q_nope.k_nope + q_pe.k_pe) * scale + mask) v.
 
     q_nope [b,s,h,dn], q_pe [b,s,h,dr], k_nope [b,s,h,dn], k_pe [b,s,dr] (one head, shared),
@@ -262,7 +318,13 @@ def flash_mla(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, backe
         raise ValueError(f"flash_mla: backend must be one of {BACKENDS}, got {backend!r}")
     b, s, h, dn = q_nope.shape
     dr, dv = q_pe.shape[-1], v.shape[-1]
-    want = {"q_pe": (b, s, h, dr), "k_nope": (b, s, h, dn), "k_pe": (b, s, dr), "v": (b, s, h, dv), "segment_ids": (b, s)}
+    want = {
+        "q_pe": (b, s, h, dr),
+        "k_nope": (b, s, h, dn),
+        "k_pe": (b, s, dr),
+        "v": (b, s, h, dv),
+        "segment_ids": (b, s),
+    }
     for (name, shape), x in zip(want.items(), (q_pe, k_nope, k_pe, v, segment_ids)):
         if x.shape != shape:
             raise ValueError(f"flash_mla: {name} has shape {x.shape}, expected {shape} (from q_nope {q_nope.shape})")
@@ -275,6 +337,14 @@ def flash_mla(q_nope, q_pe, k_nope, k_pe, v, segment_ids, scale: float, *, backe
     heads_major = lambda x: jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa: E731
     seg = jnp.pad(segment_ids.astype(jnp.int32), ((0, 0), (0, pad)), constant_values=-1)
     k_pe = jnp.pad(k_pe, ((0, 0), (0, pad), (0, 0)))
-    out = _flash(heads_major(q_nope), heads_major(q_pe), heads_major(k_nope), k_pe, heads_major(v), seg,
-                 float(scale), (block_q, block_k, backend))  # fmt: skip
+    out = _flash(
+        heads_major(q_nope),
+        heads_major(q_pe),
+        heads_major(k_nope),
+        k_pe,
+        heads_major(v),
+        seg,
+        float(scale),
+        (block_q, block_k, backend),
+    )
     return jnp.swapaxes(out[:, :, :s], 1, 2)

@@ -194,7 +194,9 @@ def mgpu_tile(a_rows, sa_rows, bt_cols, sb_cols, steps, first, o_gmem, stages=MG
         part = pl.run_scoped(mma, plgpu.ACC((MGPU_WG_M, tn), jnp.float32))
         if b_blocks:
             return acc + part * jax.lax.broadcast_in_dim(s_a * s_b, part.shape, [0])
-        return acc + part * jax.lax.broadcast_in_dim(s_a, part.shape, [0]) * jax.lax.broadcast_in_dim(s_b, part.shape, [1])
+        return acc + part * jax.lax.broadcast_in_dim(s_a, part.shape, [0]) * jax.lax.broadcast_in_dim(
+            s_b, part.shape, [1]
+        )
 
     def scoped(o_smem):
         def compute(pipeline):  # the compute warpgroups: the K loop, then the epilogue (registers -> SMEM -> TMA)
@@ -204,13 +206,20 @@ def mgpu_tile(a_rows, sa_rows, bt_cols, sb_cols, steps, first, o_gmem, stages=MG
             plgpu.copy_smem_to_gmem(o_smem.at[wg], o_gmem.at[wg_rows])
             plgpu.wait_smem_to_gmem(0)
 
-        operand = lambda rows: plgpu.BlockSpec((rows, TILE), lambda j: (0, first + j), transforms=mgpu_swizzled(TILE, E4M3))  # noqa: E731
+        operand = lambda rows: plgpu.BlockSpec(
+            (rows, TILE), lambda j: (0, first + j), transforms=mgpu_swizzled(TILE, E4M3)
+        )  # noqa: E731
         scales = lambda cols: plgpu.BlockSpec((1, cols), lambda j: (first + j, 0))  # noqa: E731
         plgpu.emit_pipeline_warp_specialized(
-            step, grid=(steps,), memory_registers=40, wg_axis="wg", num_compute_wgs=MGPU_WGS,
+            step,
+            grid=(steps,),
+            memory_registers=40,
+            wg_axis="wg",
+            num_compute_wgs=MGPU_WGS,
             in_specs=[operand(MGPU_TM), scales(MGPU_TM), operand(tn), scales(tn)],
-            max_concurrent_steps=stages, compute_context=compute,
-        )(a_rows, sa_rows, bt_cols, sb_cols)  # fmt: skip
+            max_concurrent_steps=stages,
+            compute_context=compute,
+        )(a_rows, sa_rows, bt_cols, sb_cols)
 
     out_tile = plgpu.SMEM((MGPU_WGS, MGPU_WG_M, tn), o_gmem.dtype, transforms=mgpu_swizzled(tn, o_gmem.dtype))
     pl.run_scoped(scoped, out_tile, collective_axes="wg")
@@ -220,10 +229,14 @@ def mgpu_kernel(body, out_shape, out_dtype, grid, names, interpret):
     """``plgpu.kernel`` over ``grid``, 2 compute + 1 memory warpgroups per CTA. ``interpret``: True for
     GPU interpret mode (on CPU), or its ``plgpu.InterpretGPUParams`` (``detect_races=True``: the tests)."""
     return plgpu.kernel(
-        body, out_type=jax.ShapeDtypeStruct(out_shape, out_dtype), grid=grid, grid_names=names,
-        num_threads=MGPU_WGS + 1, thread_name="wg",
+        body,
+        out_type=jax.ShapeDtypeStruct(out_shape, out_dtype),
+        grid=grid,
+        grid_names=names,
+        num_threads=MGPU_WGS + 1,
+        thread_name="wg",
         interpret=plgpu.InterpretGPUParams() if interpret is True else interpret or None,
-    )  # fmt: skip
+    )
 
 
 def fp8_gemm_mgpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=False, tn=MGPU_TN, stages=MGPU_STAGES):
@@ -237,8 +250,17 @@ def fp8_gemm_mgpu(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, interpret=Fals
     def body(a_gmem, sa_gmem, bt_gmem, sb_gmem, o_gmem):
         rows = pl.ds(jax.lax.axis_index("m") * tm, tm)
         cols = pl.ds(jax.lax.axis_index("n") * tn, tn)
-        mgpu_tile(a_gmem.at[rows], sa_gmem.at[:, rows], bt_gmem.at[cols], sb_gmem.at[:, cols], k // TILE, 0,
-                  o_gmem.at[rows, cols], stages, b_blocks)  # fmt: skip
+        mgpu_tile(
+            a_gmem.at[rows],
+            sa_gmem.at[:, rows],
+            bt_gmem.at[cols],
+            sb_gmem.at[:, cols],
+            k // TILE,
+            0,
+            o_gmem.at[rows, cols],
+            stages,
+            b_blocks,
+        )
 
     out = mgpu_kernel(body, (mp, np_), out_dtype, (mp // tm, np_ // tn), ("m", "n"), interpret)(a, sa, bt, sb)
     return out[:m, :n]
@@ -325,4 +347,3 @@ def fp8_gemm(a, a_scale, b, b_scale, out_dtype=jnp.bfloat16, impl: str = "auto",
     kernel = {"mgpu": fp8_gemm_mgpu, "triton": fp8_gemm_gpu, "tpu": fp8_gemm_tpu}[kernel_for(platform)]
     run = functools.partial(kernel, out_dtype=out_dtype, interpret=impl == "interpret")
     return forward_only("fp8_gemm", run, a, a_scale, b, b_scale)
-

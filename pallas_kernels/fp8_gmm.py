@@ -21,9 +21,23 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.fp8_gemm import (GPU_PARAMS, MGPU_TM, MGPU_TN, OUT_DTYPES, column_scales, gpu_k_loop, k_step,
-                                     mgpu_column_scales, mgpu_kernel, mgpu_tile, pick, promote, tpu_mxu_dtype,
-                                     tpu_scales, tpu_tile_body)
+from pallas_kernels.fp8_gemm import (
+    GPU_PARAMS,
+    MGPU_TM,
+    MGPU_TN,
+    OUT_DTYPES,
+    column_scales,
+    gpu_k_loop,
+    k_step,
+    mgpu_column_scales,
+    mgpu_kernel,
+    mgpu_tile,
+    pick,
+    promote,
+    tpu_mxu_dtype,
+    tpu_scales,
+    tpu_tile_body,
+)
 from pallas_kernels.platform import forward_only, kernel_for, resolve_impl, target_platform
 from pallas_kernels.quant import E4M3, TILE, pad_to
 
@@ -148,8 +162,16 @@ def fp8_gmm_mgpu(a, a_scale, b, b_scale, block_group, out_dtype=jnp.bfloat16, in
         i = jax.lax.axis_index("m")
         g = grp_gmem[i * tm // TILE]  # the expert of this tile's 128-row block
         rows, cols = pl.ds(i * tm, tm), pl.ds(jax.lax.axis_index("n") * tn, tn)
-        mgpu_tile(a_gmem.at[rows], sa_gmem.at[:, rows], bt_gmem.at[g, cols], sb_gmem.at[g, :, cols], k // TILE, 0,
-                  o_gmem.at[rows, cols], b_blocks=b_blocks)  # fmt: skip
+        mgpu_tile(
+            a_gmem.at[rows],
+            sa_gmem.at[:, rows],
+            bt_gmem.at[g, cols],
+            sb_gmem.at[g, :, cols],
+            k // TILE,
+            0,
+            o_gmem.at[rows, cols],
+            b_blocks=b_blocks,
+        )
 
     call = mgpu_kernel(body, (r, np_), out_dtype, (r // tm, np_ // tn), ("m", "n"), interpret)
     return call(block_group.astype(jnp.int32), a, sa, bt, sb)[:, :n]
@@ -173,8 +195,15 @@ def fp8_gmm_wgrad_mgpu(a, a_scale, b, b_scale, block_group, num_groups: int, int
 
         @pl.when(steps > 0)  # an expert without rows is left unwritten (the dispatch zeroes it)
         def _():
-            mgpu_tile(at_gmem.at[rows], sa_gmem.at[:, rows], bt_gmem.at[cols], sb_gmem.at[:, cols], steps, first,
-                      o_gmem.at[g, rows, cols])  # fmt: skip
+            mgpu_tile(
+                at_gmem.at[rows],
+                sa_gmem.at[:, rows],
+                bt_gmem.at[cols],
+                sb_gmem.at[:, cols],
+                steps,
+                first,
+                o_gmem.at[g, rows, cols],
+            )
 
     grid = (num_groups, kp // tm, np_ // tn)
     call = mgpu_kernel(body, (num_groups, kp, np_), jnp.float32, grid, ("g", "m", "n"), interpret)
@@ -222,7 +251,9 @@ def _gpu_wgrad_body(start_ref, end_ref, at_ref, as_ref, b_ref, bs_ref, o_ref):
 
     def step(i, acc):
         blk = pl.ds(pl.multiple_of(i * TILE, TILE), TILE)
-        return promote(acc, at_ref[rows, blk], b_ref[blk, cols], as_ref[rows, pl.ds(i, 1)], bs_ref[pl.ds(i, 1), cols], None)
+        return promote(
+            acc, at_ref[rows, blk], b_ref[blk, cols], as_ref[rows, pl.ds(i, 1)], bs_ref[pl.ds(i, 1), cols], None
+        )
 
     o_ref[...] = jax.lax.fori_loop(start_ref[g], end_ref[g], step, jnp.zeros((tk, tn), jnp.float32))
 
@@ -258,10 +289,14 @@ def _check(a, b, block_group, scales, expect, out_dtype=jnp.float32, tiled_k=Tru
     if a.ndim != 2 or a.shape[0] % TILE or (tiled_k and a.shape[1] % TILE):
         raise ValueError(f"fp8_gmm: a {a.shape} must be [128 x blocks, K]" + f" with K a multiple of {TILE}" * tiled_k)
     if block_group.shape != (a.shape[0] // TILE,) or not jnp.issubdtype(block_group.dtype, jnp.integer):
-        raise ValueError(f"fp8_gmm: block_group {block_group.shape} {block_group.dtype} must be int [{a.shape[0] // TILE}]")
+        raise ValueError(
+            f"fp8_gmm: block_group {block_group.shape} {block_group.dtype} must be int [{a.shape[0] // TILE}]"
+        )
     for name, s, shapes in zip(("a_scale", "b_scale"), scales, expect):
         if s.dtype != jnp.float32 or s.shape not in shapes:
-            raise ValueError(f"fp8_gmm: {name} {s.shape} {s.dtype}: expected float32 of shape {' or '.join(map(str, shapes))}")
+            raise ValueError(
+                f"fp8_gmm: {name} {s.shape} {s.dtype}: expected float32 of shape {' or '.join(map(str, shapes))}"
+            )
     if jnp.dtype(out_dtype) not in OUT_DTYPES:
         raise TypeError(f"fp8_gmm: out_dtype must be bfloat16 or float32, got {jnp.dtype(out_dtype)}")
 
@@ -297,5 +332,7 @@ def fp8_gmm_wgrad(a, a_scale, b, b_scale, block_group, num_groups: int, impl="au
     kernel = {"mgpu": fp8_gmm_wgrad_mgpu, "triton": fp8_gmm_wgrad_gpu, "tpu": fp8_gmm_wgrad_tpu}[kernel_for(platform)]
     run = functools.partial(kernel, num_groups=num_groups, interpret=impl == "interpret")
     out = forward_only("fp8_gmm_wgrad", run, a, a_scale, b, b_scale, block_group)
-    present = jnp.zeros(num_groups, bool).at[block_group].set(True)  # the TPU / Mosaic GPU kernels never write empty experts
+    present = (
+        jnp.zeros(num_groups, bool).at[block_group].set(True)
+    )  # the TPU / Mosaic GPU kernels never write empty experts
     return jnp.where(present[:, None, None], out, 0.0)

@@ -30,7 +30,11 @@ from pallas_kernels.flash_mla import MASKED, _dot, _dot_nt, _params
 from pallas_kernels.platform import check_blocks, forward_only, gpu_big_shared_memory
 
 BACKENDS = ("tpu", "gpu", "interpret")
-DEFAULTS = {"tpu": (128, 128, 4), "gpu": (64, 64, 4), "interpret": (64, 64, 2)}  # block_m, block_t, num_splits; GPU untuned
+DEFAULTS = {
+    "tpu": (128, 128, 4),
+    "gpu": (64, 64, 4),
+    "interpret": (64, 64, 2),
+}  # block_m, block_t, num_splits; GPU untuned
 SMALL_SMEM_GPU = (32, 32, 4)  # ~99 KiB of shared memory (A10, L4, RTX): 74 KiB; (64, 64) takes 216 KiB on an H100
 
 
@@ -61,8 +65,19 @@ def combine(o, m, l):
     return jnp.sum(w * o, axis=1) / jnp.sum(w * l, axis=1)
 
 
-def mla_decode(q_lat, q_pe, c_kv, k_pe, lengths, scale: float, *, backend: str = "interpret",
-               block_m: int | None = None, block_t: int | None = None, num_splits: int | None = None):  # fmt: skip
+def mla_decode(
+    q_lat,
+    q_pe,
+    c_kv,
+    k_pe,
+    lengths,
+    scale: float,
+    *,
+    backend: str = "interpret",
+    block_m: int | None = None,
+    block_t: int | None = None,
+    num_splits: int | None = None,
+):
     """softmax((q_lat . c_kv + q_pe . k_pe) * scale, slots < length) c_kv, per query row.
 
     q_lat [b, M, r] (q_nope with W_UK folded in), q_pe [b, M, dr], c_kv [b, T, r], k_pe [b, T, dr],
@@ -75,7 +90,10 @@ def mla_decode(q_lat, q_pe, c_kv, k_pe, lengths, scale: float, *, backend: str =
     want = {"q_pe": (b, rows, dr), "c_kv": (b, t, r), "k_pe": (b, t, dr), "lengths": (b, rows)}
     for (name, shape), x in zip(want.items(), (q_pe, c_kv, k_pe, lengths)):
         if x.shape != shape:
-            raise ValueError(f"mla_decode: {name} has shape {x.shape}, expected {shape} (from q_lat {q_lat.shape}, c_kv {c_kv.shape})")
+            raise ValueError(
+                f"mla_decode: {name} has shape {x.shape}, expected {shape} "
+                f"(from q_lat {q_lat.shape}, c_kv {c_kv.shape})"
+            )
     dm, dt, dc = SMALL_SMEM_GPU if backend == "gpu" and not gpu_big_shared_memory() else DEFAULTS[backend]
     floor = 16 if backend == "gpu" else 8
     block_m = block_m or max(floor, min(dm, pl.next_power_of_2(rows)))
@@ -84,7 +102,9 @@ def mla_decode(q_lat, q_pe, c_kv, k_pe, lengths, scale: float, *, backend: str =
         raise ValueError(f"mla_decode: num_splits={num_splits} must be >= 1")
     check_blocks("mla_decode", backend, BACKENDS, block_m=block_m, block_t=block_t)
     blocks = pl.cdiv(t, block_t)
-    num_splits = max(d for d in range(1, min(num_splits or dc, blocks) + 1) if blocks % d == 0)  # chunks of whole blocks
+    num_splits = max(
+        d for d in range(1, min(num_splits or dc, blocks) + 1) if blocks % d == 0
+    )  # chunks of whole blocks
     chunk = blocks // num_splits * block_t
 
     pad_t, pad_m = blocks * block_t - t, -rows % block_m

@@ -20,7 +20,9 @@ def target_platform() -> str:
 # What a GPU can do, read from its device kind where no local GPU gives its compute capability (an
 # abstract mesh's device: compiling for a GPU from a host without it).
 HOPPER_KINDS = r"\bG?H(100|200|800|20)\b"  # sm_90: wgmma
-FP8_KINDS = HOPPER_KINDS + r"|\b(L4|L40S?|RTX (40|50)\d0( Ti)?|RTX \d+ Ada|G?B(100|200|300))\b"  # sm_89+: Ada, Hopper, Blackwell
+FP8_KINDS = (
+    HOPPER_KINDS + r"|\b(L4|L40S?|RTX (40|50)\d0( Ti)?|RTX \d+ Ada|G?B(100|200|300))\b"
+)  # sm_89+: Ada, Hopper, Blackwell
 AMPERE_ON_KINDS = FP8_KINDS + r"|\b(A100|A800|A30|A40|A10G?|A16|A2|RTX A\d+|RTX 30\d0( Ti)?)\b"  # sm_80+
 BIG_SMEM_KINDS = HOPPER_KINDS + r"|\b(G?B(100|200|300)|A100|A800|A30)\b"  # >= 160 KiB shared memory per block
 
@@ -80,7 +82,12 @@ def gpu_big_shared_memory() -> bool:
 # Each kernel family: what a GPU needs to compile its kernels, the check, the config field that
 # chooses the implementation, and an environment variable that overrides the config (or None).
 FAMILIES = {
-    "fp8": ("a GPU with FP8 (compute capability >= 8.9: Ada, Hopper, Blackwell)", gpu_has_fp8, "fp8_impl", "DSJAX_FP8_IMPL"),
+    "fp8": (
+        "a GPU with FP8 (compute capability >= 8.9: Ada, Hopper, Blackwell)",
+        gpu_has_fp8,
+        "fp8_impl",
+        "DSJAX_FP8_IMPL",
+    ),
     "attention": ("an Ampere or newer GPU (sm_80+: its kernels are Triton's)", gpu_runs_triton, "attention_impl", None),
 }
 
@@ -114,8 +121,10 @@ def resolve_impl(impl: str = "auto", family: str = "fp8", platform: str | None =
     platform = platform or target_platform()
     partitioned = auto_partitioned() and not per_shard
     if partitioned and impl in ("pallas", "interpret"):
-        raise ValueError(f"{field}={impl!r}: under a multi-device mesh the Pallas kernels run per shard, "
-                         "inside jax.shard_map (dsjax.model does this); called directly, use 'xla' or 'auto'")  # fmt: skip
+        raise ValueError(
+            f"{field}={impl!r}: under a multi-device mesh the Pallas kernels run per shard, "
+            "inside jax.shard_map (dsjax.model does this); called directly, use 'xla' or 'auto'"
+        )
     gpu_ok = platform != "gpu" or gpu_can()
     if impl == "auto":
         impl = "pallas" if platform in ("tpu", "gpu") and gpu_ok and not partitioned else "xla"
@@ -157,8 +166,10 @@ def forward_only(name: str, kernel, *args):
     dependency on the scan body"); a custom_vjp call is dropped whole. Its gradient is an error naming it."""
 
     def no_gradient(*_):
-        raise TypeError(f"{name}: a Pallas kernel without a gradient rule was differentiated; use impl='xla' "
-                        "(the jnp reference) to differentiate through it")  # fmt: skip
+        raise TypeError(
+            f"{name}: a Pallas kernel without a gradient rule was differentiated; use impl='xla' "
+            "(the jnp reference) to differentiate through it"
+        )
 
     call = jax.custom_vjp(kernel)
     call.defvjp(lambda *a: (kernel(*a), None), no_gradient)

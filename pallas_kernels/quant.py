@@ -63,8 +63,9 @@ def pad_to(x, axis: int, multiple: int = TILE):
     return jnp.pad(x, widths)
 
 
-def quantize_tiles(x, axis: int = -1, pow2: bool = False, amax_min: float = AMAX_MIN, impl: str = "auto",
-                   platform: str | None = None):
+def quantize_tiles(
+    x, axis: int = -1, pow2: bool = False, amax_min: float = AMAX_MIN, impl: str = "auto", platform: str | None = None
+):
     """Scale per 128 consecutive elements along ``axis``: x [..., K, ...] -> (q e4m3 with K padded
     to Kp, s fp32 with K replaced by Kp / 128). 2-D x [M, K]: axis -1 = 1x128 tiles (q [M, Kp],
     s [M, Kp/128]); axis 0 = 128x1 tiles (q [Mp, K], s [Mp/128, K]). Gradients: ``GRAD_AMAX_MIN``.

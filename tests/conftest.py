@@ -27,7 +27,9 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # libtpu (for dsjax.ao
 # subprocesses (they inherit the environment): a program compiled once in the run is loaded, not
 # compiled again. Keyed by the HLO, flags and JAX version, so a stale entry is never used. A size
 # cap turns on JAX's file lock, which the workers need to write the same directory.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax"))
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(__file__), "..", ".pytest_cache", "jax")
+)
 os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(4 << 30))
 
 import pytest  # noqa: E402

@@ -21,9 +21,22 @@ def test_aot_planner_compiles_for_a_tpu_topology():
     CPU host), per-chip memory fields printed."""
     pytest.importorskip("libtpu", reason="libtpu has no wheel for this platform (the test extra installs it on Linux)")
     env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    cmd = [sys.executable, "-m", "dsjax.cli.aot", "--config", str(TINY), "--topology", "v5e:2x2", "--json",
-           "mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "train.batch_size=4", "train.seq_len=64",
-           "model.vocab_size=260"]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "dsjax.cli.aot",
+        "--config",
+        str(TINY),
+        "--topology",
+        "v5e:2x2",
+        "--json",
+        "mesh.data=1",
+        "mesh.fsdp=2",
+        "mesh.expert=2",
+        "train.batch_size=4",
+        "train.seq_len=64",
+        "model.vocab_size=260",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     r = json.loads(out.stdout.strip().splitlines()[-1])
@@ -53,8 +66,10 @@ def test_tpu_topology_below_one_host_on_older_libtpu(monkeypatch):
         if topology_name.startswith("v9"):
             raise RuntimeError("INVALID_ARGUMENT: Invalid TPU external name: TPU v9")
         if not kw or topology_name == "v5e:4x4":  # 4x4 stands for a refusal the retry cannot mend
-            raise RuntimeError(f'Topology layout "{topology_name}" is not divisible by the given (or default) '
-                               'chips_per_host_bounds "2x2x1"')  # fmt: skip
+            raise RuntimeError(
+                f'Topology layout "{topology_name}" is not divisible by the given (or default) '
+                'chips_per_host_bounds "2x2x1"'
+            )
         return Topology()
 
     monkeypatch.setattr(topologies, "get_topology_desc", fake)
@@ -93,8 +108,12 @@ def test_gpu_topologies_ask_xla_for_a_described_gpu(monkeypatch):
     assert gpu_devices("h100:8") == ["gpu"] * 8
     platform, config, topology = calls[-1]
     assert (platform, topology) == ("cuda", "1x1x8")
-    for field in ("major: 9 minor: 0", "core_count: 132", "shared_memory_per_block_optin: 232448",
-                  'device_description_str: "NVIDIA H100 80GB HBM3"'):  # fmt: skip
+    for field in (
+        "major: 9 minor: 0",
+        "core_count: 132",
+        "shared_memory_per_block_optin: 232448",
+        'device_description_str: "NVIDIA H100 80GB HBM3"',
+    ):
         assert field in config
     assert gpu_devices("l4")[0] == "gpu" and calls[-1][2] == "1x1x1" and "major: 8 minor: 9" in calls[-1][1]
     with pytest.raises(ConfigError, match=r"'t4:1'.*not implemented for cuda.*pip install 'jax\[cuda13\]'"):

@@ -28,8 +28,6 @@ def write_yaml(tmp_path: Path, text: str) -> Path:
     return p
 
 
-
-
 def test_base_is_valid():
     cfg = ModelConfig.from_dict(base())
     assert (cfg.n_routed_experts, cfg.n_group, cfg.topk_group, cfg.num_experts_per_tok) == (8, 2, 1, 2)
@@ -229,16 +227,20 @@ def test_overrides_parse_as_yaml():
     plain = load_config(path).model
     cfg = load_config(
         path,
-        ["model.q_lora_rank=null", "model.rope_scaling.factor=8", "model.dtype=bfloat16",
-         "model.num_hidden_layers=5", "model.scan_layers=false", "model.norm_topk_prob=true"],
-    ).model  # fmt: skip
+        [
+            "model.q_lora_rank=null",
+            "model.rope_scaling.factor=8",
+            "model.dtype=bfloat16",
+            "model.num_hidden_layers=5",
+            "model.scan_layers=false",
+            "model.norm_topk_prob=true",
+        ],
+    ).model
     assert cfg.q_lora_rank is None
     assert cfg.rope_scaling == dataclasses.replace(plain.rope_scaling, factor=8.0)
     assert cfg.dtype == "bfloat16"
     assert cfg.num_hidden_layers == 5 and cfg.scan_layers is False
-    assert cfg == plain.replace(
-        q_lora_rank=None, rope_scaling=cfg.rope_scaling, num_hidden_layers=5, scan_layers=False
-    )
+    assert cfg == plain.replace(q_lora_rank=None, rope_scaling=cfg.rope_scaling, num_hidden_layers=5, scan_layers=False)
 
 
 def test_override_adds_a_nested_section():
@@ -269,7 +271,8 @@ OVERRIDE_ERRORS = {
     "wrong_type": ("model.hidden_size=abc", "model.hidden_size='abc': must be an integer"),
     "unknown_key": ("model.hiden_size=64", "model.hiden_size: unknown key; did you mean 'hidden_size'?"),
     "unknown_section": ("modle.hidden_size=64", "unknown section 'modle'; did you mean 'model'?"),
-    "train_fp8_weights": ("model.fp8_weights=true", "model.fp8_weights=True: e4m3 weights are for inference and cannot be trained"),
+    "train_fp8_weights": (
+        "model.fp8_weights=true", "model.fp8_weights=True: e4m3 weights are for inference and cannot be trained"),
 }  # fmt: skip
 
 
@@ -287,7 +290,9 @@ def test_unknown_section_close_match(tmp_path):
 
 def test_unknown_section_no_close_match(tmp_path):
     text = yaml.safe_dump({"model": base(), "optimizer": {"lr": 1e-3}})
-    with pytest.raises(ConfigError, match=re.escape("unknown section 'optimizer'; valid keys: data, mesh, model, train")):
+    with pytest.raises(
+        ConfigError, match=re.escape("unknown section 'optimizer'; valid keys: data, mesh, model, train")
+    ):
         load_config(write_yaml(tmp_path, text))
 
 

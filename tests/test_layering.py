@@ -63,7 +63,9 @@ def graph() -> dict[str, set[str]]:
         deps = imported(path, name, known)
         if path.name == "__init__.py":  # a package re-exporting its own modules is not a dependency on them
             deps = {d for d in deps if not d.startswith(name + ".")}
-        g[name] = {d for d in deps if not name.startswith(d + ".")}  # a module's own package(s): their __init__ runs first
+        g[name] = {
+            d for d in deps if not name.startswith(d + ".")
+        }  # a module's own package(s): their __init__ runs first
     return g
 
 
@@ -82,8 +84,13 @@ def test_every_module_has_a_layer():
 
 
 def test_no_module_imports_from_a_higher_layer():
-    bad = [f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})"
-           for m, deps in graph().items() if m not in PACKAGES for d in sorted(deps) if layer(d) > layer(m)]  # fmt: skip
+    bad = [
+        f"{m} (layer {layer(m)}) imports {d} (layer {layer(d)})"
+        for m, deps in graph().items()
+        if m not in PACKAGES
+        for d in sorted(deps)
+        if layer(d) > layer(m)
+    ]
     assert not bad, "\n".join(bad)
 
 

@@ -28,7 +28,9 @@ def test_every_notebook_is_committed():
 def test_committed_notebook_matches_build_and_has_full_outputs(path):
     build = _build()
     nb = nbformat.read(path, as_version=4)
-    assert build.sources(nb) == build.sources(build.make(path.stem)), f"run: python notebooks/build.py --run {path.stem[:2]}"
+    assert build.sources(nb) == build.sources(build.make(path.stem)), (
+        f"run: python notebooks/build.py --run {path.stem[:2]}"
+    )
     run = nb.metadata.get("dsjax", {})
     assert run.get("quick") is False, f"{path.name}: commit the outputs of a full (QUICK=0) run"
     for cell in nb.cells:
@@ -46,8 +48,14 @@ def test_notebook_runs_in_quick_mode(path, monkeypatch):
     flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
     nb = nbformat.read(path, as_version=4)
-    client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}})
+    client = nbclient.NotebookClient(
+        nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(path.parent)}}
+    )
     client.execute()
-    conclusion = [b for a, b in zip(nb.cells, nb.cells[1:]) if a.cell_type == "markdown" and a.source.startswith("## Conclusion")]
+    conclusion = [
+        b for a, b in zip(nb.cells, nb.cells[1:]) if a.cell_type == "markdown" and a.source.startswith("## Conclusion")
+    ]
     assert conclusion and conclusion[0].cell_type == "code", "no code cell after '## Conclusion'"
-    assert any(o.output_type == "stream" and o.text.strip() for o in conclusion[0].outputs), "the conclusion printed nothing"
+    assert any(o.output_type == "stream" and o.text.strip() for o in conclusion[0].outputs), (
+        "the conclusion printed nothing"
+    )

@@ -48,17 +48,33 @@ def cases():
     groups = sds(32, dt=jnp.int32)  # 4096 rows in 128-row blocks
     fp8 = dict(impl="pallas", platform="gpu")
     return {
-        "flash_mla fwd+bwd": (flash_train, (sds(b, s, h, 128), sds(b, s, h, 64), sds(b, s, h, 128), sds(b, s, 64),
-                                            sds(b, s, h, 128), sds(b, s, dt=jnp.int32))),
-        "mla_decode": (lambda *a: mla_decode(*a, 0.1, backend="gpu"),
-                       (sds(64, 128, 512), sds(64, 128, 64), sds(64, 4096, 512), sds(64, 4096, 64), sds(64, 128, dt=jnp.int32))),
+        "flash_mla fwd+bwd": (
+            flash_train,
+            (
+                sds(b, s, h, 128),
+                sds(b, s, h, 64),
+                sds(b, s, h, 128),
+                sds(b, s, 64),
+                sds(b, s, h, 128),
+                sds(b, s, dt=jnp.int32),
+            ),
+        ),
+        "mla_decode": (
+            lambda *a: mla_decode(*a, 0.1, backend="gpu"),
+            (sds(64, 128, 512), sds(64, 128, 64), sds(64, 4096, 512), sds(64, 4096, 64), sds(64, 128, dt=jnp.int32)),
+        ),
         "fp8_gemm": (lambda *o: fp8_gemm(*o, **fp8), (*tiles(4096, 7168), *blocks(7168, 2048))),
         "fp8_gmm": (lambda *o: fp8_gmm(*o, **fp8), (*tiles(4096, 7168), *blocks(8, 7168, 2048), groups)),
-        "fp8_gmm_wgrad": (lambda *o: fp8_gmm_wgrad(*o, 8, **fp8), (*tiles(4096, 7168, 0), *tiles(4096, 2048, 0), groups)),
-    }  # fmt: skip
+        "fp8_gmm_wgrad": (
+            lambda *o: fp8_gmm_wgrad(*o, 8, **fp8),
+            (*tiles(4096, 7168, 0), *tiles(4096, 2048, 0), groups),
+        ),
+    }
 
 
-KERNEL = re.compile(r"kCustomKernel .*?\] (\S+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+) bytes")
+KERNEL = re.compile(
+    r"kCustomKernel .*?\] (\S+) grid: \[([\d, ]+)\] threads: \[([\d, ]+)\]\s+shared_memory: (\d+) bytes"
+)
 
 
 def compile_for(name: str, dump: Path) -> dict:
@@ -80,10 +96,17 @@ def compile_for(name: str, dump: Path) -> dict:
         except Exception as e:  # noqa: BLE001 -- a refusal or a compile error is the result
             results[case] = {"ok": False, "error": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
             continue
-        kernels = [{"kernel": k, "grid": g, "threads": t, "shared_memory_bytes": int(m)}
-                   for path in set(dump.glob("*thunk_sequence.txt")) - before
-                   for k, g, t, m in KERNEL.findall(path.read_text()) if not re.search(r"fusion|transpose|copy|wrapped_", k)]  # fmt: skip
-        results[case] = {"ok": True, "kernels": kernels, "mosaic_gpu_calls": text.count('custom_call_target="mosaic_gpu')}
+        kernels = [
+            {"kernel": k, "grid": g, "threads": t, "shared_memory_bytes": int(m)}
+            for path in set(dump.glob("*thunk_sequence.txt")) - before
+            for k, g, t, m in KERNEL.findall(path.read_text())
+            if not re.search(r"fusion|transpose|copy|wrapped_", k)
+        ]
+        results[case] = {
+            "ok": True,
+            "kernels": kernels,
+            "mosaic_gpu_calls": text.count('custom_call_target="mosaic_gpu'),
+        }
     return results
 
 

@@ -332,7 +332,9 @@ def build(spec):
         diff = (reloaded.eval()(input_ids).logits - logits).abs().max().item()
     assert diff <= 1e-6, f"reloaded logits differ by {diff}"
     print(f"  reload via AutoModelForCausalLM: max |diff| = {diff:.1e}")
-    print(f"  {len(tensors)} tensors, files: " + ", ".join(f"{p.name} {p.stat().st_size}B" for p in sorted(out.iterdir())))
+    print(
+        f"  {len(tensors)} tensors, files: " + ", ".join(f"{p.name} {p.stat().st_size}B" for p in sorted(out.iterdir()))
+    )
 
 
 def main():

@@ -25,26 +25,35 @@ def table(r: dict) -> str:
     mesh = " x ".join(f"{a}={n}" for a, n in r["mesh"].items())
     hbm = f"{r['hbm_gib']} GiB" if r["hbm_gib"] else "unknown"
     verdict = "fits" if r["fits"] else "does NOT fit"
-    title = (f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {mesh}, batch {r['batch_size']} x {r['seq_len']}"
-             f" ({r['microbatches']} microbatch(es)), remat {r['remat']}, capacity factor {r['expert_capacity_factor'] or 'dropless'}")  # fmt: skip
+    title = (
+        f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {mesh}, batch {r['batch_size']} x {r['seq_len']}"
+        f" ({r['microbatches']} microbatch(es)), remat {r['remat']},"
+        f" capacity factor {r['expert_capacity_factor'] or 'dropless'}"
+    )
     if "note" in r:
         return f"{title}\n  per chip: temporaries {r['temporaries_gib']:.2f} GiB of {hbm} HBM: {verdict} ({r['note']})"
-    return "\n".join([
-        title,
-        f"  per chip: arguments {r['arguments_gib']:8.2f} GiB   (parameters, optimizer state, batch)",
-        f"            temporaries {r['temporaries_gib']:6.2f} GiB   (activations, gradients, buffers)",
-        f"            outputs {r['outputs_not_aliased_gib']:10.2f} GiB   (not aliased to donated inputs)",
-        f"            total {r['total_gib']:12.2f} GiB   of {hbm} HBM: {verdict}",
-        f"  FLOPs per chip per step: analytic model {r['model_flops_per_chip']:.3e}; XLA cost analysis "
-        f"{r['compiled_flops_per_chip']:.3e} (counts a layer-scan body once, Pallas kernels not at all)",
-        f"  Pallas kernel calls in the step: {r['pallas_kernel_calls']}; compiled in {r['compile_s']:.0f} s",
-    ])  # fmt: skip
+    return "\n".join(
+        [
+            title,
+            f"  per chip: arguments {r['arguments_gib']:8.2f} GiB   (parameters, optimizer state, batch)",
+            f"            temporaries {r['temporaries_gib']:6.2f} GiB   (activations, gradients, buffers)",
+            f"            outputs {r['outputs_not_aliased_gib']:10.2f} GiB   (not aliased to donated inputs)",
+            f"            total {r['total_gib']:12.2f} GiB   of {hbm} HBM: {verdict}",
+            f"  FLOPs per chip per step: analytic model {r['model_flops_per_chip']:.3e}; XLA cost analysis "
+            f"{r['compiled_flops_per_chip']:.3e} (counts a layer-scan body once, Pallas kernels not at all)",
+            f"  Pallas kernel calls in the step: {r['pallas_kernel_calls']}; compiled in {r['compile_s']:.0f} s",
+        ]
+    )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsjax-aot", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
-    ap.add_argument("--topology", required=True, help=f"TPU slice (v5e:2x2, v5p:8x8x8, v6e:16x16) or GPUs ({', '.join(GPUS)}: e.g. h100:8)")
+    ap.add_argument(
+        "--topology",
+        required=True,
+        help=f"TPU slice (v5e:2x2, v5p:8x8x8, v6e:16x16) or GPUs ({', '.join(GPUS)}: e.g. h100:8)",
+    )
     ap.add_argument("--json", action="store_true", help="print the figures as one JSON line too")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. mesh.expert=8 model.remat=full")
     a = ap.parse_intermixed_args(argv)

@@ -1,7 +1,7 @@
 """Check or re-export a hub checkpoint (config.json + safetensors).
 
-    dsjax-convert SRC                                 # check SRC against its config from the file headers
-    dsjax-convert SRC DST [--dtype bfloat16] [--fp8]  # re-export it (tokenizer and other files copied along)
+dsjax-convert SRC                                 # check SRC against its config from the file headers
+dsjax-convert SRC DST [--dtype bfloat16] [--fp8]  # re-export it (tokenizer and other files copied along)
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("src", help="hub checkpoint directory (config.json + *.safetensors)")
     ap.add_argument("dst", nargs="?", help="write the re-exported checkpoint here (omit: check SRC and summarise)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="param dtype to write (default: SRC's)")
-    ap.add_argument("--fp8", action="store_true",
-                    help="write V3's FP8 layout: e4m3 projections + 128x128 weight_scale_inv (kept from an FP8 SRC, else quantized)")  # fmt: skip
+    ap.add_argument(
+        "--fp8",
+        action="store_true",
+        help="write V3's FP8 layout: e4m3 projections + 128x128 weight_scale_inv (an FP8 SRC's own, else quantized)",
+    )
     ap.add_argument("--max-shard-gib", type=float, default=5.0)
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     a = ap.parse_args(argv)

@@ -52,8 +52,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top-p", type=float)
     ap.add_argument("--speculative", action="store_true", help="draft with the MTP modules")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--fp8-weights", action="store_true",
-                    help="FP8 inference: projections in e4m3 + 128x128 block scales (an FP8 release's own bytes)")
+    ap.add_argument(
+        "--fp8-weights",
+        action="store_true",
+        help="FP8 inference: projections in e4m3 + 128x128 block scales (an FP8 release's own bytes)",
+    )
     a = ap.parse_args(argv)
     cfg, variables, tok = load_checkpoint(a.checkpoint, a.fp8_weights)
     if a.prompt_ids is not None:
@@ -63,9 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     else:
         ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(a.prompt.encode()).tolist()
     try:
-        out = generate(cfg, variables, [ids], a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
-                       top_p=a.top_p, eos_id=None if tok is None else tok.eos_id, rng=jax.random.key(a.seed),
-                       speculative=a.speculative)  # fmt: skip
+        out = generate(
+            cfg,
+            variables,
+            [ids],
+            a.max_new_tokens,
+            temperature=a.temperature,
+            top_k=a.top_k,
+            top_p=a.top_p,
+            eos_id=None if tok is None else tok.eos_id,
+            rng=jax.random.key(a.seed),
+            speculative=a.speculative,
+        )
     except ValueError as e:
         ap.error(str(e))
     new = out.tokens[0, : out.lengths[0]].tolist()

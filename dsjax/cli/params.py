@@ -1,7 +1,7 @@
 """Print a model's parameter counts, from the real module shapes (nothing is allocated).
 
-    dsjax-params configs/deepseek_v3_671b.yaml            # a YAML run config
-    dsjax-params path/to/config.json model.num_nextn_predict_layers=0   # or an HF config.json
+dsjax-params configs/deepseek_v3_671b.yaml            # a YAML run config
+dsjax-params path/to/config.json model.num_nextn_predict_layers=0   # or an HF config.json
 """
 
 from __future__ import annotations
@@ -36,8 +36,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     counts = count_params(cfg)
     print(json.dumps(counts, indent=2))
-    print(f"total {human(counts['total'])} (main {human(counts['main'])} + MTP {human(counts['mtp'])}), "
-          f"activated per token {human(counts['activated'])} (main model)", file=sys.stderr)  # fmt: skip
+    print(
+        f"total {human(counts['total'])} (main {human(counts['main'])} + MTP {human(counts['mtp'])}), "
+        f"activated per token {human(counts['activated'])} (main model)",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -34,8 +34,11 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsjax-train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", help="YAML run config (default: configs/tiny.yaml)")
     ap.add_argument("--resume", action="store_true", help="continue the run's newest checkpoint")
-    ap.add_argument("--distributed", action="store_true",
-                    help="multi-host: call jax.distributed.initialize() (cluster settings auto-detected)")  # fmt: skip
+    ap.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: call jax.distributed.initialize() (cluster settings auto-detected)",
+    )
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
     a = ap.parse_intermixed_args(argv)
     if a.distributed:

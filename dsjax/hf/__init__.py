@@ -4,5 +4,13 @@ from dsjax.hf.checkpoint import from_hf_state_dict, load_hf, save_hf, summary, t
 from dsjax.hf.config import from_hf_config, to_hf_config
 from dsjax.hf.tensors import CheckpointError
 
-__all__ = ["CheckpointError", "from_hf_config", "from_hf_state_dict", "load_hf", "save_hf", "summary",
-           "to_fp8_weights", "to_hf_config"]  # fmt: skip
+__all__ = [
+    "CheckpointError",
+    "from_hf_config",
+    "from_hf_state_dict",
+    "load_hf",
+    "save_hf",
+    "summary",
+    "to_fp8_weights",
+    "to_hf_config",
+]

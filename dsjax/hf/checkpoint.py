@@ -15,15 +15,15 @@ the e4m3 bytes and scales only transposed to our layout (other checkpoints are q
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Callable, Mapping
 import json
 import math
 import os
-from pathlib import Path
 import shutil
 import tempfile
 import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import flax.linen as nn
 import jax.numpy as jnp
@@ -64,7 +64,9 @@ def _assemble(c: ModelConfig, sd: Mapping[str, np.ndarray], block: tuple[int, in
     return variables
 
 
-def _fp8_weight(t: HubTensor, a: np.ndarray, scale: np.ndarray | None, block, pow2: bool) -> tuple[np.ndarray, np.ndarray]:
+def _fp8_weight(
+    t: HubTensor, a: np.ndarray, scale: np.ndarray | None, block, pow2: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """(e4m3 [ours], scale_inv [K/128, N/128]) for an FP8-stored leaf: the release's own bytes when it
     ships e4m3 in 128x128 blocks (only transposed), else quantized here (V3's recipe, ``quantize_blocks``;
     ``pow2``: UE8M0 scales)."""
@@ -204,11 +206,21 @@ def _hub_arrays(c: ModelConfig, variables: dict) -> list[tuple[str, Callable[[],
     for name, t in kept + [(copy, by_name[shared]) for copy, shared in mtp_copies(c)]:
         leaf = leaf_at(variables, t.path)
         if t.fp8 and leaf.dtype != ml_dtypes.float8_e4m3fn:
-            raise CheckpointError(f"{'/'.join(t.path)}: config says fp8_weights=True but the variables hold {leaf.dtype}")
-        out.append((name, lambda t=t, leaf=leaf: t.to_hub(np.asarray(leaf[t.index])), math.prod(t.hub_shape) * leaf.dtype.itemsize))
+            raise CheckpointError(
+                f"{'/'.join(t.path)}: config says fp8_weights=True but the variables hold {leaf.dtype}"
+            )
+        out.append(
+            (
+                name,
+                lambda t=t, leaf=leaf: t.to_hub(np.asarray(leaf[t.index])),
+                math.prod(t.hub_shape) * leaf.dtype.itemsize,
+            )
+        )
         if t.fp8:
             scale = leaf_at(variables, t.scale_path)
-            out.append((name + "_scale_inv", lambda t=t, s=scale: np.asarray(s[t.index]).T, math.prod(t.scale_shape) * 4))
+            out.append(
+                (name + "_scale_inv", lambda t=t, s=scale: np.asarray(s[t.index]).T, math.prod(t.scale_shape) * 4)
+            )
     return out
 
 
@@ -221,8 +233,14 @@ def to_fp8_weights(cfg: ModelConfig, variables: dict) -> tuple[ModelConfig, dict
     return cfg.replace(fp8_weights=True), from_hf_state_dict(cfg.replace(fp8_weights=True), state_dict)
 
 
-def save_hf(path: str | os.PathLike, cfg: ModelConfig, variables: dict, *, max_shard_bytes: int = 5 * 2**30,
-            overwrite: bool = False) -> None:  # fmt: skip
+def save_hf(
+    path: str | os.PathLike,
+    cfg: ModelConfig,
+    variables: dict,
+    *,
+    max_shard_bytes: int = 5 * 2**30,
+    overwrite: bool = False,
+) -> None:
     """Writes ``variables`` as a hub checkpoint directory: config.json, safetensors shards of at most
     ``max_shard_bytes`` (one ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + index).
 
@@ -236,8 +254,11 @@ def save_hf(path: str | os.PathLike, cfg: ModelConfig, variables: dict, *, max_s
     entries = _hub_arrays(cfg, variables)
     sizes = [n for _, _, n in entries]
     shards = shard_groups(sizes, max_shard_bytes)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]  # fmt: skip
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))

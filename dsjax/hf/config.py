@@ -15,11 +15,28 @@ from typing import Any
 from dsjax.config import ConfigError, ModelConfig
 
 # Fields that are dsjax's own: HF configs do not carry them.
-OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl",
-        "fp8_scale_fmt", "fp8_weights", "expert_dispatch", "expert_capacity_factor")  # fmt: skip
+OURS = (
+    "dtype",
+    "param_dtype",
+    "scan_layers",
+    "moe_impl",
+    "remat",
+    "attention_impl",
+    "fp8",
+    "fp8_impl",
+    "fp8_scale_fmt",
+    "fp8_weights",
+    "expert_dispatch",
+    "expert_capacity_factor",
+)
 # Fields that HF configs carry under the same name (rope_scaling's spellings are read below).
 HF_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in OURS)
-FP8_QUANTIZATION = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
+FP8_QUANTIZATION = {
+    "quant_method": "fp8",
+    "fmt": "e4m3",
+    "activation_scheme": "dynamic",
+    "weight_block_size": [128, 128],
+}
 
 
 def from_hf_config(src: str | os.PathLike | dict[str, Any], **overrides) -> ModelConfig:
@@ -38,7 +55,9 @@ def from_hf_config(src: str | os.PathLike | dict[str, Any], **overrides) -> Mode
     if hf.get("attention_bias"):
         raise ConfigError("attention_bias=True: DeepSeek MLA has no projection biases; not supported")
     if hf.get("num_key_value_heads") not in (None, hf.get("num_attention_heads")):
-        raise ConfigError("num_key_value_heads: MLA has one latent shared by all heads; it must equal num_attention_heads")
+        raise ConfigError(
+            "num_key_value_heads: MLA has one latent shared by all heads; it must equal num_attention_heads"
+        )
     if hf.get("rope_interleave", True) is not True:
         raise ConfigError("rope_interleave=False: DeepSeek weights use the interleaved RoPE layout")
 

@@ -58,8 +58,9 @@ class HubTensor:
 
 
 def _linear(hub: str, ours: tuple, index: tuple, name: str, in_dims: tuple, out_dims: tuple, fp8: bool) -> HubTensor:
-    return HubTensor(f"{hub}{name}.weight", ("params", *ours, name, "kernel"), index, (*in_dims, *out_dims), len(in_dims),
-                   fp8=fp8)  # fmt: skip
+    return HubTensor(
+        f"{hub}{name}.weight", ("params", *ours, name, "kernel"), index, (*in_dims, *out_dims), len(in_dims), fp8=fp8
+    )
 
 
 def _norm(hub: str, ours: tuple, index: tuple, name: str, dim: int, ours_name: str | None = None) -> HubTensor:
@@ -99,12 +100,17 @@ def _moe(c: ModelConfig, hub: str, ours: tuple, index: tuple) -> list[HubTensor]
     experts = (("gate_proj", "w_gate", (H, I)), ("up_proj", "w_up", (H, I)), ("down_proj", "w_down", (I, H)))
     for j in range(E):
         for name, leaf, dims in experts:
-            t.append(HubTensor(f"{hub}experts.{j}.{name}.weight", ("params", *ours, leaf), (*index, j), dims, 1,
-                             fp8=c.fp8_weights))  # fmt: skip
+            t.append(
+                HubTensor(
+                    f"{hub}experts.{j}.{name}.weight", ("params", *ours, leaf), (*index, j), dims, 1, fp8=c.fp8_weights
+                )
+            )
     if c.n_shared_experts:
         t += _mlp(hub + "shared_experts.", (*ours, "shared_experts"), index, H, c.n_shared_experts * I, c.fp8_weights)
     bias = ("selection_bias", *ours, "e_score_correction_bias")
-    return t + [HubTensor(hub + "gate.e_score_correction_bias", bias, index, (E,), optional=c.topk_method != "noaux_tc")]
+    return t + [
+        HubTensor(hub + "gate.e_score_correction_bias", bias, index, (E,), optional=c.topk_method != "noaux_tc")
+    ]
 
 
 def _block(c: ModelConfig, i: int, ours: tuple, index: tuple, moe: bool) -> list[HubTensor]:
@@ -144,8 +150,14 @@ def mtp_copies(c: ModelConfig) -> list[tuple[str, str]]:
     """(copy, shared) hub names: each MTP layer's embedding and output head, as the V3 release stores them."""
     head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
     layers = range(c.num_hidden_layers, c.num_hidden_layers + c.num_nextn_predict_layers)
-    return [p for n in layers for p in ((f"model.layers.{n}.embed_tokens.weight", "model.embed_tokens.weight"),
-                                        (f"model.layers.{n}.shared_head.head.weight", head))]  # fmt: skip
+    return [
+        p
+        for n in layers
+        for p in (
+            (f"model.layers.{n}.embed_tokens.weight", "model.embed_tokens.weight"),
+            (f"model.layers.{n}.shared_head.head.weight", head),
+        )
+    ]
 
 
 def leaf_at(tree, path: tuple[str, ...]):

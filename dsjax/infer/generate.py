@@ -14,8 +14,8 @@ tokens' slots before attending, so whatever lies beyond a row's length (padding,
 is overwritten before any query can reach it. Buffers are sized max prompt + max_new_tokens (+ D):
 one compiled step serves every position.
 
-Speculative decoding with the D MTP modules (DeepSeek-V3 §2.2: MTP modules as drafters). A row holds n cached tokens and its
-last accepted token t_n (not yet cached) is followed by drafts d_{n+1} .. d_{n+D}:
+Speculative decoding with the D MTP modules as drafters (DeepSeek-V3 §2.2). A row holds n cached
+tokens and its last accepted token t_n (not yet cached) is followed by drafts d_{n+1} .. d_{n+D}:
   verify  one forward of the main model over [t_n, d_{n+1} .. d_{n+D}] at positions n .. n+D gives
           its own choices g_{n+1} .. g_{n+D+1}; the drafts are accepted while d_j = g_j (a of them),
           then g_{n+a+1}: a + 1 new tokens, n <- n + a + 1 (temperature > 0: g are samples, so the
@@ -171,8 +171,12 @@ def _speculative_step(cfg, variables, sampling: Sampling, state: DecodeState) ->
     g = sampling(_run(cfg, variables, "logits", normed), key)  # g_{n+1} .. g_{n+D+1}
     a = jnp.cumprod(window[:, 1:] == g[:, :-1], axis=1).sum(1)  # drafts accepted
     live = ~state.done
-    state = state.replace(cache=cache, rng=rng, drafted=state.drafted + d * live.sum(),
-                          accepted=state.accepted + jnp.where(live, a, 0).sum())  # fmt: skip
+    state = state.replace(
+        cache=cache,
+        rng=rng,
+        drafted=state.drafted + d * live.sum(),
+        accepted=state.accepted + jnp.where(live, a, 0).sum(),
+    )
     state = _accept(state, g, a + 1)
     return _draft(cfg, variables, state, jnp.concatenate([state.hidden, h], axis=1), n - d + 1)
 
@@ -191,9 +195,19 @@ def _pad(prompts) -> tuple[np.ndarray, np.ndarray]:
     return arr, lens
 
 
-def generate(cfg: ModelConfig, variables, prompts, max_new_tokens: int, *, temperature: float = 0.0,
-             top_k: int | None = None, top_p: float | None = None, eos_id: int | None = None, rng=None,
-             speculative: bool = False) -> Generation:  # fmt: skip
+def generate(
+    cfg: ModelConfig,
+    variables,
+    prompts,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | None = None,
+    rng=None,
+    speculative: bool = False,
+) -> Generation:
     """Continues each prompt by up to ``max_new_tokens`` tokens (a row stops after ``eos_id``).
 
     prompts: a list of token lists, or (right-padded array [B, S], lengths [B]). ``rng``: a

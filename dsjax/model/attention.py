@@ -18,7 +18,8 @@ import jax.numpy as jnp
 
 from dsjax.parallel.collectives import per_shard
 from dsjax.parallel.rules import partition_spec
-from pallas_kernels.platform import resolve_impl as resolve_kernel_impl, target_platform
+from pallas_kernels.platform import resolve_impl as resolve_kernel_impl
+from pallas_kernels.platform import target_platform
 
 
 @flax.struct.dataclass
@@ -78,7 +79,7 @@ def latent_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
 
 
 def resolve_impl(impl: str) -> str:
-    """"xla", "pallas" or "interpret" for this platform (``pallas_kernels.platform.resolve_impl``);
+    """ "xla", "pallas" or "interpret" for this platform (``pallas_kernels.platform.resolve_impl``);
     the kernels run per shard under a mesh. ValueError naming a choice the devices cannot run."""
     return resolve_kernel_impl(impl, "attention", per_shard=True)
 
@@ -91,7 +92,9 @@ def _kernel_mask(mask, field: str, kernel: str):
     """The mask's structure the kernel needs (``field``), or a ValueError saying what it got instead."""
     if not isinstance(mask, AttentionMask) or getattr(mask, field) is None:
         got = "a dense array" if not isinstance(mask, AttentionMask) else "an AttentionMask without " + field
-        raise ValueError(f"{kernel} needs AttentionMask.{'causal' if field == 'segment_ids' else 'cache'}(...), got {got}")
+        raise ValueError(
+            f"{kernel} needs AttentionMask.{'causal' if field == 'segment_ids' else 'cache'}(...), got {got}"
+        )
     return getattr(mask, field)
 
 
@@ -103,8 +106,12 @@ def mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, scale, impl: str = "xla")
     from pallas_kernels.flash_mla import flash_mla
 
     seg = _kernel_mask(mask, "segment_ids", "the flash MLA kernel")
-    heads, tok, ids = (partition_spec(a) for a in (("batch", None, "heads", None), ("batch", None, None), ("batch", None)))
-    kernel = per_shard(lambda *a: flash_mla(*a, scale, backend=_backend(impl)), (heads, heads, heads, tok, heads, ids), heads)
+    heads, tok, ids = (
+        partition_spec(a) for a in (("batch", None, "heads", None), ("batch", None, None), ("batch", None))
+    )
+    kernel = per_shard(
+        lambda *a: flash_mla(*a, scale, backend=_backend(impl)), (heads, heads, heads, tok, heads, ids), heads
+    )
     return kernel(q_nope, q_pe, k_nope, k_pe, v, seg)
 
 

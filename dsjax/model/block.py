@@ -63,7 +63,9 @@ class Stack(nn.Module):
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, (stats, cache) = scanned(self.cfg, self.moe, name="layers")(x, cos, sin, mask, token_mask, cache, positions)
+            x, (stats, cache) = scanned(self.cfg, self.moe, name="layers")(
+                x, cos, sin, mask, token_mask, cache, positions
+            )
             return x, stats, cache
         outs = []
         for i in range(self.num_layers):

@@ -34,8 +34,21 @@ from dsjax.parallel.collectives import gather_along
 from dsjax.parallel.rules import BATCH, mesh_axes
 from pallas_kernels.fp8_gemm import fp8_gemm, fp8_gemm_reference
 from pallas_kernels.platform import auto_partitioned, requested_impl, resolve_impl
-from pallas_kernels.quant import (AMAX_MIN, E4M3, E4M3_MAX, GRAD_AMAX_MIN, TILE, block_count, dequantize_blocks,
-                                  dequantize_tiles, pad_to, quantize_blocks, quantize_tiles, scale_from_amax, to_e4m3)
+from pallas_kernels.quant import (
+    AMAX_MIN,
+    E4M3,
+    E4M3_MAX,
+    GRAD_AMAX_MIN,
+    TILE,
+    block_count,
+    dequantize_blocks,
+    dequantize_tiles,
+    pad_to,
+    quantize_blocks,
+    quantize_tiles,
+    scale_from_amax,
+    to_e4m3,
+)
 
 FSDP, TENSOR = mesh_axes("embed"), mesh_axes("mlp")  # weights gathered over FSDP; columns split by tensor parallelism
 
@@ -121,15 +134,19 @@ def _kernels_per_shard(impl, tokens: int, what: str) -> bool:
     if manual:  # inside a shard_map over some axes: XLA partitions the rest, and no kernel can run there
         if requested_impl(impl) == "auto":
             return False
-        raise ValueError(f"fp8_impl={requested_impl(impl)!r}: inside a shard_map over only {', '.join(manual)} of the "
-                         "mesh, XLA partitions the other axes and cannot partition a Pallas kernel; shard_map over "
-                         "every axis, or use fp8_impl 'auto' or 'xla'")  # fmt: skip
+        raise ValueError(
+            f"fp8_impl={requested_impl(impl)!r}: inside a shard_map over only {', '.join(manual)} of the "
+            "mesh, XLA partitions the other axes and cannot partition a Pallas kernel; shard_map over "
+            "every axis, or use fp8_impl 'auto' or 'xla'"
+        )
     shards = math.prod(mesh.shape[n] for n in BATCH)
     if tokens < 0 or tokens % shards:
         if requested_impl(impl) == "auto":
             return False
-        raise ValueError(f"fp8_impl={requested_impl(impl)!r} under a mesh: {what} do not split over the batch axes "
-                         f"data x fsdp x expert = {shards} shards; use fp8_impl 'auto' or 'xla'")  # fmt: skip
+        raise ValueError(
+            f"fp8_impl={requested_impl(impl)!r} under a mesh: {what} do not split over the batch axes "
+            f"data x fsdp x expert = {shards} shards; use fp8_impl 'auto' or 'xla'"
+        )
     return True
 
 
@@ -253,7 +270,9 @@ def _moved_back(move, aux, like, ct):
     return jax.linear_transpose(lambda v: move(v, aux), aval)(ct)[0]
 
 
-def fp8_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, impl="auto", pow2=False):
+def fp8_dot_general(
+    lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, *, impl="auto", pow2=False
+):
     """``lax.dot_general`` as ``nn.DenseGeneral`` calls it (lhs [..., *in] . kernel [*in, *out]),
     computed as one 2-D ``fp8_matmul``."""
     del precision, preferred_element_type

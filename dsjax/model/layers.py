@@ -1,8 +1,8 @@
 """The small layers every block is built from: RMSNorm, the one projection helper, SwiGLU.
 
-    RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)            statistics in fp32
-    linear:      y = x W (no bias), W [*in, *out] annotated with logical axis names
-    MLP(x)     = W_down (silu(W_gate x) * (W_up x))        (DeepSeek-V3 §2.1.2: every expert is one)
+RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)            statistics in fp32
+linear:      y = x W (no bias), W [*in, *out] annotated with logical axis names
+MLP(x)     = W_down (silu(W_gate x) * (W_up x))        (DeepSeek-V3 §2.1.2: every expert is one)
 """
 
 import flax.linen as nn
@@ -20,8 +20,10 @@ class RMSNorm(nn.Module):
     @nn.compact
     def __call__(self, x):
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
-            (x.shape[-1],), self.param_dtype,
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones, (self.axis_name,)),
+            (x.shape[-1],),
+            self.param_dtype,
         )
         x32 = x.astype(jnp.float32)
         y = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps))
@@ -36,7 +38,9 @@ def linear(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1
     With ``cfg.fp8_weights`` and ``quantize`` the kernel is stored in e4m3 + block scales instead
     (``Fp8Linear``, inference)."""
     if cfg.fp8_weights and quantize:
-        return Fp8Linear(features, axis, axes, cfg.initializer_range, jnp.dtype(cfg.dtype), Fp8Recipe.of(cfg), name=name)
+        return Fp8Linear(
+            features, axis, axes, cfg.initializer_range, jnp.dtype(cfg.dtype), Fp8Recipe.of(cfg), name=name
+        )
     init = nn.initializers.normal(cfg.initializer_range)
     kwargs = dict(
         features=features,

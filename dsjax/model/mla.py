@@ -74,7 +74,9 @@ class MLA(nn.Module):
             self.q_a_proj = linear(c, c.q_lora_rank, ("embed", "q_lora"), "q_a_proj")
             self.q_a_layernorm = RMSNorm(c.rms_norm_eps, "q_lora", pdt)
             self.q_b_proj = linear(c, (h, c.qk_head_dim), ("q_lora", "heads", "qk_dim"), "q_b_proj")
-        self.kv_a_proj_with_mqa = linear(c, c.kv_lora_rank + c.qk_rope_head_dim, ("embed", "kv_lora"), "kv_a_proj_with_mqa")
+        self.kv_a_proj_with_mqa = linear(
+            c, c.kv_lora_rank + c.qk_rope_head_dim, ("embed", "kv_lora"), "kv_a_proj_with_mqa"
+        )
         self.kv_a_layernorm = RMSNorm(c.rms_norm_eps, "kv_lora", pdt)
         self.kv_b_proj = linear(c, (h, c.qk_nope_head_dim + c.v_head_dim), ("kv_lora", "heads", "kv_dim"), "kv_b_proj")
         self.o_proj = linear(c, c.hidden_size, ("heads", "v_dim", "embed"), "o_proj", axis=(-2, -1))
@@ -111,5 +113,7 @@ class MLA(nn.Module):
             cache = cache.write(positions, c_kv, k_pe)
             w = self.kv_b_weight()  # [r, h, dn + dv]
             w_uk, w_uv = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim :]
-            out = mla_attention_absorbed(q_nope, q_pe, cache.c_kv, cache.k_pe, w_uk, w_uv, mask, softmax_scale(c), c.attention_impl)
+            out = mla_attention_absorbed(
+                q_nope, q_pe, cache.c_kv, cache.k_pe, w_uk, w_uv, mask, softmax_scale(c), c.attention_impl
+            )
         return self.o_proj(out), cache

@@ -145,8 +145,10 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
     the down-projection does too (V3 §3.3.3: ``send_e4m3`` / ``send_grad_e4m3``).
     Returns (y [T, H], fraction of token copies dropped; 0 unless ``expert_capacity_factor``)."""
     if cfg.fp8_weights:
-        raise NotImplementedError("fp8_weights (FP8 inference) runs on one device; under a multi-device mesh "
-                                  "load the checkpoint dequantized (fp8_weights=False)")  # fmt: skip
+        raise NotImplementedError(
+            "fp8_weights (FP8 inference) runs on one device; under a multi-device mesh "
+            "load the checkpoint dequantized (fp8_weights=False)"
+        )
     impl, fp8 = cfg.moe_impl, (Fp8Recipe.of(cfg) if cfg.fp8 else None)
     dispatch = resolve_dispatch(cfg.expert_dispatch, target_platform())
     fsdp, tensor = mesh_axes("embed"), mesh_axes("expert_mlp")
@@ -166,8 +168,9 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
         if mesh.shape[EXPERTS] == 1:
             ys, kept = run(rows, eid), jnp.ones(eid.shape, bool)
         else:
-            ys, kept = exchange(rows, eid, w_gate.shape[0], cfg.expert_capacity_factor, run, dispatch,
-                                to_experts, from_experts)  # fmt: skip
+            ys, kept = exchange(
+                rows, eid, w_gate.shape[0], cfg.expert_capacity_factor, run, dispatch, to_experts, from_experts
+            )
         y = jax.lax.psum(_combine(jnp.where(kept[:, None], ys, 0), order, w), tensor)
         return y, jax.lax.pmean(1.0 - kept.mean(), BATCH)
 

@@ -27,7 +27,9 @@ class MTPModule(nn.Module):
         pdt = jnp.dtype(c.param_dtype)
         e = RMSNorm(c.rms_norm_eps, "norm", pdt, name="enorm")(emb_next)
         h = RMSNorm(c.rms_norm_eps, "norm", pdt, name="hnorm")(h_prev)
-        x = linear(c, c.hidden_size, ("mtp_in", "embed"), "eh_proj", quantize=False)(jnp.concatenate([e, h], axis=-1))  # bf16 in the V3 release
+        x = linear(c, c.hidden_size, ("mtp_in", "embed"), "eh_proj", quantize=False)(
+            jnp.concatenate([e, h], axis=-1)
+        )  # bf16 in the V3 release
         # The MTP block sits at index num_hidden_layers >= first_k_dense_replace: always MoE.
         x, (stats, cache) = Block(c, moe=True, name="block")(x, cos, sin, mask, token_mask, cache, positions)
         return x, RMSNorm(c.rms_norm_eps, "norm", pdt, name="shared_head_norm")(x), stats, cache

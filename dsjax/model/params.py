@@ -1,12 +1,12 @@
 """Parameter counts and analytic training FLOPs, from one walk over the real module shapes.
 
-    total, main, mtp          every parameter (MTP modules apart)
-    activated                 what one token of the main model passes through (routed experts k/E)
-    matmul_per_token          the weights a training token multiplies by: activated minus the
-                              embedding lookup, plus the MTP modules, plus the output head once
-                              more per MTP depth (MTP shares it)
-    training FLOPs / token  = 6 x matmul_per_token + 3 x heads (d_qk + d_v) S per layer
-                              (attention forward: 2 FLOPs x S/2 causal keys x 2 dots)
+total, main, mtp          every parameter (MTP modules apart)
+activated                 what one token of the main model passes through (routed experts k/E)
+matmul_per_token          the weights a training token multiplies by: activated minus the
+                          embedding lookup, plus the MTP modules, plus the output head once
+                          more per MTP depth (MTP shares it)
+training FLOPs / token  = 6 x matmul_per_token + 3 x heads (d_qk + d_v) S per layer
+                          (attention forward: 2 FLOPs x S/2 causal keys x 2 dots)
 """
 
 from __future__ import annotations

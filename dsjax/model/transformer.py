@@ -64,9 +64,14 @@ class Transformer(nn.Module):
     def setup(self):
         c = self.cfg
         self.embed_tokens = nn.Embed(
-            c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype),
-            embedding_init=nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), ("vocab", "embed")),
-        )  # fmt: skip
+            c.vocab_size,
+            c.hidden_size,
+            dtype=jnp.dtype(c.dtype),
+            param_dtype=jnp.dtype(c.param_dtype),
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(c.initializer_range), ("vocab", "embed")
+            ),
+        )
         if not c.tie_word_embeddings:
             self.lm_head = linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", quantize=False)  # V3: head stays bf16
         if c.first_k_dense_replace:
@@ -113,9 +118,13 @@ class Transformer(nn.Module):
         """h^0 = the blocks applied to Emb(tokens), before the final norm. Returns (h^0, router, cache)."""
         x, router, cache = self._embed(tokens), None, dict(cache or {})
         if self.cfg.first_k_dense_replace:
-            x, _, cache["dense_layers"] = self.dense_layers(x, cos, sin, mask, token_mask, cache.get("dense_layers"), positions)
+            x, _, cache["dense_layers"] = self.dense_layers(
+                x, cos, sin, mask, token_mask, cache.get("dense_layers"), positions
+            )
         if self.cfg.num_moe_layers:
-            x, router, cache["moe_layers"] = self.moe_layers(x, cos, sin, mask, token_mask, cache.get("moe_layers"), positions)
+            x, router, cache["moe_layers"] = self.moe_layers(
+                x, cos, sin, mask, token_mask, cache.get("moe_layers"), positions
+            )
         return x, router, cache
 
     def logits(self, normed):

@@ -56,8 +56,14 @@ def check_divisible(mesh: jax.sharding.Mesh, model: ModelConfig, batch_size: int
     rules = [(size, n[mesh_axes(logical)], what, f"mesh.{mesh_axes(logical)}") for size, logical, what in sized]
     if batch_size is not None:
         shards = math.prod(n[a] for a in BATCH)
-        rules.append((batch_size, shards, "sequences per microbatch (train.batch_size / train.microbatches)",
-                      f"the batch-sharding axes {' x '.join(BATCH)} = {shards}"))  # fmt: skip
+        rules.append(
+            (
+                batch_size,
+                shards,
+                "sequences per microbatch (train.batch_size / train.microbatches)",
+                f"the batch-sharding axes {' x '.join(BATCH)} = {shards}",
+            )
+        )
     for size, parts, what, axis in rules:
         if size % parts:
             raise ConfigError(f"{what}={size} is not divisible by {axis}={parts}")

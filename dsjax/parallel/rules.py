@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "expert", "tensor")
 
@@ -55,7 +56,9 @@ def partition_spec(logical: tuple[str | None, ...]) -> P:
 def logical_shardings(mesh: jax.sharding.Mesh, boxed_tree):
     """NamedShardings for a tree of (abstract) values boxed with logical names; unboxed leaves replicate."""
     specs = nn.get_partition_spec(boxed_tree)
-    return jax.tree.map(lambda s: NamedSharding(mesh, partition_spec(tuple(s))), specs, is_leaf=lambda s: isinstance(s, P))
+    return jax.tree.map(
+        lambda s: NamedSharding(mesh, partition_spec(tuple(s))), specs, is_leaf=lambda s: isinstance(s, P)
+    )
 
 
 def shardings_like_params(tree, params, params_shardings, default):

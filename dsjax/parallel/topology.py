@@ -21,8 +21,15 @@ GPUS = {
     "t4": ("Tesla T4", (7, 5), 40, 65536, 65536, 1.59, 15828320256, 320000000000, 4194304),
 }
 # HBM per chip (GiB) by jax device_kind.
-HBM_GIB = {"TPU v4": 32, "TPU v5 lite": 16, "TPU v5": 95, "TPU v5p": 95, "TPU v6 lite": 32, "TPU7x": 192,
-           **{g[0]: round(g[6] / GIB, 1) for g in GPUS.values()}}  # fmt: skip
+HBM_GIB = {
+    "TPU v4": 32,
+    "TPU v5 lite": 16,
+    "TPU v5": 95,
+    "TPU v5p": 95,
+    "TPU v6 lite": 32,
+    "TPU7x": 192,
+    **{g[0]: round(g[6] / GIB, 1) for g in GPUS.values()},
+}
 
 
 def tpu_devices(topology: str) -> list:
@@ -75,11 +82,14 @@ def gpu_devices(topology: str) -> list:
     # nothing here runs on a local GPU. (Too late if this process started its backends already.)
     os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
     try:
-        return topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(name),
-                                            topology=f"1x1x{count or 1}").devices  # fmt: skip
+        return topologies.get_topology_desc(
+            platform="cuda", target_config=gpu_target_config(name), topology=f"1x1x{count or 1}"
+        ).devices
     except Exception as e:  # no CUDA plugin, or it refuses
-        raise ConfigError(f"--topology {topology!r}: {type(e).__name__}: {e} (compiling for a GPU without one needs "
-                          "XLA's CUDA plugin: pip install 'jax[cuda13]')") from None  # fmt: skip
+        raise ConfigError(
+            f"--topology {topology!r}: {type(e).__name__}: {e} (compiling for a GPU without one needs "
+            "XLA's CUDA plugin: pip install 'jax[cuda13]')"
+        ) from None
 
 
 def is_gpu_topology(topology: str) -> bool:

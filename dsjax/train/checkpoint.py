@@ -53,7 +53,9 @@ def _state_handler() -> ocp.PyTreeCheckpointHandler:
     t = ocp.type_handlers
     arrays = t.ArrayHandler(use_replica_parallel=False, array_metadata_store=array_metadata_store.Store())
     others = [(ty, t.get_type_handler(ty)) for ty in (int, float, bytes, np.number, np.ndarray, str)]
-    return ocp.PyTreeCheckpointHandler(type_handler_registry=t.create_type_handler_registry(*others, (jax.Array, arrays)), **limits)
+    return ocp.PyTreeCheckpointHandler(
+        type_handler_registry=t.create_type_handler_registry(*others, (jax.Array, arrays)), **limits
+    )
 
 
 def manager(directory: Path, keep: int = 3) -> ocp.CheckpointManager:
@@ -71,9 +73,15 @@ def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None
     step = mngr.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no complete checkpoint in {mngr.directory}")
-    out = mngr.restore(step, args=ocp.args.Composite(
-        state=ocp.args.PyTreeRestore(abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)),
-        data=ocp.args.JsonRestore()))  # fmt: skip
+    out = mngr.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.PyTreeRestore(
+                abstract_state, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract_state)
+            ),
+            data=ocp.args.JsonRestore(),
+        ),
+    )
     return out["state"], out["data"]
 
 

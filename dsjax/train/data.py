@@ -124,7 +124,9 @@ def read_document(path: str, tokenizer) -> np.ndarray:
         if path.endswith(".npy"):
             ids = np.load(path, mmap_mode="r")
             if ids.ndim != 1 or not np.issubdtype(ids.dtype, np.integer):
-                raise DataError(f"{path}: a pre-tokenized .npy must be a 1-D integer array, got {ids.dtype}{list(ids.shape)}")
+                raise DataError(
+                    f"{path}: a pre-tokenized .npy must be a 1-D integer array, got {ids.dtype}{list(ids.shape)}"
+                )
             if ids.size and (ids.min() < 0 or ids.max() >= tokenizer.vocab_size):
                 raise DataError(f"{path}: token ids must lie in [0, {tokenizer.vocab_size})")
             return np.asarray(ids, np.int32)
@@ -205,4 +207,6 @@ def eval_batches(split: PackedSplit, batch_size: int, num_batches: int) -> list[
     """The first ``num_batches`` full batches of the validation split, always the same."""
     n = min(num_batches, len(split) // batch_size) or 1
     rows = [split[i % len(split)] for i in range(n * batch_size)]
-    return [{k: np.stack([r[k] for r in rows[b * batch_size : (b + 1) * batch_size]]) for k in rows[0]} for b in range(n)]
+    return [
+        {k: np.stack([r[k] for r in rows[b * batch_size : (b + 1) * batch_size]]) for k in rows[0]} for b in range(n)
+    ]

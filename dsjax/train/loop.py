@@ -53,8 +53,16 @@ def sample(cfg: Config, variables, tokenizer) -> str:
     """A text sample from the trained model: temperature 0.8, top-k 20, from the latent cache."""
     t = cfg.train
     prompt = [tokenizer.bos_id, *tokenizer.encode(t.sample_prompt.encode()).tolist()]
-    out = generate(cfg.model, variables, [prompt], t.sample_tokens, temperature=0.8, top_k=20,
-                   eos_id=tokenizer.eos_id, rng=jax.random.key(t.seed))  # fmt: skip
+    out = generate(
+        cfg.model,
+        variables,
+        [prompt],
+        t.sample_tokens,
+        temperature=0.8,
+        top_k=20,
+        eos_id=tokenizer.eos_id,
+        rng=jax.random.key(t.seed),
+    )
     return t.sample_prompt + tokenizer.decode(np.asarray(out.tokens[0, : int(out.lengths[0])]))
 
 
@@ -97,12 +105,18 @@ def prepare_run(cfg: Config, resume: bool) -> tuple[Path, bool]:
     directory = run_dir(cfg)
     has_ckpt = has_checkpoints(directory)
     if has_ckpt and not resume:
-        raise TrainingError(f"{directory} already holds checkpoints; pass --resume to continue it, "
-                            "or train.run_name=<new name> for a new run (nothing was overwritten)")  # fmt: skip
+        raise TrainingError(
+            f"{directory} already holds checkpoints; pass --resume to continue it, "
+            "or train.run_name=<new name> for a new run (nothing was overwritten)"
+        )
     if has_ckpt:
         saved = load_config(directory / "config.yaml")
         if saved.model != cfg.model:
-            diff = [f.name for f in dataclasses.fields(cfg.model) if getattr(saved.model, f.name) != getattr(cfg.model, f.name)]
+            diff = [
+                f.name
+                for f in dataclasses.fields(cfg.model)
+                if getattr(saved.model, f.name) != getattr(cfg.model, f.name)
+            ]
             raise TrainingError(f"--resume: model settings differ from {directory / 'config.yaml'}: {', '.join(diff)}")
     save_config(cfg, directory)
     return directory, has_ckpt
@@ -132,7 +146,11 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
         state, data_state = ckpt.restore(mngr, abstract_state(cfg, model, state_sh))
         batches.set_state(data_state)
         start = mngr.latest_step()
-        kept = [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start] if metrics_path.exists() else []
+        kept = (
+            [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
+            if metrics_path.exists()
+            else []
+        )
         if main_process:
             metrics_path.write_text("".join(line + "\n" for line in kept))  # steps after it are redone
     else:
@@ -140,8 +158,9 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
         if main_process:
             metrics_path.write_text("")
 
-    step_fn = jax.jit(make_train_step(cfg, model), in_shardings=(state_sh, batch_sh),
-                      out_shardings=(state_sh, None), donate_argnums=0)  # fmt: skip
+    step_fn = jax.jit(
+        make_train_step(cfg, model), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
+    )
     eval_fn = jax.jit(make_eval_step(cfg, model), in_shardings=(state_sh.params, state_sh.bias, batch_sh))
     put = lambda batch: global_arrays(batch, jax.tree.map(lambda _: batch_sh, batch))  # noqa: E731
     from tensorboardX import SummaryWriter
@@ -149,9 +168,11 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
     tb = SummaryWriter(str(directory / "tb"), write_to_disk=main_process)
     counts = count_params(cfg.model)
     mesh_desc = " x ".join(f"{a} {n}" for a, n in mesh.shape.items())
-    print(f"{directory}: {counts['total']:,} parameters, {counts['activated']:,} activated per token; "
-          f"{len(train_split):,} training sequences of {t.seq_len} tokens; mesh {mesh_desc} "
-          f"({mesh.size} {jax.default_backend()} device(s), {jax.process_count()} process(es))")  # fmt: skip
+    print(
+        f"{directory}: {counts['total']:,} parameters, {counts['activated']:,} activated per token; "
+        f"{len(train_split):,} training sequences of {t.seq_len} tokens; mesh {mesh_desc} "
+        f"({mesh.size} {jax.default_backend()} device(s), {jax.process_count()} process(es))"
+    )
 
     def log(row: dict) -> None:
         if not main_process:
@@ -172,19 +193,40 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
                 window_tokens += m["tokens"]
                 if not m["ok"]:
                     log({"step": step, "skipped_nonfinite": 1.0, "loss": m["loss"], "grad_norm": m["grad_norm"]})
-                    bar.write(f"step {step}: non-finite loss or gradient (loss={m['loss']}, grad_norm={m['grad_norm']}); step skipped")
+                    bar.write(
+                        f"step {step}: non-finite loss or gradient (loss={m['loss']}, "
+                        f"grad_norm={m['grad_norm']}); step skipped"
+                    )
                     if int(state.nonfinite) >= t.max_nonfinite_steps:
                         mngr.wait_until_finished()  # the last save may still be in flight: finish it first
                         latest = mngr.latest_step()
-                        where = f"{mngr.directory / str(latest)} (step {latest})" if latest is not None else "none was saved yet"
-                        raise TrainingError(f"{t.max_nonfinite_steps} consecutive non-finite steps at step {step}: stopping. "
-                                            f"Last good checkpoint: {where}")  # fmt: skip
+                        where = (
+                            f"{mngr.directory / str(latest)} (step {latest})"
+                            if latest is not None
+                            else "none was saved yet"
+                        )
+                        raise TrainingError(
+                            f"{t.max_nonfinite_steps} consecutive non-finite steps at step {step}: stopping. "
+                            f"Last good checkpoint: {where}"
+                        )
                 if step % t.log_every == 0 or step == t.steps:
                     dt = time.perf_counter() - window_start
-                    last = {"step": step, **{k: m[k] for k in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_max_mean", "dropped")},
-                            "tokens_per_s": window_tokens / dt, "skipped_total": int(state.skipped)}  # fmt: skip
+                    last = {
+                        "step": step,
+                        **{
+                            k: m[k]
+                            for k in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_max_mean", "dropped")
+                        },
+                        "tokens_per_s": window_tokens / dt,
+                        "skipped_total": int(state.skipped),
+                    }
                     log(last)
-                    bar.set_postfix(loss=f"{m['ce']:.3f}", tok_s=f"{last['tokens_per_s']:.0f}", lr=f"{m['lr']:.2e}", load=f"{m['load_max_mean']:.2f}")
+                    bar.set_postfix(
+                        loss=f"{m['ce']:.3f}",
+                        tok_s=f"{last['tokens_per_s']:.0f}",
+                        lr=f"{m['lr']:.2e}",
+                        load=f"{m['load_max_mean']:.2f}",
+                    )
                     window_tokens, window_start = 0, time.perf_counter()
                 if step % t.eval_every == 0 or step == t.steps:
                     ev = evaluate(eval_fn, state, map(put, val_batches), val_split.bytes_per_token)

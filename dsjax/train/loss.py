@@ -45,8 +45,10 @@ def loss_sums(model, params, bias, batch, depth: int):
         "balance": sum((jnp.sum(r.balance_loss) for r in routers), jnp.zeros(())),
         "dropped": sum((jnp.mean(r.dropped) for r in routers), jnp.zeros(())) / max(len(routers), 1),
     }
-    loads = {"main": out.router.expert_counts if out.router else None,
-             "mtp": out.mtp_router.expert_counts if out.mtp_router else None}  # fmt: skip
+    loads = {
+        "main": out.router.expert_counts if out.router else None,
+        "mtp": out.mtp_router.expert_counts if out.mtp_router else None,
+    }
     return sums, loads
 
 

@@ -101,8 +101,10 @@ def make_train_step(cfg: Config, model: nn.Module):
     def step(state: TrainState, batch):
         counts = target_counts(batch, depth)  # over the whole batch: microbatch gradients add up
         # Microbatch j = sequences j, j + micro, ...: each stays split over the batch axes of the mesh.
-        mb = jax.tree.map(lambda a: constrain(a.reshape(a.shape[0] // micro, micro, *a.shape[1:]).swapaxes(0, 1),
-                                              (None, "batch")), batch)  # fmt: skip
+        mb = jax.tree.map(
+            lambda a: constrain(a.reshape(a.shape[0] // micro, micro, *a.shape[1:]).swapaxes(0, 1), (None, "batch")),
+            batch,
+        )
 
         def micro_loss(params, one):
             sums, loads = loss_sums(model, params, state.bias, one, depth)
@@ -138,10 +140,15 @@ def make_train_step(cfg: Config, model: nn.Module):
         )
         main = loads["main"].astype(jnp.float32) if loads["main"] is not None else jnp.ones((1, 1))
         metrics = dict(
-            loss=loss, **parts, grad_norm=grad_norm, lr=lr(state.step), ok=ok, tokens=counts[0],
+            loss=loss,
+            **parts,
+            grad_norm=grad_norm,
+            lr=lr(state.step),
+            ok=ok,
+            tokens=counts[0],
             load_max_mean=jnp.mean(main.max(-1) / jnp.maximum(main.mean(-1), 1e-9)),
             dropped=sums["dropped"] / micro,
-        )  # fmt: skip
+        )
         return new_state, metrics
 
     return step
@@ -152,6 +159,8 @@ def make_eval_step(cfg: Config, model: nn.Module):
 
     def evaluate(params, bias, batch):
         out = model.apply({"params": params, BIAS: bias}, batch["tokens"], batch["segment_ids"], batch["positions"])
-        return shifted_ce(out.logits, batch["tokens"], batch["segment_ids"], 1), valid_targets(batch["segment_ids"], 1).sum()
+        return shifted_ce(out.logits, batch["tokens"], batch["segment_ids"], 1), valid_targets(
+            batch["segment_ids"], 1
+        ).sum()
 
     return evaluate

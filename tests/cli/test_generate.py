@@ -8,6 +8,14 @@ from dsjax.cli.generate import main
 def test_cli_on_a_hub_directory(capsys, fixtures_dir):
     ref = np.load(fixtures_dir / "v3_no_qlora" / "reference.npz")
     p = int(ref["greedy_prompt_len"])
-    main(["--checkpoint", str(fixtures_dir / "v3_no_qlora"), "--prompt-ids", ",".join(map(str, ref["greedy_ids"][0, :p])),
-          "--max-new-tokens", "1"])  # fmt: skip
+    main(
+        [
+            "--checkpoint",
+            str(fixtures_dir / "v3_no_qlora"),
+            "--prompt-ids",
+            ",".join(map(str, ref["greedy_ids"][0, :p])),
+            "--max-new-tokens",
+            "1",
+        ]
+    )
     assert capsys.readouterr().out.strip() == str(ref["greedy_ids"][0, p])

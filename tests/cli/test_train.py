@@ -52,9 +52,21 @@ def test_train_py_rejects_a_bad_mesh_before_compiling(tmp_path):
 def test_train_py_on_a_mesh(tmp_path):
     """dsjax-train with a 2x2x2x1 mesh: trains, checkpoints sharded state, resumes, and restores the
     model on one device for inference."""
-    args = ["--config", str(TINY), f"train.output_dir={tmp_path}", "train.run_name=mesh", *SMALL,
-            "train.steps=2", "train.eval_every=2", "train.eval_batches=1", "train.checkpoint_every=1",
-            "train.sample_tokens=4", "mesh.data=2", "mesh.fsdp=2", "mesh.expert=2"]  # fmt: skip
+    args = [
+        "--config",
+        str(TINY),
+        f"train.output_dir={tmp_path}",
+        "train.run_name=mesh",
+        *SMALL,
+        "train.steps=2",
+        "train.eval_every=2",
+        "train.eval_batches=1",
+        "train.checkpoint_every=1",
+        "train.sample_tokens=4",
+        "mesh.data=2",
+        "mesh.fsdp=2",
+        "mesh.expert=2",
+    ]
     assert main(args) == 0
     rows = [json.loads(line) for line in (tmp_path / "mesh" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["step"] == 2 and np.isfinite(rows[-1]["val_loss"])

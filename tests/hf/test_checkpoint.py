@@ -236,8 +236,12 @@ def fp8_checkpoint(tmp_path: Path, block: tuple[int, int]) -> tuple[Path, dict, 
         if QUANTIZED.search(n):
             out[n], out[n + "_scale_inv"] = quantize_fp8(w, block)
     hf = json.loads((FIXTURES / name / "config.json").read_text())
-    hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                 "weight_block_size": list(block)}  # fmt: skip
+    hf["quantization_config"] = {
+        "quant_method": "fp8",
+        "fmt": "e4m3",
+        "activation_scheme": "dynamic",
+        "weight_block_size": list(block),
+    }
     return write_checkpoint(tmp_path / "fp8", hf, out), sd, out
 
 
@@ -293,9 +297,13 @@ def test_fp8_weights_keep_the_release_bytes_and_export_them_back(tmp_path):
     hub = fp8["model.layers.1.self_attn.kv_b_proj.weight"]  # layer 1 = MoE layer 0
     assert attn["kernel"].dtype == ml_dtypes.float8_e4m3fn
     np.testing.assert_array_equal(attn["kernel"][0].reshape(hub.shape[1], -1).view(np.uint8), hub.T.view(np.uint8))
-    np.testing.assert_array_equal(attn["kernel_scale_inv"][0], fp8["model.layers.1.self_attn.kv_b_proj.weight_scale_inv"].T)
+    np.testing.assert_array_equal(
+        attn["kernel_scale_inv"][0], fp8["model.layers.1.self_attn.kv_b_proj.weight_scale_inv"].T
+    )
     experts = v["params"]["moe_layers"]["layers"]["mlp"]
-    np.testing.assert_array_equal(experts["w_down_scale_inv"][1, 5], fp8["model.layers.2.mlp.experts.5.down_proj.weight_scale_inv"].T)
+    np.testing.assert_array_equal(
+        experts["w_down_scale_inv"][1, 5], fp8["model.layers.2.mlp.experts.5.down_proj.weight_scale_inv"].T
+    )
     assert v["params"]["lm_head"]["kernel"].dtype == np.float32  # not a quantized layer
 
     save_hf(tmp_path / "export", cfg, v)
@@ -304,7 +312,10 @@ def test_fp8_weights_keep_the_release_bytes_and_export_them_back(tmp_path):
     for n, a in fp8.items():
         assert back[n].dtype == a.dtype and np.array_equal(back[n].view(np.uint8), a.view(np.uint8)), n
     hf = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert hf["quantization_config"]["quant_method"] == "fp8" and hf["quantization_config"]["weight_block_size"] == [128, 128]
+    assert hf["quantization_config"]["quant_method"] == "fp8" and hf["quantization_config"]["weight_block_size"] == [
+        128,
+        128,
+    ]
     assert_same_variables(load_hf(tmp_path / "export", fp8_weights=True)[1], v)
     assert "FP8, 128x128 blocks" in summary(tmp_path / "export")
 
@@ -317,19 +328,26 @@ def test_fp8_weights_quantized_on_load(tmp_path, source):
         path, hub = FIXTURES / "v3_qlora_groups", load_file(FIXTURES / "v3_qlora_groups" / "model.safetensors")
     else:
         path, _, stored = fp8_checkpoint(tmp_path, (32, 48))
-        hub = {n: dequantize_fp8(a, stored[n + "_scale_inv"], (32, 48)) if n + "_scale_inv" in stored else a
-               for n, a in stored.items() if not n.endswith("_scale_inv")}  # fmt: skip
+        hub = {
+            n: dequantize_fp8(a, stored[n + "_scale_inv"], (32, 48)) if n + "_scale_inv" in stored else a
+            for n, a in stored.items()
+            if not n.endswith("_scale_inv")
+        }
     cfg, v = load_hf(path, fp8_weights=True)
     checked = 0
-    for name, ours in (("model.layers.0.self_attn.o_proj.weight", v["params"]["dense_layers"]["layers"]["self_attn"]["o_proj"]),
-                       ("model.layers.0.mlp.down_proj.weight", v["params"]["dense_layers"]["layers"]["mlp"]["down_proj"])):  # fmt: skip
+    for name, ours in (
+        ("model.layers.0.self_attn.o_proj.weight", v["params"]["dense_layers"]["layers"]["self_attn"]["o_proj"]),
+        ("model.layers.0.mlp.down_proj.weight", v["params"]["dense_layers"]["layers"]["mlp"]["down_proj"]),
+    ):
         q, scale = quantize_fp8(hub[name], (128, 128))
         got = ours["kernel"][0].reshape(q.shape[1], q.shape[0]).T
         np.testing.assert_array_equal(got.view(np.uint8), q.view(np.uint8), err_msg=name)
         np.testing.assert_allclose(ours["kernel_scale_inv"][0].T, scale, rtol=1e-6, err_msg=name)
         checked += 1
     q, scale = quantize_fp8(hub["model.layers.1.mlp.experts.3.gate_proj.weight"], (128, 128))
-    np.testing.assert_array_equal(v["params"]["moe_layers"]["layers"]["mlp"]["w_gate"][0, 3].T.view(np.uint8), q.view(np.uint8))
+    np.testing.assert_array_equal(
+        v["params"]["moe_layers"]["layers"]["mlp"]["w_gate"][0, 3].T.view(np.uint8), q.view(np.uint8)
+    )
     assert checked == 2
 
 

@@ -15,8 +15,20 @@ from dsjax.hf.config import from_hf_config, to_hf_config
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FIXTURES = sorted(p for p in (ROOT / "tests" / "fixtures").iterdir() if (p / "config.json").is_file())
-OURS = ("dtype", "param_dtype", "scan_layers", "moe_impl", "remat", "attention_impl", "fp8", "fp8_impl",
-        "fp8_scale_fmt", "fp8_weights", "expert_dispatch", "expert_capacity_factor")  # not in HF configs
+OURS = (
+    "dtype",
+    "param_dtype",
+    "scan_layers",
+    "moe_impl",
+    "remat",
+    "attention_impl",
+    "fp8",
+    "fp8_impl",
+    "fp8_scale_fmt",
+    "fp8_weights",
+    "expert_dispatch",
+    "expert_capacity_factor",
+)  # not in HF configs
 
 
 def hf_json(name: str) -> dict:
@@ -40,11 +52,31 @@ def test_fixture_loads(fixture):
     assert from_hf_config(str(fixture)) == cfg
     assert from_hf_config(hf) == cfg
     # Every HF field that the fixture sets comes through unchanged.
-    same = ["vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size", "num_hidden_layers",
-            "num_attention_heads", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim",
-            "v_head_dim", "max_position_embeddings", "n_routed_experts", "n_shared_experts",
-            "num_experts_per_tok", "n_group", "topk_group", "norm_topk_prob", "routed_scaling_factor",
-            "first_k_dense_replace", "rms_norm_eps", "initializer_range", "tie_word_embeddings"]  # fmt: skip
+    same = [
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "moe_intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "q_lora_rank",
+        "kv_lora_rank",
+        "qk_nope_head_dim",
+        "qk_rope_head_dim",
+        "v_head_dim",
+        "max_position_embeddings",
+        "n_routed_experts",
+        "n_shared_experts",
+        "num_experts_per_tok",
+        "n_group",
+        "topk_group",
+        "norm_topk_prob",
+        "routed_scaling_factor",
+        "first_k_dense_replace",
+        "rms_norm_eps",
+        "initializer_range",
+        "tie_word_embeddings",
+    ]
     assert {k: getattr(cfg, k) for k in same} == {k: hf[k] for k in same}
     v3 = hf["model_type"] == "deepseek_v3"
     assert cfg.scoring_func == ("sigmoid" if v3 else "softmax")

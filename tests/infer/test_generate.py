@@ -96,8 +96,17 @@ def test_fp8_weights_decode_matches_full_forward(capsys, monkeypatch, load_hf_fi
 
     prompt = ref["greedy_ids"][0, : int(ref["greedy_prompt_len"])]
     capsys.readouterr()
-    main(["--checkpoint", str(FIXTURES / "v3_qlora_groups"), "--prompt-ids", ",".join(map(str, prompt)),
-          "--max-new-tokens", "3", "--fp8-weights"])  # fmt: skip
+    main(
+        [
+            "--checkpoint",
+            str(FIXTURES / "v3_qlora_groups"),
+            "--prompt-ids",
+            ",".join(map(str, prompt)),
+            "--max-new-tokens",
+            "3",
+            "--fp8-weights",
+        ]
+    )
     out = capsys.readouterr().out.strip().split(",")
     assert len(out) == 3 and all(0 <= int(t) < cfg.vocab_size for t in out)
 

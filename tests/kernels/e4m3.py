@@ -40,7 +40,9 @@ def assert_within_e4m3(x_tiles, q_tiles, s):
 def varied(shape, seed=0):
     """Normal values times a per-row magnitude spanning 1e-6 .. 1e6."""
     rng = np.random.default_rng(seed)
-    return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 6, (shape[0],) + (1,) * (len(shape) - 1))).astype(np.float32)
+    return (rng.standard_normal(shape) * 10.0 ** rng.uniform(-6, 6, (shape[0],) + (1,) * (len(shape) - 1))).astype(
+        np.float32
+    )
 
 
 def dequantized(q, s, tiles_axis=None):
@@ -60,4 +62,6 @@ def abstract_mesh(kind: str, platform: str, shape=(2, 1, 2, 2)):
     """A (data, fsdp, expert, tensor) mesh of devices of ``kind``, to trace and lower for without them."""
     from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 
-    return AbstractMesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4, abstract_device=AbstractDevice(kind, 132, platform))
+    return AbstractMesh(
+        shape, MESH_AXES, axis_types=(AxisType.Auto,) * 4, abstract_device=AbstractDevice(kind, 132, platform)
+    )

@@ -56,12 +56,18 @@ def test_fp8_gemm_matches_dequantized_matmul(kernel, mkn, b_tiles):
 
 GROUPED = {  # each kernel family's grouped GEMM and wgrad, compiled on its hardware, else interpreted
     "xla": (fgg.fp8_gmm_reference, fgg.fp8_gmm_wgrad_reference),
-    "tpu": (lambda *a: fgg.fp8_gmm_tpu(*a, interpret=not ON_TPU),
-            lambda *a: fgg.fp8_gmm_wgrad_tpu(*a, interpret=not ON_TPU)),
-    "mosaic_gpu": (lambda *a: fgg.fp8_gmm_mgpu(*a, interpret=not ON_HOPPER),
-                   lambda *a: fgg.fp8_gmm_wgrad_mgpu(*a, interpret=not ON_HOPPER)),
-    "triton": (lambda *a: fgg.fp8_gmm_gpu(*a, interpret=not ON_GPU),
-               lambda *a: fgg.fp8_gmm_wgrad_gpu(*a, interpret=not ON_GPU)),
+    "tpu": (
+        lambda *a: fgg.fp8_gmm_tpu(*a, interpret=not ON_TPU),
+        lambda *a: fgg.fp8_gmm_wgrad_tpu(*a, interpret=not ON_TPU),
+    ),
+    "mosaic_gpu": (
+        lambda *a: fgg.fp8_gmm_mgpu(*a, interpret=not ON_HOPPER),
+        lambda *a: fgg.fp8_gmm_wgrad_mgpu(*a, interpret=not ON_HOPPER),
+    ),
+    "triton": (
+        lambda *a: fgg.fp8_gmm_gpu(*a, interpret=not ON_GPU),
+        lambda *a: fgg.fp8_gmm_wgrad_gpu(*a, interpret=not ON_GPU),
+    ),
 }
 
 
@@ -113,10 +119,15 @@ def test_mosaic_gpu_kernels_are_race_free():
     gpu_interpret.reset_gpu_interpret_mode_state()
     runs = [
         (fp8_gemm_mgpu(qa, sa, qb, sb, jnp.float32, interpret=params), fp8_gemm_reference(qa, sa, qb, sb, jnp.float32)),
-        (fgg.fp8_gmm_mgpu(qa, sa, qg, sg, groups, jnp.float32, interpret=params), fgg.fp8_gmm_reference(qa, sa, qg, sg, groups, jnp.float32)),
-        (fgg.fp8_gmm_wgrad_mgpu(qxt, sxt, qdt, sdt, groups, 3, interpret=params)[::2],
-         fgg.fp8_gmm_wgrad_reference(qxt, sxt, qdt, sdt, groups, 3)[::2]),
-    ]  # fmt: skip
+        (
+            fgg.fp8_gmm_mgpu(qa, sa, qg, sg, groups, jnp.float32, interpret=params),
+            fgg.fp8_gmm_reference(qa, sa, qg, sg, groups, jnp.float32),
+        ),
+        (
+            fgg.fp8_gmm_wgrad_mgpu(qxt, sxt, qdt, sdt, groups, 3, interpret=params)[::2],
+            fgg.fp8_gmm_wgrad_reference(qxt, sxt, qdt, sdt, groups, 3)[::2],
+        ),
+    ]
     assert not gpu_interpret.get_races().races_found
     for got, want in runs:
         assert got.shape == want.shape
@@ -141,9 +152,13 @@ def test_tpu_kernels_pick_each_blocks_scales_past_128_blocks():
     block_group = np.repeat(np.arange(4), [30, 40, 0, 66])  # 136 row blocks, sorted by expert
     qxt, sxt = quantize_tiles(jnp.asarray(rng.standard_normal((nb * 128, 128)) * mag(128).T, jnp.float32), 0)
     qgt, sgt = quantize_tiles(jnp.asarray(rng.standard_normal((nb * 128, 256)) * mag(256).T, jnp.float32), 0)
-    parts = [dequantized(qxt, sxt, 0)[i * 128 : (i + 1) * 128].T @ dequantized(qgt, sgt, 0)[i * 128 : (i + 1) * 128]
-             for i in range(nb)]  # fmt: skip
-    ref_w = np.stack([sum((parts[i] for i in np.flatnonzero(block_group == e)), np.zeros((128, 256))) for e in range(4)])
+    parts = [
+        dequantized(qxt, sxt, 0)[i * 128 : (i + 1) * 128].T @ dequantized(qgt, sgt, 0)[i * 128 : (i + 1) * 128]
+        for i in range(nb)
+    ]
+    ref_w = np.stack(
+        [sum((parts[i] for i in np.flatnonzero(block_group == e)), np.zeros((128, 256))) for e in range(4)]
+    )
     dw = np.asarray(fgg.fp8_gmm_wgrad_tpu(qxt, sxt, qgt, sgt, jnp.asarray(block_group), 4, interpret=True))
     assert np.abs(dw[[0, 1, 3]] - ref_w[[0, 1, 3]]).max() <= 1e-5 * np.abs(ref_w).max()
 
@@ -177,8 +192,17 @@ def test_dispatch_picks_by_backend_and_env(monkeypatch):
     fp8_gemm(*ops, impl="interpret")
     monkeypatch.setenv("DSJAX_FP8_IMPL", "xla")
     fp8_gemm(*ops, impl="pallas", platform="gpu")  # the env var wins over the config
-    assert calls == ["xla", ("tpu", False), ("mosaic_gpu", False), ("mosaic_gpu", False), ("triton", False),
-                     ("triton", False), "xla", ("tpu", True), "xla"]  # fmt: skip
+    assert calls == [
+        "xla",
+        ("tpu", False),
+        ("mosaic_gpu", False),
+        ("mosaic_gpu", False),
+        ("triton", False),
+        ("triton", False),
+        "xla",
+        ("tpu", True),
+        "xla",
+    ]
     monkeypatch.setenv("DSJAX_FP8_IMPL", "tritonn")
     with pytest.raises(ValueError, match="'tritonn'.*DSJAX_FP8_IMPL"):
         fp8_gemm(*ops)
@@ -198,7 +222,12 @@ def test_gpu_features_from_the_device_kind(kind, hopper, fp8, big_smem, triton):
     from pallas_kernels.platform import gpu_big_shared_memory, gpu_has_fp8, gpu_runs_triton
 
     with jax.sharding.use_abstract_mesh(abstract_mesh(kind, "gpu", (1, 1, 1, 1))):
-        assert (gpu_is_hopper(), gpu_has_fp8(), gpu_big_shared_memory(), gpu_runs_triton()) == (hopper, fp8, big_smem, triton)
+        assert (gpu_is_hopper(), gpu_has_fp8(), gpu_big_shared_memory(), gpu_runs_triton()) == (
+            hopper,
+            fp8,
+            big_smem,
+            triton,
+        )
     if jax.default_backend() == "cpu":
         assert gpu_is_hopper() and gpu_has_fp8() and gpu_big_shared_memory() and gpu_runs_triton()
 
@@ -236,13 +265,19 @@ def test_tpu_kernels_lower_for_tpu():
     assert "tpu_custom_call" in lower(lambda *a: fp8_gemm(*a, impl="pallas", platform="tpu"), (qa, sa, qb, sb), "tpu")
     bg = jnp.array([0, 1, 1, 3])
     qg, sg = quantize_blocks(jnp.zeros((4, 1024, 576)))
-    assert "tpu_custom_call" in lower(lambda *a: fp8_gmm(*a, impl="pallas", platform="tpu"), (qa, sa, qg, sg, bg), "tpu")
+    assert "tpu_custom_call" in lower(
+        lambda *a: fp8_gmm(*a, impl="pallas", platform="tpu"), (qa, sa, qg, sg, bg), "tpu"
+    )
     qt, st = quantize_tiles(jnp.zeros((512, 1024)), 0)
     qd, sd = quantize_tiles(jnp.zeros((512, 576)), 0)
     text = lower(lambda *a: fp8_gmm_wgrad(*a, 4, impl="pallas", platform="tpu"), (qt, st, qd, sd, bg), "tpu")
     assert "tpu_custom_call" in text
     for axis in (-1, 0):
-        text = lower(lambda x: quantize_tiles(x, axis, impl="pallas", platform="tpu"), (jnp.zeros((512, 1024), jnp.bfloat16),), "tpu")
+        text = lower(
+            lambda x: quantize_tiles(x, axis, impl="pallas", platform="tpu"),
+            (jnp.zeros((512, 1024), jnp.bfloat16),),
+            "tpu",
+        )
         assert "tpu_custom_call" in text and "f8E4M3FN" in text
 
 
@@ -257,11 +292,12 @@ dev = tpu_devices(sys.argv[1])[0]
 on = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=SingleDeviceSharding(dev))
 a, b, g = jnp.zeros((512, 1024)), jnp.zeros((1024, 576)), jnp.zeros((4, 1024, 576))
 bg = jax.ShapeDtypeStruct((4,), jnp.int32)
+tiles, blocks = jax.eval_shape(quantize_tiles, a), jax.eval_shape(quantize_blocks, b)
+columns = lambda x: jax.eval_shape(lambda v: quantize_tiles(v, 0), x)
 for f, args in [
-    (lambda *o: fp8_gemm(*o, impl="pallas", platform="tpu"), (*jax.eval_shape(quantize_tiles, a), *jax.eval_shape(quantize_blocks, b))),
-    (lambda *o: fp8_gmm(*o, impl="pallas", platform="tpu"), (*jax.eval_shape(quantize_tiles, a), *jax.eval_shape(quantize_blocks, g), bg)),
-    (lambda *o: fp8_gmm_wgrad(*o, 4, impl="pallas", platform="tpu"),
-     (*jax.eval_shape(lambda x: quantize_tiles(x, 0), a), *jax.eval_shape(lambda x: quantize_tiles(x, 0), a[:, :576]), bg)),
+    (lambda *o: fp8_gemm(*o, impl="pallas", platform="tpu"), (*tiles, *blocks)),
+    (lambda *o: fp8_gmm(*o, impl="pallas", platform="tpu"), (*tiles, *jax.eval_shape(quantize_blocks, g), bg)),
+    (lambda *o: fp8_gmm_wgrad(*o, 4, impl="pallas", platform="tpu"), (*columns(a), *columns(a[:, :576]), bg)),
     (lambda x: quantize_tiles(x, -1, impl="pallas", platform="tpu"), (jnp.zeros((300, 1000), jnp.bfloat16),)),
     (lambda x: quantize_tiles(x, 0, True, impl="pallas", platform="tpu"), (jnp.zeros((1100, 640), jnp.bfloat16),)),
 ]:
@@ -277,8 +313,14 @@ def test_tpu_kernels_compile_for_tpu(topology):
     (e4m3 stores included), on this CPU host."""
     pytest.importorskip("libtpu", reason="libtpu has no wheel for this platform (the test extra installs it on Linux)")
     env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
-    out = subprocess.run([sys.executable, "-c", TPU_COMPILE, topology], capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).parents[2], timeout=600)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", TPU_COMPILE, topology],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path(__file__).parents[2],
+        timeout=600,
+    )
     assert out.returncode == 0 and out.stdout.split() == ["compiled"] * 5, out.stderr[-3000:]
 
 
@@ -301,4 +343,3 @@ def test_gpu_kernels_lower_for_cuda(kind, call):
         ]:
             text = lower(f, args, "cuda")
             assert call in text and "f8E4M3FN" in text
-

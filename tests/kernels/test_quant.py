@@ -8,8 +8,6 @@ import pytest
 from pallas_kernels.quant import GRAD_AMAX_MIN, quantize_blocks, quantize_tiles
 from tests.kernels.e4m3 import E4M3_MAX, HALF_ULP, SUBNORMAL_STEP, assert_within_e4m3, np_scales, tiles_view, varied
 
-
-
 QUANT_IMPLS = ["xla", "interpret"]  # the jnp quantizer, and the Mosaic TPU kernel in interpret mode
 
 
@@ -20,7 +18,10 @@ QUANT_IMPLS = ["xla", "interpret"]  # the jnp quantizer, and the Mosaic TPU kern
 def test_quantize_tiles_round_trip(shape, axis, amax_min, impl):
     x = varied(shape) if axis == -1 else varied(shape[::-1]).T
     q, s = quantize_tiles(jnp.asarray(x), axis, amax_min=amax_min, impl=impl)
-    xt, qt = tiles_view(x, axis), tiles_view(np.asarray(q.astype(jnp.float32))[tuple(slice(0, d) for d in x.shape)], axis)
+    xt, qt = (
+        tiles_view(x, axis),
+        tiles_view(np.asarray(q.astype(jnp.float32))[tuple(slice(0, d) for d in x.shape)], axis),
+    )
     st = np.moveaxis(np.asarray(s, np.float64), axis, -1)
     np.testing.assert_allclose(st, np_scales(np.abs(xt).max(-1), amax_min), rtol=1e-6)
     assert_within_e4m3(xt, qt, st)
@@ -33,10 +34,14 @@ def test_quantize_padding_is_exact_zero(impl):
     q, s = quantize_tiles(jnp.asarray(x), impl=impl)
     assert q.shape == (3, 256) and s.shape == (3, 2)
     assert np.all(np.asarray(q[:, 200:].astype(jnp.float32)) == 0.0)
-    np.testing.assert_allclose(np.asarray(q[:, :200].astype(jnp.float32)) * np.repeat(np.asarray(s), 128, 1)[:, :200], x, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(q[:, :200].astype(jnp.float32)) * np.repeat(np.asarray(s), 128, 1)[:, :200], x, rtol=1e-6
+    )
     q, s = quantize_tiles(jnp.asarray(x.T), 0, impl=impl)  # 128x1 tiles: the 200 rows padded to 256
     assert q.shape == (256, 3) and s.shape == (2, 3) and np.all(np.asarray(q[200:].astype(jnp.float32)) == 0.0)
-    np.testing.assert_allclose(np.asarray(q[:200].astype(jnp.float32)) * np.repeat(np.asarray(s), 128, 0)[:200], x.T, rtol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(q[:200].astype(jnp.float32)) * np.repeat(np.asarray(s), 128, 0)[:200], x.T, rtol=1e-6
+    )
     w = np.full((130, 200), 3.0, np.float32)
     qw, sw = quantize_blocks(jnp.asarray(w))
     assert qw.shape == (256, 256) and sw.shape == (2, 2)
@@ -97,4 +102,3 @@ def test_quantize_tiles_tpu_kernel_is_bitwise_the_jnp_quantizer(shape, axis, pow
         amax = np.abs(tiles_view(np.asarray(x.astype(jnp.float32)), axis)).max(-1)
         expect = 2.0 ** np.ceil(np.log2(np_scales(amax, GRAD_AMAX_MIN)))
         np.testing.assert_array_equal(np.moveaxis(np.asarray(s, np.float64), axis, -1), expect)
-

@@ -13,6 +13,7 @@ import pytest
 from jax.sharding import AbstractDevice
 
 from dsjax.config import load_config
+from dsjax.model import Transformer, abstract_variables, init_cache, random_variables
 from dsjax.model.attention import (
     AttentionMask,
     latent_attention,
@@ -21,7 +22,6 @@ from dsjax.model.attention import (
     mla_attention_reference,
     resolve_impl,
 )
-from dsjax.model import Transformer, abstract_variables, init_cache, random_variables
 from pallas_kernels.flash_mla import flash_mla
 from pallas_kernels.mla_decode import mla_decode
 
@@ -57,7 +57,9 @@ def assert_close(got, want, tol):
 # -- flash MLA (training / prefill) ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("s,block_q,block_k,dtype", [(45, 16, 8, jnp.float32), (70, 16, 32, jnp.float32), (70, 16, 32, jnp.bfloat16)])
+@pytest.mark.parametrize(
+    "s,block_q,block_k,dtype", [(45, 16, 8, jnp.float32), (70, 16, 32, jnp.float32), (70, 16, 32, jnp.bfloat16)]
+)
 def test_flash_forward_equals_reference(s, block_q, block_k, dtype):
     """Packed documents + padding, sequence not a multiple of either block."""
     args = expanded_inputs(s, 2, s, 2, dtype=dtype)
@@ -78,7 +80,9 @@ def test_flash_gradients_equal_reference_gradients():
         return lambda *a: jnp.sum(attend(*a) * cot)
 
     got = jax.grad(loss(lambda *a: flash_mla(*a, seg, 0.3, block_q=16, block_k=32)), argnums=range(5))(*args)
-    want = jax.grad(loss(lambda *a: mla_attention_reference(*a, AttentionMask.causal(seg), 0.3)), argnums=range(5))(*args)
+    want = jax.grad(loss(lambda *a: mla_attention_reference(*a, AttentionMask.causal(seg), 0.3)), argnums=range(5))(
+        *args
+    )
     for name, g, w in zip(("q_nope", "q_pe", "k_nope", "k_pe", "v"), got, want):
         assert g.shape == w.shape, name
         np.testing.assert_allclose(np.asarray(g), np.asarray(w), atol=1e-5, rtol=1e-5, err_msg=name)
@@ -151,7 +155,9 @@ def test_flash_on_this_backend_equals_reference_at_v3_head_dims():
     assert got_out.dtype == jnp.bfloat16
     assert_close(got_out, want_out, TOL[jnp.bfloat16])
     _, got = jax.jit(lambda *a: run(lambda *x: flash_mla(*x, seg, scale, backend=ON_DEVICE), *a))(*args)
-    _, want = run(lambda *x: mla_attention_reference(*x, AttentionMask.causal(seg), scale), *(x.astype(jnp.float32) for x in args))
+    _, want = run(
+        lambda *x: mla_attention_reference(*x, AttentionMask.causal(seg), scale), *(x.astype(jnp.float32) for x in args)
+    )
     for name, g, w in zip(("q_nope", "q_pe", "k_nope", "k_pe", "v"), got, want):
         assert g.shape == w.shape and g.dtype == jnp.bfloat16, name
         rel = float(jnp.linalg.norm(g.astype(jnp.float32) - w) / jnp.linalg.norm(w))
@@ -187,9 +193,14 @@ def test_attention_auto_skips_gpus_without_triton():
                     resolve_impl("pallas")
 
 
-@pytest.mark.parametrize("kind,flash,decode", [("NVIDIA H100 80GB HBM3", (128, 64), (64, 64)),
-                                               ("NVIDIA A100-SXM4-80GB", (128, 64), (64, 64)),
-                                               ("NVIDIA L4", (64, 64), (32, 32))])  # fmt: skip
+@pytest.mark.parametrize(
+    "kind,flash,decode",
+    [
+        ("NVIDIA H100 80GB HBM3", (128, 64), (64, 64)),
+        ("NVIDIA A100-SXM4-80GB", (128, 64), (64, 64)),
+        ("NVIDIA L4", (64, 64), (32, 32)),
+    ],
+)
 def test_gpu_blocks_fit_the_gpus_shared_memory(monkeypatch, kind, flash, decode):
     """The default GPU blocks follow the GPU's shared memory: (128, 64) flash blocks need 201 KiB in
     the dK/dV kernel and (64, 64) decode blocks 216 KiB on an H100 (A100: 138 / 152 of 163 KiB), past
@@ -199,15 +210,36 @@ def test_gpu_blocks_fit_the_gpus_shared_memory(monkeypatch, kind, flash, decode)
     import pallas_kernels.mla_decode as decode_module
 
     seen = []
-    monkeypatch.setattr(flash_module, "check_blocks", lambda kernel, backend, backends, lane_dense=False, **b: seen.append(tuple(b.values())))
-    monkeypatch.setattr(decode_module, "check_blocks", lambda kernel, backend, backends, lane_dense=False, **b: seen.append(tuple(b.values())))
+    monkeypatch.setattr(
+        flash_module,
+        "check_blocks",
+        lambda kernel, backend, backends, lane_dense=False, **b: seen.append(tuple(b.values())),
+    )
+    monkeypatch.setattr(
+        decode_module,
+        "check_blocks",
+        lambda kernel, backend, backends, lane_dense=False, **b: seen.append(tuple(b.values())),
+    )
     sds = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     device = AbstractDevice(device_kind=kind, num_cores=100, platform="gpu")
     with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
-        jax.eval_shape(lambda *a: flash_mla(*a, 0.1, backend="gpu"), sds(1, 512, 2, 128), sds(1, 512, 2, 64),
-                       sds(1, 512, 2, 128), sds(1, 512, 64), sds(1, 512, 2, 128), sds(1, 512, dt=jnp.int32))  # fmt: skip
-        jax.eval_shape(lambda *a: mla_decode(*a, 0.1, backend="gpu"), sds(1, 128, 512), sds(1, 128, 64),
-                       sds(1, 1024, 512), sds(1, 1024, 64), sds(1, 128, dt=jnp.int32))  # fmt: skip
+        jax.eval_shape(
+            lambda *a: flash_mla(*a, 0.1, backend="gpu"),
+            sds(1, 512, 2, 128),
+            sds(1, 512, 2, 64),
+            sds(1, 512, 2, 128),
+            sds(1, 512, 64),
+            sds(1, 512, 2, 128),
+            sds(1, 512, dt=jnp.int32),
+        )
+        jax.eval_shape(
+            lambda *a: mla_decode(*a, 0.1, backend="gpu"),
+            sds(1, 128, 512),
+            sds(1, 128, 64),
+            sds(1, 1024, 512),
+            sds(1, 1024, 64),
+            sds(1, 128, dt=jnp.int32),
+        )
     assert seen == [flash, decode]
 
 
@@ -242,7 +274,11 @@ def test_bad_inputs_raise_named_errors():
 
 TARGETS = {
     "tpu": ("tpu", AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu"), "tpu_custom_call"),
-    "gpu": ("cuda", AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"), "__gpu$xla.gpu.triton"),
+    "gpu": (
+        "cuda",
+        AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"),
+        "__gpu$xla.gpu.triton",
+    ),
 }
 
 
@@ -250,7 +286,9 @@ def lowered_kernels(fn, args, backend):
     """Lowers fn(*args) for the backend's compiler (Pallas -> Mosaic MLIR / Triton IR in the
     StableHLO), without the device; returns how many kernel custom calls it holds."""
     platform, device, call = TARGETS[backend]
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):  # no axes: no sharding
+    with jax.sharding.use_abstract_mesh(
+        jax.sharding.AbstractMesh((), (), abstract_device=device)
+    ):  # no axes: no sharding
         return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text().count(f"@{call}(")
 
 
@@ -260,7 +298,14 @@ def test_kernels_lower_for_tpu_and_gpu(backend):
     and cache lengths not multiples of the blocks: forward + backward, and decode."""
     b, s, h, t = 2, 300, 4, 1000
     sds = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
-    train_args = (sds(b, s, h, 128), sds(b, s, h, 64), sds(b, s, h, 128), sds(b, s, 64), sds(b, s, h, 128), sds(b, s, dt=jnp.int32))
+    train_args = (
+        sds(b, s, h, 128),
+        sds(b, s, h, 64),
+        sds(b, s, h, 128),
+        sds(b, s, 64),
+        sds(b, s, h, 128),
+        sds(b, s, dt=jnp.int32),
+    )
 
     def train(*a):
         loss = lambda *x: flash_mla(*x, a[5], 0.1, backend=backend).astype(jnp.float32).sum()  # noqa: E731
@@ -312,7 +357,9 @@ def test_model_logits_interpret_equal_xla(tiny):
     """Full forward (scan over layers, MTP) on packed documents with padding."""
     cfg, variables = tiny
     tokens, seg = packed_batch(cfg)
-    got, want = (jax.jit(Transformer(with_impl(cfg, impl)).apply)(variables, tokens, seg) for impl in ("interpret", "xla"))
+    got, want = (
+        jax.jit(Transformer(with_impl(cfg, impl)).apply)(variables, tokens, seg) for impl in ("interpret", "xla")
+    )
     assert_close(got.logits, want.logits, 1e-5)
     assert_close(got.mtp_logits, want.mtp_logits, 1e-5)
 

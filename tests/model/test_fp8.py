@@ -27,8 +27,13 @@ from pallas_kernels.quant import GRAD_AMAX_MIN, quantize_blocks, quantize_tiles
 from tests.kernels.e4m3 import KERNEL_IMPL, abstract_mesh, dequantized, lower, tiles_view, varied
 
 
-@pytest.mark.parametrize("platform,kind,call,quantizers", [("tpu", "TPU v5", 'name = "tpu_tile_body"', 'name = "_tpu_'),
-                                                             ("cuda", "NVIDIA H100", "custom_call @mosaic_gpu", None)])
+@pytest.mark.parametrize(
+    "platform,kind,call,quantizers",
+    [
+        ("tpu", "TPU v5", 'name = "tpu_tile_body"', 'name = "_tpu_'),
+        ("cuda", "NVIDIA H100", "custom_call @mosaic_gpu", None),
+    ],
+)
 def test_fp8_linear_runs_its_kernels_per_shard_under_a_mesh(platform, kind, call, quantizers):
     """XLA cannot partition a Pallas call: under a 1x2x2x2 TPU / H100 mesh, ``auto`` runs all three
     GEMMs of the FP8 linear (forward, dgrad, wgrad) as kernels inside shard_map, and wgrad's
@@ -39,20 +44,32 @@ def test_fp8_linear_runs_its_kernels_per_shard_under_a_mesh(platform, kind, call
     f = jax.value_and_grad(lambda x, w: jnp.sum(jnp.sin(fp8_mod.fp8_matmul(x, w))), (0, 1))
     with jax.sharding.use_abstract_mesh(mesh):
         text = lower(f, (x, w), platform)
-        assert text.count(call) == 3 and "manual_computation" in text and "reduce_scatter" in text and "all_reduce" in text
+        assert (
+            text.count(call) == 3 and "manual_computation" in text and "reduce_scatter" in text and "all_reduce" in text
+        )
         assert quantizers is None or text.count(quantizers) == 4
         # 2 x 2 = 4 batch shards of 64 tokens: wgrad's 128-token tiles do not split, jnp instead (auto)
         text = lower(f, (jax.ShapeDtypeStruct((256, 640), jnp.bfloat16), w), platform)
         assert text.count(call) == 2
         assert quantizers is None or text.count(quantizers) == 2  # the 1x128 ones
         with pytest.raises(ValueError, match="2 tiles of 128 tokens do not split over the batch axes"):
-            lower(jax.grad(lambda x, w: jnp.sum(fp8_mod.fp8_matmul(x, w, "pallas")), (0, 1)),
-                   (jax.ShapeDtypeStruct((256, 640), jnp.bfloat16), w), platform)  # fmt: skip
+            lower(
+                jax.grad(lambda x, w: jnp.sum(fp8_mod.fp8_matmul(x, w, "pallas")), (0, 1)),
+                (jax.ShapeDtypeStruct((256, 640), jnp.bfloat16), w),
+                platform,
+            )
         with pytest.raises(ValueError, match="run per shard, inside jax.shard_map"):  # a kernel called directly
-            fp8_gemm(*quantize_tiles(jnp.ones((64, 256))), *quantize_blocks(jnp.ones((256, 128))), impl="pallas", platform="tpu")
+            fp8_gemm(
+                *quantize_tiles(jnp.ones((64, 256))),
+                *quantize_blocks(jnp.ones((256, 128))),
+                impl="pallas",
+                platform="tpu",
+            )
 
 
-@pytest.mark.parametrize("mesh_shape,k", [((2, 2, 2, 1), 256), ((1, 2, 2, 2), 255)], ids=["rows_scattered", "cols_scattered"])
+@pytest.mark.parametrize(
+    "mesh_shape,k", [((2, 2, 2, 1), 256), ((1, 2, 2, 2), 255)], ids=["rows_scattered", "cols_scattered"]
+)
 def test_fp8_linear_wgrad_reduce_scatter_equals_one_device(mesh_shape, k):
     """The FP8 linear's kernels per shard on 8 devices: wgrad's partial dW summed over data / expert
     and reduce-scattered over fsdp -- along dW's rows, or (K = 255 does not split) its columns, after
@@ -84,7 +101,10 @@ def test_fp8_linear_inside_a_partial_shard_map():
         return jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.sin(f(x, w))), (0, 1)))
 
     rng = np.random.default_rng(5)
-    x, w = jnp.asarray(rng.standard_normal((512, 256)), jnp.float32), jnp.asarray(rng.standard_normal((256, 128)) * 0.05, jnp.float32)
+    x, w = (
+        jnp.asarray(rng.standard_normal((512, 256)), jnp.float32),
+        jnp.asarray(rng.standard_normal((256, 128)) * 0.05, jnp.float32),
+    )
     mesh = jax.make_mesh((2, 1, 2, 2), MESH_AXES, axis_types=(AxisType.Auto,) * 4)
     with jax.set_mesh(mesh):
         dx, dw = grads("auto", mesh)(x, w)
@@ -97,7 +117,6 @@ def test_fp8_linear_inside_a_partial_shard_map():
         assert "tpu_custom_call" not in lower(grads("auto", abstract), args, "tpu")
         with pytest.raises(ValueError, match="impl='pallas': inside a shard_map over only expert of the mesh"):
             lower(grads("pallas", abstract), args, "tpu")
-
 
 
 # --- FP8 linear, grouped GEMM and model ----------------------------------------------------------------
@@ -155,8 +174,13 @@ def test_gathered_blocks_equal_quantizing_the_gathered_weight(dim, pow2):
     w = jnp.asarray(varied((3, 200, 320)) if dim == -1 else varied((3, 320, 200)))
     w = w.at[1, :50].set(0.0)
     spec = P(None, "fsdp") if dim == -2 else P(None, None, "fsdp")
-    f = jax.shard_map(lambda a: fp8_mod.gathered_blocks(a, "fsdp", dim, pow2), mesh=FSDP8, in_specs=spec,
-                      out_specs=(P(), P()), check_vma=False)  # fmt: skip
+    f = jax.shard_map(
+        lambda a: fp8_mod.gathered_blocks(a, "fsdp", dim, pow2),
+        mesh=FSDP8,
+        in_specs=spec,
+        out_specs=(P(), P()),
+        check_vma=False,
+    )
     (q, s), (rq, rs) = jax.jit(f)(w), quantize_blocks(w, pow2)
     assert q.dtype == rq.dtype and q.shape == rq.shape == ((3, 384, 256) if dim == -2 else (3, 256, 384))
     np.testing.assert_array_equal(np.asarray(q, np.float32), np.asarray(rq, np.float32))
@@ -171,15 +195,18 @@ def test_fp8_grouped_gemm_gathers_fsdp_slices_in_e4m3(dim):
     m, k, n = 64, 256, 192
     x = jax.random.normal(jax.random.key(1), (8 * m, k))
     w = 0.05 * jax.random.normal(jax.random.key(2), (3, k, n))
-    sizes = jnp.array([[20, 30, 14], [64, 0, 0], [0, 0, 64], [10, 10, 44], [1, 62, 1], [32, 32, 0], [0, 64, 0], [21, 21, 22]])
+    sizes = jnp.array(
+        [[20, 30, 14], [64, 0, 0], [0, 0, 64], [10, 10, 44], [1, 62, 1], [32, 32, 0], [0, 64, 0], [21, 21, 22]]
+    )
     spec = P(None, "fsdp") if dim == 1 else P(None, None, "fsdp")
 
     def sharded(x, w):
         def local(x, w, sizes):
             return jnp.sum(jnp.sin(gmm_fp8(x, w, sizes[0], "xla", False, ("fsdp", dim))))[None]
 
-        return jax.shard_map(local, mesh=FSDP8, in_specs=(P("fsdp"), spec, P("fsdp")), out_specs=P("fsdp"),
-                             check_vma=False)(x, w, sizes).sum()  # fmt: skip
+        return jax.shard_map(
+            local, mesh=FSDP8, in_specs=(P("fsdp"), spec, P("fsdp")), out_specs=P("fsdp"), check_vma=False
+        )(x, w, sizes).sum()
 
     def whole(x, w):
         return sum(jnp.sum(jnp.sin(gmm_fp8(x[i * m : (i + 1) * m], w, sizes[i], "xla"))) for i in range(8))
@@ -191,6 +218,7 @@ def test_fp8_grouped_gemm_gathers_fsdp_slices_in_e4m3(dim):
     np.testing.assert_allclose(dw, rdw, rtol=1e-5, atol=1e-6 * float(jnp.abs(rdw).max()))
     gathers = [line for line in f.lower(x, w).as_text().splitlines() if "all_gather" in line and "->" in line]
     assert len(gathers) == 2 and all("f8E4M3FN>" in line.split("->")[-1] for line in gathers)  # forward, backward
+
 
 @pytest.mark.parametrize("pow2", [False, True])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
@@ -231,8 +259,10 @@ def test_moe_dispatch_sends_e4m3_and_its_gradient_comes_back_exactly(pow2):
         q, s = fp8_mod._row_tiles(v, "xla", pow2, amax_min)
         return fp8_mod._from_tiles(q, s, v)
 
-    for helper, forward, backward in ((fp8_mod.send_e4m3, lambda v: _all_to_all(tiles(v)), _all_to_all),
-                                      (fp8_mod.send_grad_e4m3, _all_to_all, lambda c: _all_to_all(tiles(c, GRAD_AMAX_MIN)))):  # fmt: skip
+    for helper, forward, backward in (
+        (fp8_mod.send_e4m3, lambda v: _all_to_all(tiles(v)), _all_to_all),
+        (fp8_mod.send_grad_e4m3, _all_to_all, lambda c: _all_to_all(tiles(c, GRAD_AMAX_MIN))),
+    ):
 
         def both(x, w, helper=helper):
             y, vjp = jax.vjp(lambda v: helper(lambda a, aux: _all_to_all(a), v, (), "xla", pow2), x)
@@ -267,12 +297,17 @@ def test_moe_ragged_dispatch_sends_e4m3_when_lowered_for_tpu():
             ys, _ = exchange(r, i, 2, 0.0, lambda a, ids: a * (2.0 + ids[:, None]), "ragged_all_to_all", *transports)
             return jnp.sum(ys * r)[None]
 
-        return jax.shard_map(local, mesh=EXPERT8, in_specs=(P("expert"), P("expert")), out_specs=P("expert"),
-                             check_vma=False)(rows, eid).sum()  # fmt: skip
+        return jax.shard_map(
+            local, mesh=EXPERT8, in_specs=(P("expert"), P("expert")), out_specs=P("expert"), check_vma=False
+        )(rows, eid).sum()
 
     def moved(fp8):
-        text = jax.jit(jax.grad(loss), static_argnums=2).trace(rows, eid, fp8).lower(lowering_platforms=("tpu",)).as_text()
-        return [line.split("->")[-1].strip() for line in text.splitlines() if "ragged_all_to_all" in line and "->" in line]
+        text = (
+            jax.jit(jax.grad(loss), static_argnums=2).trace(rows, eid, fp8).lower(lowering_platforms=("tpu",)).as_text()
+        )
+        return [
+            line.split("->")[-1].strip() for line in text.splitlines() if "ragged_all_to_all" in line and "->" in line
+        ]
 
     assert all(t.endswith("xf32>") for t in moved(None)) and len(moved(None)) == 4
     fp8 = moved(Fp8Recipe("xla", False))
@@ -314,8 +349,13 @@ def test_model_fp8_grad_and_unquantized_head(monkeypatch):
 
     grads = jax.jit(jax.grad(loss))(v["params"])
     h, e, i, heads = cfg.hidden_size, cfg.n_routed_experts, cfg.moe_intermediate_size, cfg.num_attention_heads
-    attention = {(h, cfg.q_lora_rank), (cfg.q_lora_rank, heads * cfg.qk_head_dim), (h, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
-                 (cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)), (heads * cfg.v_head_dim, h)}  # fmt: skip
+    attention = {
+        (h, cfg.q_lora_rank),
+        (cfg.q_lora_rank, heads * cfg.qk_head_dim),
+        (h, cfg.kv_lora_rank + cfg.qk_rope_head_dim),
+        (cfg.kv_lora_rank, heads * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
+        (heads * cfg.v_head_dim, h),
+    }
     mlps = {(h, cfg.intermediate_size), (cfg.intermediate_size, h), (h, i), (i, h)}  # dense, shared expert
     assert quantized == attention | mlps | {(e, h, i), (e, i, h)}  # no lm_head (h, vocab), no eh_proj (2h, h)
     assert jax.tree.structure(grads) == jax.tree.structure(v["params"])
@@ -361,14 +401,24 @@ def test_ue8m0_scales_reach_every_fp8_gemm(monkeypatch):
     want = np_quantize_ue8m0(x) @ qw.reshape(384, 256)[:300, :200]
     y = np.asarray(layer.apply(v, x))
     np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
-    plain = np.asarray(linear(dataclasses.replace(cfg, fp8_scale_fmt="float32"), 200, ("embed", "mlp"), "up").apply(v, x))
+    plain = np.asarray(
+        linear(dataclasses.replace(cfg, fp8_scale_fmt="float32"), 200, ("embed", "mlp"), "up").apply(v, x)
+    )
     assert np.abs(plain - want).max() > 1e-3 * np.abs(want).max()  # fp32 scales round otherwise
 
     seen = []
-    real_matmul, real_gmm, real_stored, real_gstored = (fp8_mod.fp8_matmul, gmm_mod.gmm_fp8, fp8_mod._x_times_blocks,
-                                                        gmm_mod.gmm_fp8_stored)  # fmt: skip
-    monkeypatch.setattr(fp8_mod, "fp8_matmul", lambda x, w, impl, pow2: seen.append(pow2) or real_matmul(x, w, impl, pow2))
-    monkeypatch.setattr(gmm_mod, "gmm_fp8", lambda x, w, s, impl, pow2, *g: seen.append(pow2) or real_gmm(x, w, s, impl, pow2, *g))
+    real_matmul, real_gmm, real_stored, real_gstored = (
+        fp8_mod.fp8_matmul,
+        gmm_mod.gmm_fp8,
+        fp8_mod._x_times_blocks,
+        gmm_mod.gmm_fp8_stored,
+    )
+    monkeypatch.setattr(
+        fp8_mod, "fp8_matmul", lambda x, w, impl, pow2: seen.append(pow2) or real_matmul(x, w, impl, pow2)
+    )
+    monkeypatch.setattr(
+        gmm_mod, "gmm_fp8", lambda x, w, s, impl, pow2, *g: seen.append(pow2) or real_gmm(x, w, s, impl, pow2, *g)
+    )
     monkeypatch.setattr(fp8_mod, "_x_times_blocks", lambda *a: seen.append(a[-1]) or real_stored(*a))
     monkeypatch.setattr(gmm_mod, "gmm_fp8_stored", lambda *a: seen.append(a[-1]) or real_gstored(*a))
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, cfg.vocab_size)
@@ -423,7 +473,9 @@ def test_grouped_matmul_on_stored_experts_matches_dequantized(impl, rows):
     q, s = stored_weight((g, k, n), seed=6)
     sizes = np.array([1, 0, 2, 0]) if rows == 3 else np.array([130, 0, 20, 150])
     x = varied((rows, k), seed=7)
-    y = np.asarray(gmm_mod.grouped_matmul(jnp.asarray(x), Fp8Weight(q, s), jnp.asarray(sizes), fp8=fp8_mod.Fp8Recipe(impl)))
+    y = np.asarray(
+        gmm_mod.grouped_matmul(jnp.asarray(x), Fp8Weight(q, s), jnp.asarray(sizes), fp8=fp8_mod.Fp8Recipe(impl))
+    )
     w = dequantized(q, s)
     group = np.repeat(np.arange(g), sizes)
     want = np.einsum("mk,mkn->mn", quantized_activations(x), w[group])
@@ -459,8 +511,10 @@ def test_kernel_calls_drop_out_of_layer_scans_with_jax_0_11_dce(jax_0_11_dce):
     cfg = dataclasses.replace(load_config("configs/tiny.yaml", ["model.num_hidden_layers=2"]).model, fp8_weights=True)
     variables = random_variables(cfg)
     tokens = jnp.asarray(np.random.default_rng(10).integers(0, cfg.vocab_size, (1, 64)))
-    got, want = (Transformer(dataclasses.replace(cfg, fp8_impl=impl)).apply(variables, tokens).logits
-                 for impl in ("interpret", "xla"))  # fmt: skip
+    got, want = (
+        Transformer(dataclasses.replace(cfg, fp8_impl=impl)).apply(variables, tokens).logits
+        for impl in ("interpret", "xla")
+    )
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.abs(want).max()))
 
 

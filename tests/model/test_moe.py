@@ -29,13 +29,29 @@ balance_jit = jax.jit(balance_loss, static_argnums=3)
 
 def moe_cfg(**kw) -> ModelConfig:
     fields = dict(
-        vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8,
-        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=None,
-        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-        n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1,
-        topk_method="noaux_tc", scoring_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5,
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        moe_intermediate_size=8,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=2,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=8,
+        n_routed_experts=8,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        n_group=2,
+        topk_group=1,
+        topk_method="noaux_tc",
+        scoring_func="sigmoid",
+        norm_topk_prob=True,
+        routed_scaling_factor=2.5,
         num_nextn_predict_layers=0,
-    )  # fmt: skip
+    )
     fields.update(kw)
     return ModelConfig(**fields)
 
@@ -157,9 +173,15 @@ ROUTE_CASES = [
 
 def route_cfg(method, n_group, topk_group, norm, scoring, e, k, rsf=2.5):
     return moe_cfg(
-        topk_method=method, n_group=n_group, topk_group=topk_group, norm_topk_prob=norm,
-        scoring_func=scoring, n_routed_experts=e, num_experts_per_tok=k, routed_scaling_factor=rsf,
-    )  # fmt: skip
+        topk_method=method,
+        n_group=n_group,
+        topk_group=topk_group,
+        norm_topk_prob=norm,
+        scoring_func=scoring,
+        n_routed_experts=e,
+        num_experts_per_tok=k,
+        routed_scaling_factor=rsf,
+    )
 
 
 def random_scores(rng, t, e, scoring):
@@ -475,7 +497,7 @@ def test_balance_loss_softmax_scores():
 
 
 def test_balance_loss_uniform_is_one():
-    e, k = 4, 2
+    e = 4
     idx = np.array([[[0, 1], [2, 3], [0, 1], [2, 3]], [[0, 2], [1, 3], [3, 0], [2, 1]]], np.int32)
     scores = np.full((2, 4, e), 0.5, np.float32)
     got = balance_jit(jnp.asarray(scores), jnp.asarray(idx), jnp.ones((2, 4), bool), e)
@@ -513,13 +535,26 @@ def unbox(tree):
     [
         dict(),  # V3-style: sigmoid, noaux_tc, 2 groups keep 1
         dict(n_group=4, topk_group=2, num_experts_per_tok=3, n_shared_experts=2),
-        dict(scoring_func="softmax", topk_method="group_limited_greedy", norm_topk_prob=False,
-             routed_scaling_factor=16.0, n_group=2, topk_group=1),
-        dict(scoring_func="softmax", topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
-             routed_scaling_factor=1.0, n_shared_experts=0),
+        dict(
+            scoring_func="softmax",
+            topk_method="group_limited_greedy",
+            norm_topk_prob=False,
+            routed_scaling_factor=16.0,
+            n_group=2,
+            topk_group=1,
+        ),
+        dict(
+            scoring_func="softmax",
+            topk_method="greedy",
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=False,
+            routed_scaling_factor=1.0,
+            n_shared_experts=0,
+        ),
     ],
     ids=["v3", "v3_4groups_2shared", "v2_group_limited", "v2_greedy_noshared"],
-)  # fmt: skip
+)
 def test_moe_layer_matches_numpy(variant, impl):
     cfg = moe_cfg(moe_impl=impl, **variant)
     b, s, h = 3, 7, cfg.hidden_size
@@ -536,9 +571,11 @@ def test_moe_layer_matches_numpy(variant, impl):
     shapes = unbox(jax.eval_shape(module.init, jax.random.key(0), jnp.asarray(x), jnp.asarray(mask)))
     assert set(shapes) == {"params", BIAS}
     leaves, treedef = jax.tree.flatten(shapes["params"])
-    variables = {"params": jax.tree.unflatten(treedef, [
-        jnp.asarray(rng.standard_normal(a.shape) / np.sqrt(a.shape[-2]), a.dtype) for a in leaves
-    ])}  # fmt: skip
+    variables = {
+        "params": jax.tree.unflatten(
+            treedef, [jnp.asarray(rng.standard_normal(a.shape) / np.sqrt(a.shape[-2]), a.dtype) for a in leaves]
+        )
+    }
     # a non-zero selection bias (sigmoid) so the check covers biased selection + unbiased weights
     bias = np.zeros(e, np.float32)
     if cfg.scoring_func == "sigmoid":

@@ -2,7 +2,8 @@
 
 Every expectation is an independent numpy restatement (float64) of the spec: the official DeepSeek
 code's complex-multiplication form, HF's de-interleave + rotate_half form, and YaRN's frequency
-blend (arXiv 2309.00071, as DeepSeek-V2 §3.1.4 and HF's ``_compute_yarn_parameters`` apply it). Nothing here is compared with values copied from a run of the code under test.
+blend (arXiv 2309.00071, as DeepSeek-V2 §3.1.4 and HF's ``_compute_yarn_parameters`` apply it).
+Nothing here is compared with values copied from a run of the code under test.
 """
 
 import math
@@ -24,12 +25,26 @@ D = 16  # rope head dim of the small configs
 def small_cfg(rope_scaling=None, d=D, theta=10000.0, **kw) -> ModelConfig:
     """A tiny valid config; only the RoPE fields matter here."""
     fields = dict(
-        vocab_size=32, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
-        num_hidden_layers=2, first_k_dense_replace=1, num_attention_heads=2, q_lora_rank=None,
-        kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=d, v_head_dim=8, rope_theta=theta,
-        rope_scaling=rope_scaling, max_position_embeddings=512, n_routed_experts=4, n_group=1,
-        topk_group=1, num_experts_per_tok=2,
-    )  # fmt: skip
+        vocab_size=32,
+        hidden_size=32,
+        intermediate_size=64,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=2,
+        q_lora_rank=None,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=d,
+        v_head_dim=8,
+        rope_theta=theta,
+        rope_scaling=rope_scaling,
+        max_position_embeddings=512,
+        n_routed_experts=4,
+        n_group=1,
+        topk_group=1,
+        num_experts_per_tok=2,
+    )
     fields.update(kw)
     return ModelConfig(**fields)
 
@@ -43,7 +58,8 @@ def np_inv_freq(d, theta):
 
 
 def np_yarn_inv_freq(d, theta, orig, beta_fast, beta_slow, factor):
-    """YaRN restated (as HF's ``_compute_yarn_parameters``): correction range, linear ramp, blend of inv_freq and inv_freq/factor."""
+    """YaRN restated (as HF's ``_compute_yarn_parameters``): correction range, linear ramp, blend of
+    inv_freq and inv_freq / factor."""
 
     def corr_dim(beta):
         return d * math.log(orig / (beta * 2 * math.pi)) / (2 * math.log(theta))
@@ -258,10 +274,17 @@ def test_inv_frequencies_without_scaling(d, theta):
 
 def v3_like_yarn(factor=40.0, orig=4096, mscale=1.0, mscale_all_dim=1.0):
     return small_cfg(
-        RopeScaling(factor=factor, original_max_position_embeddings=orig, beta_fast=32.0, beta_slow=1.0,
-                    mscale=mscale, mscale_all_dim=mscale_all_dim),
-        d=64, max_position_embeddings=163840,
-    )  # fmt: skip
+        RopeScaling(
+            factor=factor,
+            original_max_position_embeddings=orig,
+            beta_fast=32.0,
+            beta_slow=1.0,
+            mscale=mscale,
+            mscale_all_dim=mscale_all_dim,
+        ),
+        d=64,
+        max_position_embeddings=163840,
+    )
 
 
 def test_yarn_correction_range_is_10_to_23_for_v3():
@@ -300,8 +323,10 @@ def test_yarn_inv_frequencies_v3_config_file():
 def test_yarn_inv_frequencies_other_settings(d, theta, orig, bf, bs, factor):
     cfg = small_cfg(
         RopeScaling(factor=factor, original_max_position_embeddings=orig, beta_fast=bf, beta_slow=bs),
-        d=d, theta=theta, max_position_embeddings=int(orig * factor),
-    )  # fmt: skip
+        d=d,
+        theta=theta,
+        max_position_embeddings=int(orig * factor),
+    )
     expected, _, _ = np_yarn_inv_freq(d, theta, orig, bf, bs, factor)
     np.testing.assert_allclose(inv_frequencies(cfg), expected, rtol=1e-6)
 

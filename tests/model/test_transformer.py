@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 from dsjax.config import load_config
 from dsjax.model import Transformer
 from dsjax.model.block import Block, Stack
@@ -53,8 +54,10 @@ def test_bf16_forward_within_bf16_tolerance(load_hf_fixture):
     want = np.asarray(Transformer(cfg).apply(variables, tokens).logits)
 
     bcfg = cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
-    bvars = {"params": jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), variables["params"]),
-             "selection_bias": variables["selection_bias"]}  # the bias stays fp32
+    bvars = {
+        "params": jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), variables["params"]),
+        "selection_bias": variables["selection_bias"],
+    }  # the bias stays fp32
     logits = np.asarray(Transformer(bcfg).apply(bvars, tokens).logits)
     assert logits.dtype == np.float32 and np.isfinite(logits).all()
     err, scale = np.abs(logits - want), np.abs(want).max()
@@ -125,9 +128,7 @@ def mtp_setup():
 
 def test_mtp_matches_numpy_restatement(mtp_setup):
     cfg, model, tokens, variables = mtp_setup
-    out, inter = model.apply(
-        variables, tokens, capture_intermediates=lambda mdl, _: isinstance(mdl, Stack) and mdl.moe
-    )
+    out, inter = model.apply(variables, tokens, capture_intermediates=lambda mdl, _: isinstance(mdl, Stack) and mdl.moe)
     h = np.asarray(inter["intermediates"]["moe_layers"]["__call__"][0][0], np.float64)  # h^0, pre-norm
     p, eps = variables["params"], cfg.rms_norm_eps
     emb, head = p["embed_tokens"]["embedding"].astype(np.float64), p["lm_head"]["kernel"].astype(np.float64)
@@ -135,8 +136,8 @@ def test_mtp_matches_numpy_restatement(mtp_setup):
     s = toks.shape[1]
     assert out.mtp_logits.shape == (2, *toks.shape, cfg.vocab_size)
 
-    from dsjax.model.transformer import attention_mask
     from dsjax.model.rope import rope_angles
+    from dsjax.model.transformer import attention_mask
 
     seg = jnp.ones_like(tokens)
     cos, sin = rope_angles(cfg, segment_positions(seg))
@@ -148,7 +149,9 @@ def test_mtp_matches_numpy_restatement(mtp_setup):
         hh = np_rmsnorm(h, m["hnorm"]["scale"], eps)
         x = np.concatenate([e, hh], -1) @ m["eh_proj"]["kernel"]  # embedding first
         block_vars = {"params": m["block"], "selection_bias": variables["selection_bias"][f"mtp_{k - 1}"]["block"]}
-        h, _ = Block(cfg, moe=True).apply(block_vars, jnp.asarray(x, jnp.float32), cos, sin, attention_mask(seg), seg > 0)
+        h, _ = Block(cfg, moe=True).apply(
+            block_vars, jnp.asarray(x, jnp.float32), cos, sin, attention_mask(seg), seg > 0
+        )
         h = np.asarray(h, np.float64)
         want = np_rmsnorm(h, m["shared_head_norm"]["scale"], eps) @ head
         np.testing.assert_allclose(np.asarray(out.mtp_logits[k - 1]), want, atol=1e-4, rtol=0)
@@ -162,7 +165,9 @@ def test_mtp_depth_changes_with_future_tokens_only(mtp_setup):
     i = 4
     changed = tokens.at[:, i + 3].set((tokens[:, i + 3] + 1) % cfg.vocab_size)  # beyond depth 2's reach
     out = model.apply(variables, changed)
-    np.testing.assert_allclose(np.asarray(out.mtp_logits[:, :, : i + 1]), np.asarray(base.mtp_logits[:, :, : i + 1]), atol=1e-6)
+    np.testing.assert_allclose(
+        np.asarray(out.mtp_logits[:, :, : i + 1]), np.asarray(base.mtp_logits[:, :, : i + 1]), atol=1e-6
+    )
     np.testing.assert_allclose(np.asarray(out.logits[:, : i + 3]), np.asarray(base.logits[:, : i + 3]), atol=1e-6)
     changed = tokens.at[:, i + 2].set((tokens[:, i + 2] + 1) % cfg.vocab_size)  # t_{i+2}: seen by depth 2
     out = model.apply(variables, changed)
@@ -192,4 +197,6 @@ def test_variables_carry_logical_axes_and_bias_collection():
     w = variables["params"]["moe_layers"]["layers"]["mlp"]["w_gate"]
     assert w.names == ("layers", "experts", "embed", "expert_mlp")
     assert variables["selection_bias"]["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"].shape == (
-        cfg.num_moe_layers, cfg.n_routed_experts)  # fmt: skip
+        cfg.num_moe_layers,
+        cfg.n_routed_experts,
+    )

@@ -64,8 +64,10 @@ def run(cfg, model):
 
 
 def max_diff(a, b):
-    return max(float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
-               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))  # fmt: skip
+    return max(
+        float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 @pytest.mark.slow
@@ -83,8 +85,10 @@ def test_every_mesh_computes_what_one_device_computes(reference, shape):
     assert max_diff(s_grads, grads) <= 1e-5
     np.testing.assert_array_equal(s_loads["main"], loads["main"])  # global loads, exactly
     assert max_diff(s_new.params, new.params) <= 1e-5
-    np.testing.assert_array_equal(np.asarray(s_new.bias["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"]),
-                                  np.asarray(new.bias["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"]))  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(s_new.bias["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"]),
+        np.asarray(new.bias["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"]),
+    )
     assert float(s_metrics["dropped"]) == 0.0  # dropless
 
     # Routed-expert weights: each device holds 1/expert of them (times 1/fsdp, 1/tensor).
@@ -119,7 +123,9 @@ def test_capacity_factor_drops_and_reports(reference):
         c = load_config(TINY, [*SMALL, f"model.expert_capacity_factor={factor}"])
         m = Transformer(c.model)
         with jax.set_mesh(mesh):
-            sums, _ = jax.jit(lambda s, b: loss_sums(m, s.params, s.bias, b, 1), in_shardings=(sh, batch_sh))(state, batch)
+            sums, _ = jax.jit(lambda s, b: loss_sums(m, s.params, s.bias, b, 1), in_shardings=(sh, batch_sh))(
+                state, batch
+            )
         return float(sums["dropped"]), float(sums["ce"])
 
     tight, roomy = dropped(1.0), dropped(8.0)
@@ -195,7 +201,9 @@ def test_fp8_training_runs_its_kernels_per_shard_under_a_mesh():
         traced = fn.trace(params)
         assert str(traced.jaxpr).count("pallas_call") >= 3 * 4  # 3 GEMMs x (q, kv, o, MLP...)
         lowered = traced.lower()
-        moved = [line.split("->")[-1] for line in lowered.as_text().splitlines() if "all_to_all" in line and "->" in line]
+        moved = [
+            line.split("->")[-1] for line in lowered.as_text().splitlines() if "all_to_all" in line and "->" in line
+        ]
         assert sum("f8E4M3FN>" in t for t in moved) == 2  # the dispatch, and the down-projection's gradient (V3 §3.3.3)
         kernels = lowered.compile()(params)
     assert abs(float(kernels[0]) - float(jnp_path[0])) <= 1e-6 * abs(float(jnp_path[0]))

@@ -37,9 +37,17 @@ def test_mesh_shape_resolves_the_rest_and_rejects_bad_sizes():
     [
         ([], (1, 1, 1, 8), "model.num_attention_heads=4 is not divisible by mesh.tensor=8"),
         ([], (1, 1, 8, 1), None),
-        (["model.n_routed_experts=12", "model.n_group=2"], (1, 1, 8, 1), "model.n_routed_experts=12 is not divisible by mesh.expert=8"),
+        (
+            ["model.n_routed_experts=12", "model.n_group=2"],
+            (1, 1, 8, 1),
+            "model.n_routed_experts=12 is not divisible by mesh.expert=8",
+        ),
         (["model.vocab_size=259"], (4, 1, 1, 2), "model.vocab_size=259 is not divisible by mesh.tensor=2"),
-        ([], (8, 1, 1, 1), "sequences per microbatch .* is not divisible by the batch-sharding axes data x fsdp x expert = 8"),
+        (
+            [],
+            (8, 1, 1, 1),
+            "sequences per microbatch .* is not divisible by the batch-sharding axes data x fsdp x expert = 8",
+        ),
     ],
 )
 def test_invalid_meshes_fail_before_compiling(override, mesh, message):

@@ -20,13 +20,21 @@ def test_checkpoint_of_a_mesh_state_compiles_nothing_and_restores_resharded(tmp_
 
     mesh = jax.make_mesh((2, 4), ("a", "b"))
     on = lambda spec: NamedSharding(mesh, P(*spec))  # noqa: E731
-    values = {"w": np.arange(64 * 48, dtype=np.float32).reshape(64, 48) / 7, "b": np.arange(48, dtype=np.float32),
-              "step": np.int32(7)}  # fmt: skip
-    state = {"w": jax.device_put(values["w"], on(("b", None))), "b": jax.device_put(values["b"], on(())),
-             "step": jax.device_put(values["step"], on(()))}  # fmt: skip
-    abstract = {"w": jax.ShapeDtypeStruct((64, 48), np.float32, sharding=on((None, ("a", "b")))),
-                "b": jax.ShapeDtypeStruct((48,), np.float32, sharding=on(("b",))),
-                "step": jax.ShapeDtypeStruct((), np.int32, sharding=on(()))}  # fmt: skip
+    values = {
+        "w": np.arange(64 * 48, dtype=np.float32).reshape(64, 48) / 7,
+        "b": np.arange(48, dtype=np.float32),
+        "step": np.int32(7),
+    }
+    state = {
+        "w": jax.device_put(values["w"], on(("b", None))),
+        "b": jax.device_put(values["b"], on(())),
+        "step": jax.device_put(values["step"], on(())),
+    }
+    abstract = {
+        "w": jax.ShapeDtypeStruct((64, 48), np.float32, sharding=on((None, ("a", "b")))),
+        "b": jax.ShapeDtypeStruct((48,), np.float32, sharding=on(("b",))),
+        "step": jax.ShapeDtypeStruct((), np.int32, sharding=on(())),
+    }
 
     with caplog.at_level(logging.WARNING), jax.log_compiles(True), ckpt.manager(tmp_path / "new") as mngr:
         ckpt.save(mngr, 3, state, {"batches": 5})

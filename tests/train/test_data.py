@@ -112,8 +112,9 @@ def test_hf_tokenizer_json(tmp_path):
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel()
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
     tok.train_from_iterator(["def f(x):\n    return x + 1\n"] * 50, trainer)
     tok.save(str(tmp_path / "tokenizer.json"))
     (tmp_path / "doc.py").write_text("def g(y):\n    return y * 2\n" * 40)

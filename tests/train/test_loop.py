@@ -63,8 +63,13 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     """A real kill (SIGKILL, at whatever point the run has reached) loses nothing."""
     args = [*SMALL_RUN, f"train.output_dir={tmp_path}", "train.checkpoint_every=2", "train.eval_every=100"]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), *args, "train.run_name=killed", "train.steps=400"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *args, "train.run_name=killed", "train.steps=400"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckdir = tmp_path / "killed" / "checkpoints"
     deadline = time.time() + 300
     while not (ckdir / "2").is_dir() and time.time() < deadline and proc.poll() is None:
@@ -74,9 +79,13 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path):
     assert (ckdir / "2").is_dir(), "the run never wrote its first checkpoint"
 
     steps = 8
-    resumed = small_cfg(tmp_path, "train.checkpoint_every=2", "train.eval_every=100", "train.run_name=killed", f"train.steps={steps}")
+    resumed = small_cfg(
+        tmp_path, "train.checkpoint_every=2", "train.eval_every=100", "train.run_name=killed", f"train.steps={steps}"
+    )
     last = train(resumed, resume=True, progress=False)
-    whole = small_cfg(tmp_path, "train.checkpoint_every=2", "train.eval_every=100", "train.run_name=whole", f"train.steps={steps}")
+    whole = small_cfg(
+        tmp_path, "train.checkpoint_every=2", "train.eval_every=100", "train.run_name=whole", f"train.steps={steps}"
+    )
     train(whole, progress=False)
     assert last["step"] == steps
     assert losses(tmp_path / "killed") == losses(tmp_path / "whole")

@@ -17,11 +17,22 @@ from tests.train.runs import TINY
 
 
 def test_lr_schedule_shape():
-    t = TrainConfig(learning_rate=1.0, warmup_steps=10, constant_steps=5, decay_steps=20, min_lr=0.1,
-                    min_lr_steps=3, tail_lr=0.01)  # fmt: skip
+    t = TrainConfig(
+        learning_rate=1.0, warmup_steps=10, constant_steps=5, decay_steps=20, min_lr=0.1, min_lr_steps=3, tail_lr=0.01
+    )
     lr = lr_schedule(t)
-    expect = {0: 0.0, 5: 0.5, 10: 1.0, 14: 1.0, 15: 1.0, 25: 0.1 + 0.45 * (1 + math.cos(math.pi / 2)),
-              35: 0.1, 37: 0.1, 38: 0.01, 1000: 0.01}  # fmt: skip
+    expect = {
+        0: 0.0,
+        5: 0.5,
+        10: 1.0,
+        14: 1.0,
+        15: 1.0,
+        25: 0.1 + 0.45 * (1 + math.cos(math.pi / 2)),
+        35: 0.1,
+        37: 0.1,
+        38: 0.01,
+        1000: 0.01,
+    }
     for step, want in expect.items():
         assert float(lr(step)) == pytest.approx(want, abs=1e-6), step
 
@@ -33,8 +44,13 @@ def test_weight_decay_mask_excludes_norms():
     flat = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_leaves_with_path(mask)}
     norms = [k for k in flat if "norm" in k]
     assert norms and not any(flat[k] for k in norms)  # every RMSNorm scale excluded
-    for must in ("['embed_tokens']['embedding']", "['lm_head']['kernel']", "['moe_layers']['layers']['mlp']['w_gate']",
-                 "['moe_layers']['layers']['mlp']['gate']", "['moe_layers']['layers']['self_attn']['kv_b_proj']['kernel']"):  # fmt: skip
+    for must in (
+        "['embed_tokens']['embedding']",
+        "['lm_head']['kernel']",
+        "['moe_layers']['layers']['mlp']['w_gate']",
+        "['moe_layers']['layers']['mlp']['gate']",
+        "['moe_layers']['layers']['self_attn']['kv_b_proj']['kernel']",
+    ):
         assert flat[next(k for k in flat if k.endswith(must))], must
     assert "selection_bias" not in str(list(flat))  # the bias is not a parameter at all
 
@@ -44,8 +60,15 @@ def test_bf16_adam_moments_follow_plain_adamw_with_bf16_storage():
     moments (and the update) computed in fp32 from the stored ones -- against AdamW written out in
     numpy (global-norm clip, bias correction, decoupled decay on the masked leaves) over 6 steps. The
     fp32 default stays fp32, and its trajectory is not the bf16 one."""
-    t = TrainConfig(learning_rate=0.1, warmup_steps=0, decay_steps=4, min_lr=0.01, grad_clip=0.5,
-                    weight_decay=0.1, moment_dtype="bfloat16")  # fmt: skip
+    t = TrainConfig(
+        learning_rate=0.1,
+        warmup_steps=0,
+        decay_steps=4,
+        min_lr=0.01,
+        grad_clip=0.5,
+        weight_decay=0.1,
+        moment_dtype="bfloat16",
+    )
     params = {"w": jnp.linspace(-1.0, 1.0, 12).reshape(3, 4), "norm": {"scale": jnp.ones(4)}}
     grads = [jax.tree.map(lambda x, k=k: jnp.sin(3.0 * x + k) * 10.0 ** -(k % 3), params) for k in range(6)]
     from dsjax.train.optim import make_optimizer

@@ -20,21 +20,28 @@ from tests.train.runs import small_cfg
 
 
 def test_bias_update_moves_by_exactly_gamma():
-    bias = {"moe_layers": {"layers": {"mlp": {"e_score_correction_bias": jnp.zeros((2, 4))}}},
-            "mtp_0": {"block": {"mlp": {"e_score_correction_bias": jnp.full((4,), 0.5)}}}}  # fmt: skip
+    bias = {
+        "moe_layers": {"layers": {"mlp": {"e_score_correction_bias": jnp.zeros((2, 4))}}},
+        "mtp_0": {"block": {"mlp": {"e_score_correction_bias": jnp.full((4,), 0.5)}}},
+    }
     loads = {"main": jnp.asarray([[10, 2, 2, 2], [4, 4, 4, 4]]), "mtp": jnp.asarray([[0, 8, 4, 4]])}
     new = update_bias(bias, loads, 0.01)
     main = np.asarray(new["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"])
     np.testing.assert_allclose(main, [[-0.01, 0.01, 0.01, 0.01], [0, 0, 0, 0]], atol=1e-7)
-    np.testing.assert_allclose(np.asarray(new["mtp_0"]["block"]["mlp"]["e_score_correction_bias"]),
-                               [0.51, 0.49, 0.5, 0.5], atol=1e-7)  # fmt: skip
+    np.testing.assert_allclose(
+        np.asarray(new["mtp_0"]["block"]["mlp"]["e_score_correction_bias"]), [0.51, 0.49, 0.5, 0.5], atol=1e-7
+    )
 
 
 def test_bias_update_unrolled_layers_and_unchanged_input():
     bias = {"moe_layers": {f"layer_{i}": {"mlp": {"e_score_correction_bias": jnp.zeros(3)}} for i in range(2)}}
     new = update_bias(bias, {"main": jnp.asarray([[9, 0, 0], [0, 0, 9]]), "mtp": None}, 0.5)
-    np.testing.assert_array_equal(np.asarray(new["moe_layers"]["layer_0"]["mlp"]["e_score_correction_bias"]), [-0.5, 0.5, 0.5])
-    np.testing.assert_array_equal(np.asarray(new["moe_layers"]["layer_1"]["mlp"]["e_score_correction_bias"]), [0.5, 0.5, -0.5])
+    np.testing.assert_array_equal(
+        np.asarray(new["moe_layers"]["layer_0"]["mlp"]["e_score_correction_bias"]), [-0.5, 0.5, 0.5]
+    )
+    np.testing.assert_array_equal(
+        np.asarray(new["moe_layers"]["layer_1"]["mlp"]["e_score_correction_bias"]), [0.5, 0.5, -0.5]
+    )
     assert not np.asarray(bias["moe_layers"]["layer_0"]["mlp"]["e_score_correction_bias"]).any()  # input untouched
 
 
@@ -75,8 +82,14 @@ def test_train_step_bias_update_on_an_overloaded_expert(tmp_path):
 @pytest.mark.slow
 def test_bias_balancing_lowers_the_load_imbalance(tmp_path):
     def final_imbalance(gamma):
-        cfg = small_cfg(tmp_path, f"train.bias_update_rate={gamma}", "train.steps=40", f"train.run_name=g{gamma}",
-                        "train.eval_every=100", "train.checkpoint_every=100")  # fmt: skip
+        cfg = small_cfg(
+            tmp_path,
+            f"train.bias_update_rate={gamma}",
+            "train.steps=40",
+            f"train.run_name=g{gamma}",
+            "train.eval_every=100",
+            "train.checkpoint_every=100",
+        )
         train(cfg, progress=False)
         rows = [json.loads(x) for x in (tmp_path / f"g{gamma}" / "metrics.jsonl").read_text().splitlines()]
         loads = [r["load_max_mean"] for r in rows if "load_max_mean" in r]
@@ -104,7 +117,9 @@ def test_microbatches_equal_one_big_batch(tmp_path):
     for micro in (1, 2):
         # eps=1 makes Adam's first step ~ lr * g (not ~ lr * sign(g), which would amplify fp32
         # summation-order noise in near-zero gradients): the parameters then compare the gradients.
-        cfg = small_cfg(tmp_path, "train.batch_size=4", f"train.microbatches={micro}", "train.warmup_steps=0", "train.eps=1.0")
+        cfg = small_cfg(
+            tmp_path, "train.batch_size=4", f"train.microbatches={micro}", "train.warmup_steps=0", "train.eps=1.0"
+        )
         model = Transformer(cfg.model)
         state = init_state(cfg, model, jax.random.key(0))
         states.append(jax.jit(make_train_step(cfg, model))(state, batch))
@@ -112,7 +127,11 @@ def test_microbatches_equal_one_big_batch(tmp_path):
     assert float(m1["loss"]) == pytest.approx(float(m2["loss"]), rel=1e-5)
     assert float(m1["grad_norm"]) == pytest.approx(float(m2["grad_norm"]), rel=1e-4)
     # Equal to fp32 rounding (summation order differs): a few ulps.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9), s1.params, s2.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9),
+        s1.params,
+        s2.params,
+    )
     jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), s1.bias, s2.bias)
 
 
@@ -139,8 +158,10 @@ def test_nonfinite_step_is_skipped_and_counted(tmp_path):
     after_bad, m = step(state, bad)
     assert not bool(m["ok"]) and int(after_bad.skipped) == 1 and int(after_bad.nonfinite) == 1
     assert int(after_bad.step) == int(state.step)
-    for a, b in zip(jax.tree.leaves((after_bad.params, after_bad.opt_state, after_bad.bias)),
-                    jax.tree.leaves((state.params, state.opt_state, state.bias))):  # fmt: skip
+    for a, b in zip(
+        jax.tree.leaves((after_bad.params, after_bad.opt_state, after_bad.bias)),
+        jax.tree.leaves((state.params, state.opt_state, state.bias)),
+    ):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     after_good, m = step(after_bad, good)  # training goes on
     assert bool(m["ok"]) and int(after_good.nonfinite) == 0 and int(after_good.skipped) == 1
