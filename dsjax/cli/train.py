@@ -18,6 +18,7 @@ from pathlib import Path
 import jax
 
 from dsjax.config import ConfigError, load_config
+from dsjax.train.checkpoint import RestoreError
 from dsjax.train.data import DataError
 from dsjax.train.loop import TrainingError, train
 
@@ -46,10 +47,15 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(a.config or default_config(), a.overrides)
         last = train(cfg, resume=a.resume)
-    except (ConfigError, DataError, TrainingError, OSError) as e:
+    except (ConfigError, DataError, TrainingError, RestoreError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, DataError, OSError)) else 1
-    if "val_bpb" in last:
+    except KeyboardInterrupt:  # a second Ctrl-C: stop at once
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    if "stopped_by" in last:
+        print(f"stopped by {last['stopped_by']} at step {last['step']} (checkpoint saved; --resume continues)")
+    elif "val_bpb" in last:
         print(f"done: validation {last['val_loss']:.4f} nats/token, {last['val_bpb']:.3f} bits per byte")
     return 0
 

@@ -5,15 +5,19 @@
     last = train(load_config("configs/tiny.yaml", ["train.steps=100"]), resume=False)
 
 A run directory ``<output_dir>/<run_name>/`` gets: config.yaml, checkpoints/ (orbax), metrics.jsonl,
-tb/ (TensorBoard events), loss.png and sample.txt. Resuming restores the newest checkpoint (state
-and data iterator position) and continues bitwise as if never stopped.
+tb/ (TensorBoard events), loss.png and sample.txt. Resuming restores the newest checkpoint that reads
+back (state and data iterator position; a damaged one is named and set aside) and continues bitwise
+as if never stopped. SIGTERM or a first Ctrl-C saves the current step and stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -122,8 +126,34 @@ def prepare_run(cfg: Config, resume: bool) -> tuple[Path, bool]:
     return directory, has_ckpt
 
 
+class StopRequest:
+    """Preemption: SIGTERM (what TPU VMs and Kubernetes send first) or a first Ctrl-C asks the loop to
+    save a checkpoint of the step it is on and stop; a second Ctrl-C stops at once."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def _request(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    @contextlib.contextmanager
+    def on_signals(self):
+        if threading.current_thread() is not threading.main_thread():  # handlers live in the main thread
+            yield self
+            return
+        before = {s: signal.signal(s, self._request) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, handler in before.items():
+                signal.signal(s, handler)
+
+
 def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) -> dict:
-    """Runs (or resumes) training; returns the last metrics. ``model`` defaults to Transformer."""
+    """Runs (or resumes) training; returns the last metrics (with ``stopped_by``: the signal, when
+    SIGTERM or Ctrl-C stopped it after saving). ``model`` defaults to Transformer."""
     t = cfg.train
     tokenizer = make_tokenizer(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -139,13 +169,12 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
     batches = train_batches(train_split, t.batch_size, t.seed)
     val_batches = eval_batches(val_split, t.batch_size, t.eval_batches)
     state_sh, batch_sh = state_shardings(cfg, model, mesh), batch_sharding(mesh)
-    mngr = ckpt.manager(directory, t.keep_checkpoints)
     metrics_path = directory / "metrics.jsonl"
     start = 0
-    if restoring:
-        state, data_state = ckpt.restore(mngr, abstract_state(cfg, model, state_sh))
+    if restoring:  # the newest checkpoint that reads back; a damaged one is named and set aside
+        abstract = abstract_state(cfg, model, state_sh)
+        state, data_state, start = ckpt.restore_intact(directory, abstract, t.keep_checkpoints, set_aside=main_process)
         batches.set_state(data_state)
-        start = mngr.latest_step()
         kept = (
             [line for line in metrics_path.read_text().splitlines() if json.loads(line)["step"] <= start]
             if metrics_path.exists()
@@ -158,6 +187,7 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
         if main_process:
             metrics_path.write_text("")
 
+    mngr = ckpt.manager(directory, t.keep_checkpoints)
     step_fn = jax.jit(
         make_train_step(cfg, model), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0
     )
@@ -184,7 +214,8 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
                 tb.add_scalar(k, v, row["step"])
 
     bar = tqdm(total=t.steps, initial=start, disable=not (progress and main_process), dynamic_ncols=True)
-    with jax.set_mesh(mesh):  # the MoE layers run expert parallelism over this mesh
+    stop = StopRequest()
+    with jax.set_mesh(mesh), stop.on_signals():  # the MoE layers run expert parallelism over this mesh
         try:
             last, window_tokens, window_start = {}, 0, time.perf_counter()
             for step in range(start + 1, t.steps + 1):
@@ -233,9 +264,13 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
                     log({"step": step, **ev})
                     last.update(ev)
                     bar.write(f"step {step}: validation loss {ev['val_loss']:.4f}, {ev['val_bpb']:.3f} bits per byte")
-                if step % t.checkpoint_every == 0 or step == t.steps:
+                if step % t.checkpoint_every == 0 or step == t.steps or stop.signal:
                     ckpt.save(mngr, step, state, batches.get_state())
                 bar.update(1)
+                if stop.signal:
+                    bar.write(f"{stop.signal}: saved checkpoint {step} and stopped; continue with --resume")
+                    last = {**last, "step": step, "stopped_by": stop.signal}
+                    break
         finally:  # whatever stops the loop, every started checkpoint save completes
             bar.close()
             mngr.wait_until_finished()
@@ -245,7 +280,7 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
     if not main_process:
         return last
     plot(metrics_path, directory / "loss.png")
-    if t.sample_tokens:
+    if t.sample_tokens and not stop.signal:
         text = sample(cfg, {"params": state.params, "selection_bias": state.bias}, tokenizer)
         (directory / "sample.txt").write_text(text)
         print(f"--- sample ({directory / 'sample.txt'}) ---\n{text}\n---")
