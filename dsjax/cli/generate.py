@@ -17,11 +17,11 @@ from pathlib import Path
 
 import jax
 
-from dsjax.config import load_config
-from dsjax.hf import load_hf, to_fp8_weights
+from dsjax.config import ConfigError, load_config
+from dsjax.hf import CheckpointError, load_hf, to_fp8_weights
 from dsjax.infer.generate import generate
-from dsjax.train.checkpoint import restore_model
-from dsjax.train.data import HFTokenizer, make_tokenizer
+from dsjax.train.checkpoint import RestoreError, restore_model
+from dsjax.train.data import DataError, HFTokenizer, make_tokenizer
 
 
 def load_checkpoint(path: str | Path, fp8_weights: bool = False):
@@ -29,6 +29,12 @@ def load_checkpoint(path: str | Path, fp8_weights: bool = False):
     tokenizer or None). ``fp8_weights``: for FP8 inference (an FP8 release's weights kept as they
     are, others quantized: ``dsjax.hf.to_fp8_weights``)."""
     p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"--checkpoint {p}: no such directory")
+    if not (p / "config.yaml").is_file() and not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {p}: neither a training run (config.yaml) nor a hub checkpoint (config.json)"
+        )
     if (p / "config.yaml").is_file():
         cfg, variables = restore_model(p)
         if fp8_weights:
@@ -58,7 +64,11 @@ def main(argv: list[str] | None = None) -> int:
         help="FP8 inference: projections in e4m3 + 128x128 block scales (an FP8 release's own bytes)",
     )
     a = ap.parse_args(argv)
-    cfg, variables, tok = load_checkpoint(a.checkpoint, a.fp8_weights)
+    try:
+        cfg, variables, tok = load_checkpoint(a.checkpoint, a.fp8_weights)
+    except (OSError, ConfigError, CheckpointError, RestoreError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     if a.prompt_ids is not None:
         ids = [int(t) for t in a.prompt_ids.split(",")]
     elif tok is None:
