@@ -15,9 +15,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import jax
-
 from dsjax.config import ConfigError, load_config
+from dsjax.parallel.distributed import initialize, launched
 from dsjax.train.checkpoint import RestoreError
 from dsjax.train.data import DataError
 from dsjax.train.loop import TrainingError, train
@@ -42,8 +41,8 @@ def main(argv=None) -> int:
     )
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. train.steps=100")
     a = ap.parse_intermixed_args(argv)
-    if a.distributed:
-        jax.distributed.initialize()
+    if a.distributed or launched():
+        initialize()
     try:
         cfg = load_config(a.config or default_config(), a.overrides)
         last = train(cfg, resume=a.resume)

@@ -122,7 +122,8 @@ def prepare_run(cfg: Config, resume: bool) -> tuple[Path, bool]:
                 if getattr(saved.model, f.name) != getattr(cfg.model, f.name)
             ]
             raise TrainingError(f"--resume: model settings differ from {directory / 'config.yaml'}: {', '.join(diff)}")
-    save_config(cfg, directory)
+    if jax.process_index() == 0:  # one writer; the others read the same directory
+        save_config(cfg, directory)
     return directory, has_ckpt
 
 
@@ -280,7 +281,9 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
     if not main_process:
         return last
     plot(metrics_path, directory / "loss.png")
-    if t.sample_tokens and not stop.signal:
+    if jax.process_count() > 1 and t.sample_tokens:  # the weights live on every process's devices
+        print(f"no sample in a multi-process run: dsjax-generate --checkpoint {directory} makes one")
+    elif t.sample_tokens and not stop.signal:
         text = sample(cfg, {"params": state.params, "selection_bias": state.bias}, tokenizer)
         (directory / "sample.txt").write_text(text)
         print(f"--- sample ({directory / 'sample.txt'}) ---\n{text}\n---")
