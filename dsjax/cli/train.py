@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dsjax.config import ConfigError, load_config
 from dsjax.parallel.distributed import initialize, launched
-from dsjax.train.checkpoint import RestoreError
+from dsjax.train.checkpoint import RestoreError, SaveError
 from dsjax.train.data import DataError
 from dsjax.train.loop import TrainingError, train
 
@@ -46,7 +46,7 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(a.config or default_config(), a.overrides)
         last = train(cfg, resume=a.resume)
-    except (ConfigError, DataError, TrainingError, RestoreError, OSError) as e:
+    except (ConfigError, DataError, TrainingError, RestoreError, SaveError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, (ConfigError, DataError, OSError)) else 1
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once

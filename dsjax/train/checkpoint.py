@@ -100,9 +100,33 @@ def _fingerprints(state) -> dict[str, int]:
     return {jax.tree_util.keystr(path): int(v) for path, v in leaves}
 
 
+class SaveError(RuntimeError):
+    """A checkpoint could not be written; the message names it, and the ones before it (intact)."""
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, data_state: dict) -> None:
+    """Starts writing checkpoint ``step`` (in the background: ``finish`` waits). Orbax writes to a
+    temporary directory and renames it when complete, so a failed save leaves the others intact."""
     data = {**data_state, FINGERPRINT: _fingerprints(state)}
-    mngr.save(step, args=ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data)))
+    args = ocp.args.Composite(state=ocp.args.PyTreeSave(state), data=ocp.args.JsonSave(data))
+    try:
+        mngr.save(step, args=args)
+    except Exception as e:  # this save, or the one before it failing in the background
+        raise _save_error(mngr, step, e) from None
+
+
+def finish(mngr: ocp.CheckpointManager) -> None:
+    """Waits for the checkpoint being written; SaveError if it failed."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        raise _save_error(mngr, None, e) from None
+
+
+def _save_error(mngr: ocp.CheckpointManager, step: int | None, e: Exception) -> SaveError:
+    where = mngr.directory / str(step) if step is not None else f"a checkpoint in {mngr.directory}"
+    intact = ", ".join(str(s) for s in mngr.all_steps()) or "none"
+    return SaveError(f"saving {where} failed ({_why(e)}); intact checkpoints: {intact}")
 
 
 def restore(mngr: ocp.CheckpointManager, abstract_state, step: int | None = None):
@@ -138,9 +162,9 @@ class RestoreError(RuntimeError):
 PARTS = ("_CHECKPOINT_METADATA", "state/_METADATA", "state/manifest.ocdbt", "data/metadata")  # what orbax writes
 
 
-def _why(e: BaseException, path: Path) -> str:
-    """What failed, in one line: the parts of the checkpoint that are missing, else the innermost error."""
-    missing = [part for part in PARTS if not (path / part).exists()]
+def _why(e: BaseException, path: Path | None = None) -> str:
+    """What failed, in one line: the parts of checkpoint ``path`` that are missing, else the innermost error."""
+    missing = [part for part in PARTS if path is not None and not (path / part).exists()]
     if missing:
         return f"torn: {', '.join(missing)} missing"
     while e.__cause__ or e.__context__:

@@ -230,7 +230,7 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
                         f"grad_norm={m['grad_norm']}); step skipped"
                     )
                     if int(state.nonfinite) >= t.max_nonfinite_steps:
-                        mngr.wait_until_finished()  # the last save may still be in flight: finish it first
+                        ckpt.finish(mngr)  # the last save may still be in flight: finish it first
                         latest = mngr.latest_step()
                         where = (
                             f"{mngr.directory / str(latest)} (step {latest})"
@@ -274,9 +274,11 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
                     break
         finally:  # whatever stops the loop, every started checkpoint save completes
             bar.close()
-            mngr.wait_until_finished()
-            mngr.close()
             tb.close()
+            try:
+                ckpt.finish(mngr)
+            finally:
+                mngr.close()
 
     if not main_process:
         return last

@@ -1,8 +1,10 @@
 """dsjax.train.checkpoint: a mesh state saved from one replica per shard with nothing compiled,
-restored under other shardings; checkpoints orbax's StandardSave wrote still restore."""
+restored under other shardings; checkpoints orbax's StandardSave wrote still restore; a failing
+save names itself and leaves the others intact."""
 
 import jax
 import numpy as np
+import pytest
 
 
 def test_checkpoint_of_a_mesh_state_compiles_nothing_and_restores_resharded(tmp_path, caplog):
@@ -52,3 +54,36 @@ def test_checkpoint_of_a_mesh_state_compiles_nothing_and_restores_resharded(tmp_
         for k, want in values.items():
             assert got[k].sharding == abstract[k].sharding and got[k].dtype == want.dtype
             np.testing.assert_array_equal(np.asarray(got[k]), want)
+
+
+def test_a_failing_save_names_the_checkpoint_and_leaves_the_earlier_ones_intact(tmp_path, monkeypatch):
+    """A write error (here a full disk, from a writer that fails on the second save) stops the run
+    with one line naming the checkpoint; the one before it restores."""
+    from dsjax.train import checkpoint as ckpt
+    from dsjax.train import restore_model, train
+    from tests.train.runs import small_cfg
+
+    real, saves = ckpt._state_handler, []
+
+    def disk_full_on_the_second_save():
+        handler = real()
+        write = handler.async_save
+
+        async def async_save(directory, *args, **kwargs):
+            saves.append(directory)
+            if len(saves) == 2:
+                raise OSError(28, "No space left on device", str(directory))
+            return await write(directory, *args, **kwargs)
+
+        handler.async_save = async_save
+        return handler
+
+    monkeypatch.setattr(ckpt, "_state_handler", disk_full_on_the_second_save)
+    with pytest.raises(ckpt.SaveError) as e:
+        train(small_cfg(tmp_path, "train.checkpoint_every=2", "train.steps=6"), progress=False)
+    message = str(e.value)
+    assert "No space left on device" in message and "intact checkpoints: 2" in message, message
+    assert str(tmp_path / "tiny" / "checkpoints") in message
+    monkeypatch.undo()
+    _, variables = restore_model(tmp_path / "tiny", step=2)
+    assert jax.tree.leaves(variables)
