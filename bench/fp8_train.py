@@ -40,10 +40,12 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import re
 import shutil
 import statistics
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -59,6 +61,18 @@ VARIANTS = {"baseline": [], "fp8": ["model.fp8=true"], "control": ["train.microb
 TARGET = 0.005  # |final validation loss, FP8 vs baseline| <= 0.5% relative
 BRANCHED = "branched_from.json"  # in a --branch-at run's directory: the baseline and step it started from
 ENVIRONMENT = "environment.json"  # in a finished run's directory: the machine and libraries it finished on
+
+
+def exit_with_parent(parent: int) -> None:
+    """In a worker: exit as soon as the process that started it is gone (killed, say), instead of
+    training on as an orphan. A daemon thread checks once a second whose child this process is."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def run(
@@ -480,7 +494,8 @@ def main(argv=None):
     done = {}
     for phase in phases:
         if a.jobs > 1:
-            with ProcessPoolExecutor(a.jobs, mp_context=get_context("spawn")) as pool:
+            ctx, parent = get_context("spawn"), os.getpid()
+            with ProcessPoolExecutor(a.jobs, mp_context=ctx, initializer=exit_with_parent, initargs=(parent,)) as pool:
                 done.update(zip([r[2:4] for r in phase], pool.map(run, *zip(*phase))))
         else:
             done.update({r[2:4]: run(*r) for r in phase})

@@ -311,3 +311,56 @@ def test_fp8_quality_pairs_file_pools_recorded_pairs_and_records_new_ones(tmp_pa
     assert pairs.read_text() == kept
     with pytest.raises(SystemExit, match="not a pairs file"):
         main(["--summarize", "--pairs", str(tmp_path / "missing.jsonl")])
+
+
+ORPHANS = """
+import json, os, sys, time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
+from bench.fp8_train import exit_with_parent
+
+
+def pid(_):
+    time.sleep(1.0)  # long enough for the task to go to each worker
+    return os.getpid()
+
+
+def sleep(_):
+    time.sleep(600)
+
+
+if __name__ == "__main__":
+    ctx = get_context("spawn")
+    pool = ProcessPoolExecutor(2, mp_context=ctx, initializer=exit_with_parent, initargs=(os.getpid(),))
+    pids = set(pool.map(pid, range(4)))
+    [pool.submit(sleep, i) for i in range(2)]
+    print(json.dumps(sorted(pids)), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    """bench.fp8_train --jobs N runs in a process pool: killing the parent (SIGKILL: no cleanup) no
+    longer leaves its workers training on as orphans."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "orphans.py"
+    script.write_text(ORPHANS)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    parent = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True, env=env)
+    workers = json.loads(parent.stdout.readline())
+    assert len(workers) == 2 and all(Path(f"/proc/{p}").exists() for p in workers)
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+    deadline = time.time() + 15
+    while time.time() < deadline and any(Path(f"/proc/{p}").exists() for p in workers):
+        time.sleep(0.1)
+    alive = [
+        p for p in workers if Path(f"/proc/{p}").exists() and "Z" not in Path(f"/proc/{p}/stat").read_text().split()[2]
+    ]
+    assert alive == []
