@@ -17,7 +17,8 @@ import sys
 import jax
 
 from dsjax.aot import plan
-from dsjax.config import ConfigError, load_config
+from dsjax.cli import reports_errors
+from dsjax.config import load_config
 from dsjax.parallel.topology import GPUS, is_gpu_topology
 
 
@@ -46,6 +47,7 @@ def table(r: dict) -> str:
     )
 
 
+@reports_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsjax-aot", description=__doc__.split("\n")[0])
     ap.add_argument("--config", required=True)
@@ -59,11 +61,7 @@ def main(argv=None) -> int:
     a = ap.parse_intermixed_args(argv)
     if is_gpu_topology(a.topology):  # a host without that GPU: its runtime stays down, its compiler is used
         jax.config.update("jax_platforms", "cpu")
-    try:
-        r = plan(load_config(a.config, a.overrides), a.topology)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    r = plan(load_config(a.config, a.overrides), a.topology)
     print(table(r))
     if a.json:
         print(json.dumps(r))

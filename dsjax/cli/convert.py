@@ -11,9 +11,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from dsjax.hf import CheckpointError, load_hf, save_hf, summary
+from dsjax.cli import reports_errors
+from dsjax.hf import load_hf, save_hf, summary
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dsjax-convert", description=__doc__.split("\n")[0])
     ap.add_argument("src", help="hub checkpoint directory (config.json + *.safetensors)")
@@ -27,15 +29,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-shard-gib", type=float, default=5.0)
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     a = ap.parse_args(argv)
-    try:
-        if a.dst is None:
-            print(summary(a.src))
-            return 0
-        cfg, variables = load_hf(a.src, **({"param_dtype": a.dtype} if a.dtype else {}), fp8_weights=a.fp8)
-        save_hf(a.dst, cfg, variables, max_shard_bytes=int(a.max_shard_gib * 2**30), overwrite=a.overwrite)
-    except (CheckpointError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if a.dst is None:
+        print(summary(a.src))
+        return 0
+    cfg, variables = load_hf(a.src, **({"param_dtype": a.dtype} if a.dtype else {}), fp8_weights=a.fp8)
+    save_hf(a.dst, cfg, variables, max_shard_bytes=int(a.max_shard_gib * 2**30), overwrite=a.overwrite)
     # Tokenizer, generation config & co. travel along; weights and config.json were just written.
     for f in Path(a.src).iterdir():
         if f.is_file() and f.suffix != ".safetensors" and f.name not in ("config.json", "model.safetensors.index.json"):

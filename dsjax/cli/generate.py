@@ -17,11 +17,12 @@ from pathlib import Path
 
 import jax
 
-from dsjax.config import ConfigError, load_config
-from dsjax.hf import CheckpointError, load_hf, to_fp8_weights
+from dsjax.cli import UsageError, reports_errors
+from dsjax.config import load_config
+from dsjax.hf import load_hf, to_fp8_weights
 from dsjax.infer.generate import generate
-from dsjax.train.checkpoint import RestoreError, restore_model
-from dsjax.train.data import DataError, HFTokenizer, make_tokenizer
+from dsjax.train.checkpoint import restore_model
+from dsjax.train.data import HFTokenizer, make_tokenizer
 
 
 def load_checkpoint(path: str | Path, fp8_weights: bool = False):
@@ -46,6 +47,7 @@ def load_checkpoint(path: str | Path, fp8_weights: bool = False):
     return cfg, variables, None
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dsjax-generate", description=__doc__.split("\n")[0])
     ap.add_argument("--checkpoint", required=True, help="training run directory or hub-format HF directory")
@@ -64,32 +66,22 @@ def main(argv: list[str] | None = None) -> int:
         help="FP8 inference: projections in e4m3 + 128x128 block scales (an FP8 release's own bytes)",
     )
     a = ap.parse_args(argv)
-    try:
-        cfg, variables, tok = load_checkpoint(a.checkpoint, a.fp8_weights)
-    except (OSError, ConfigError, CheckpointError, RestoreError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    cfg, variables, tok = load_checkpoint(a.checkpoint, a.fp8_weights)
     if a.prompt_ids is not None:
-        ids = [int(t) for t in a.prompt_ids.split(",")]
+        try:
+            ids = [int(t) for t in a.prompt_ids.split(",")]
+        except ValueError:
+            raise UsageError(f"--prompt-ids {a.prompt_ids!r}: expected comma-separated integers") from None
     elif tok is None:
-        ap.error(f"{a.checkpoint} has no tokenizer.json: pass --prompt-ids")
+        raise UsageError(f"--checkpoint {a.checkpoint} has no tokenizer.json: pass --prompt-ids")
     else:
         ids = ([] if tok.bos_id is None else [tok.bos_id]) + tok.encode(a.prompt.encode()).tolist()
     try:
-        out = generate(
-            cfg,
-            variables,
-            [ids],
-            a.max_new_tokens,
-            temperature=a.temperature,
-            top_k=a.top_k,
-            top_p=a.top_p,
-            eos_id=None if tok is None else tok.eos_id,
-            rng=jax.random.key(a.seed),
-            speculative=a.speculative,
-        )
-    except ValueError as e:
-        ap.error(str(e))
+        out = generate(cfg, variables, [ids], a.max_new_tokens, temperature=a.temperature, top_k=a.top_k,
+                       top_p=a.top_p, eos_id=None if tok is None else tok.eos_id, rng=jax.random.key(a.seed),
+                       speculative=a.speculative)  # fmt: skip
+    except ValueError as e:  # generate's own checks of its arguments
+        raise UsageError(str(e)) from None
     new = out.tokens[0, : out.lengths[0]].tolist()
     print(a.prompt + tok.decode(new) if tok is not None and a.prompt is not None else ",".join(map(str, new)))
     print(json.dumps(out.stats), file=sys.stderr)

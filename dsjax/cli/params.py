@@ -11,7 +11,8 @@ import dataclasses
 import json
 import sys
 
-from dsjax.config import ConfigError, ModelConfig, apply_overrides, load_config
+from dsjax.cli import reports_errors
+from dsjax.config import ModelConfig, apply_overrides, load_config
 from dsjax.hf.config import from_hf_config
 from dsjax.model.params import count_params
 
@@ -20,20 +21,17 @@ def human(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="dsjax-params", description=__doc__.split("\n")[0])
     ap.add_argument("config", help="YAML config (configs/*.yaml) or an HF config.json")
     ap.add_argument("overrides", nargs="*", help="section.key=value, e.g. model.hidden_size=256")
     a = ap.parse_args(argv)
-    try:
-        if a.config.endswith(".json"):
-            hf = {"model": dataclasses.asdict(from_hf_config(a.config))}
-            cfg = ModelConfig.from_dict(apply_overrides(hf, a.overrides)["model"])
-        else:
-            cfg = load_config(a.config, a.overrides).model
-    except (ConfigError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if a.config.endswith(".json"):
+        hf = {"model": dataclasses.asdict(from_hf_config(a.config))}
+        cfg = ModelConfig.from_dict(apply_overrides(hf, a.overrides)["model"])
+    else:
+        cfg = load_config(a.config, a.overrides).model
     counts = count_params(cfg)
     print(json.dumps(counts, indent=2))
     print(

@@ -15,11 +15,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from dsjax.config import ConfigError, load_config
+from dsjax.cli import reports_errors
+from dsjax.config import load_config
 from dsjax.parallel.distributed import initialize, launched
-from dsjax.train.checkpoint import RestoreError, SaveError
-from dsjax.train.data import DataError
-from dsjax.train.loop import TrainingError, train
+from dsjax.train.loop import train
 
 # The repository's configs/ (an editable install): the default config from any working directory.
 REPO_CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -30,6 +29,7 @@ def default_config() -> Path:
     return local if local.is_file() else REPO_CONFIGS / "tiny.yaml"
 
 
+@reports_errors
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="dsjax-train", description=__doc__.split("\n")[0])
     ap.add_argument("--config", help="YAML run config (default: configs/tiny.yaml)")
@@ -44,11 +44,7 @@ def main(argv=None) -> int:
     if a.distributed or launched():
         initialize()
     try:
-        cfg = load_config(a.config or default_config(), a.overrides)
-        last = train(cfg, resume=a.resume)
-    except (ConfigError, DataError, TrainingError, RestoreError, SaveError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2 if isinstance(e, (ConfigError, DataError, OSError)) else 1
+        last = train(load_config(a.config or default_config(), a.overrides), resume=a.resume)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once
         print("error: interrupted", file=sys.stderr)
         return 130

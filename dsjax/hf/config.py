@@ -31,6 +31,8 @@ OURS = (
 )
 # Fields that HF configs carry under the same name (rope_scaling's spellings are read below).
 HF_FIELDS = tuple(f.name for f in dataclasses.fields(ModelConfig) if f.name not in OURS)
+# Sizes every hub config states: without them a config is not one model's.
+REQUIRED = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads")
 FP8_QUANTIZATION = {
     "quant_method": "fp8",
     "fmt": "e4m3",
@@ -47,6 +49,9 @@ def from_hf_config(src: str | os.PathLike | dict[str, Any], **overrides) -> Mode
         with open(os.path.join(p, "config.json") if os.path.isdir(p) else p) as f:
             src = json.load(f)
     hf = dict(src)
+    missing = [k for k in REQUIRED if k not in hf]
+    if missing:  # HF would take V3's sizes for them, which the checkpoint's tensors do not have
+        raise ConfigError(f"hf config: missing {', '.join(missing)}")
     model_type = hf.get("model_type", "deepseek_v3")
     if model_type not in ("deepseek_v2", "deepseek_v3"):
         raise ConfigError(f"model_type={model_type!r}: only deepseek_v2 and deepseek_v3 configs are supported")

@@ -26,9 +26,15 @@ _DTYPES = {
 
 def memmap_file(file: Path) -> dict[str, np.ndarray]:
     """A safetensors file's tensors as read-only views of its memory map (no bytes are read yet)."""
+    size = os.path.getsize(file)
     with open(file, "rb") as f:
         n = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(n))
+        try:
+            if not 2 <= n <= size - 8:
+                raise ValueError(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"{file}: not a safetensors file, or its header is damaged ({e})") from None
         buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
     header.pop("__metadata__", None)
     out = {}
@@ -36,6 +42,8 @@ def memmap_file(file: Path) -> dict[str, np.ndarray]:
         if h["dtype"] not in _DTYPES:
             raise CheckpointError(f"{file}: {name} has dtype {h['dtype']}, which dsjax does not read")
         dtype, (start, end) = np.dtype(_DTYPES[h["dtype"]]), h["data_offsets"]
+        if 8 + n + end > size:
+            raise CheckpointError(f"{file}: truncated ({size} bytes; {name} ends at byte {8 + n + end})")
         a = np.frombuffer(buf, dtype, count=(end - start) // dtype.itemsize, offset=8 + n + start)
         out[name] = a.reshape(h["shape"])
     return out

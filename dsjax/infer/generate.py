@@ -227,6 +227,9 @@ def generate(
     prompt, lens = _pad(prompts)
     b, s = prompt.shape
     size = s + max_new_tokens + d
+    if int(lens.max()) + max_new_tokens + d > cfg.max_position_embeddings:
+        raise ValueError(f"a prompt of {int(lens.max())} tokens + max_new_tokens={max_new_tokens} exceeds the "
+                         f"model's context, max_position_embeddings={cfg.max_position_embeddings}")  # fmt: skip
     slots = -(-size // 128) * 128 if resolve_impl(cfg.attention_impl) == "pallas" else size  # whole kernel blocks
     state = DecodeState(
         cache=init_cache(cfg, b, slots, with_mtp=speculative),

@@ -178,7 +178,8 @@ def _stderr_kept():
     """What the process writes to its stderr meanwhile (file descriptor 2: threads and C++ included)
     goes to a file; yields a list that holds the text afterwards."""
     sys.stderr.flush()
-    saved, kept, text = os.dup(2), tempfile.TemporaryFile(), []
+    saved, kept, text, unraisable = os.dup(2), tempfile.TemporaryFile(), [], []
+    hook, sys.unraisablehook = sys.unraisablehook, unraisable.append  # "Exception ignored in: ..." too
     os.dup2(kept.fileno(), 2)
     try:
         yield text
@@ -186,8 +187,10 @@ def _stderr_kept():
         sys.stderr.flush()
         os.dup2(saved, 2)
         os.close(saved)
+        sys.unraisablehook = hook
         kept.seek(0)
-        text.append(kept.read().decode(errors="replace"))
+        ignored = "".join(f"Exception ignored in {u.object!r}: {u.exc_value!r}\n" for u in unraisable)
+        text.append(kept.read().decode(errors="replace") + ignored)
         kept.close()
 
 
@@ -234,6 +237,7 @@ def restore_intact(directory: Path, abstract_state, keep: int = 3, step: int | N
                 break
             except Exception as e:  # orbax / tensorstore raise many kinds; any of them means unreadable
                 why = _why(e, path)
+            mngr = None  # the failed read's manager, with its abandoned reads
             time.sleep(0.5)  # the reader threads' last words
             gc.collect()  # and the abandoned reads' ("Exception ignored in: <coroutine ...>")
             failed.append(f"{path}: {why}")
@@ -242,6 +246,8 @@ def restore_intact(directory: Path, abstract_state, keep: int = 3, step: int | N
             where = f"; moved aside to {aside.name}" if aside else ""
             rest = "trying the one before it" if s != steps[-1] else "no older checkpoint"
             warnings.append(f"warning: checkpoint {path} cannot be read ({why}){where}; {rest}")
+        mngr = None
+        gc.collect()
     if not failed:
         sys.stderr.write(printed[0])
     elif asides:

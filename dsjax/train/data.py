@@ -1,11 +1,13 @@
 """Training data: documents -> tokens -> packed fixed-length sequences -> seeded grain batches.
 
 Default corpus: the Python standard library's own source files (no test packages, no
-site-packages), which every machine with Python has. Files are split into train / validation by a
-hash of their path. Each document is [BOS] tokens [EOS]; the documents of a split are laid end to
-end and cut into ``seq_len`` windows, each carrying segment ids (1, 2, ... per document piece, so
-attention never crosses documents) and positions (restarting in every segment). The batch iterator
-is grain's, whose state (a JSON dict) is saved with every checkpoint.
+site-packages), which every machine with Python has. Text in any encoding goes through (an empty
+file is an empty document); binary files (NUL bytes) are skipped, with a count. Files are split
+into train / validation by a hash of their path. Each document is [BOS] tokens [EOS]; the
+documents of a split are laid end to end and cut into ``seq_len`` windows, each carrying segment
+ids (1, 2, ... per document piece, so attention never crosses documents) and positions
+(restarting in every segment). The batch iterator is grain's, whose state (a JSON dict) is saved
+with every checkpoint.
 """
 
 from __future__ import annotations
@@ -48,7 +50,10 @@ class HFTokenizer:
     def __init__(self, path: str):
         from tokenizers import Tokenizer
 
-        self.tok = Tokenizer.from_file(path)
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:  # tokenizers raises a bare Exception for a file it cannot parse
+            raise DataError(f"data.tokenizer={path}: not a tokenizers tokenizer.json ({e})") from None
         self.vocab_size = self.tok.get_vocab_size()
         vocab = self.tok.get_vocab()
 
@@ -118,6 +123,16 @@ def split_keys(files: list[str]) -> list[str]:
     return [os.path.relpath(os.path.abspath(f), root) for f in files]
 
 
+def is_binary(path: str) -> bool:
+    """Whether a file looks binary rather than text: a NUL byte in its first 8 KiB. Text in any
+    encoding, UTF-8 or not, has none; it goes through (the byte tokenizer reads any bytes)."""
+    try:
+        with open(path, "rb") as f:
+            return b"\0" in f.read(8192)
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {e.strerror or e}") from None
+
+
 def read_document(path: str, tokenizer) -> np.ndarray:
     """One file -> its tokens ([BOS] text [EOS]; a .npy file holds pre-tokenized ids as they are)."""
     try:
@@ -174,12 +189,18 @@ def load_splits(cfg: DataConfig, seq_len: int, tokenizer) -> tuple[PackedSplit, 
     files = resolve_paths(cfg)
     docs: dict[bool, list[np.ndarray]] = {False: [], True: []}
     nbytes = {False: 0, True: 0}
+    binary = []
     for path, key in zip(files, split_keys(files)):
+        if not path.endswith(".npy") and is_binary(path):
+            binary.append(path)
+            continue
         ids = read_document(path, tokenizer)
         val = is_validation(key, cfg.validation_fraction)
         docs[val].append(ids)
         nbytes[val] += os.path.getsize(path) if not path.endswith(".npy") else len(ids)
     source = "the standard library" if not cfg.paths else f"data.paths={list(cfg.paths)}"
+    if binary:
+        warnings.warn(f"{source}: skipped {len(binary)} binary file(s) (NUL bytes), e.g. {binary[0]}", stacklevel=2)
     train, val = (pack(docs[v], seq_len, nbytes[v]) for v in (False, True))
     if len(train) == 0 or len(val) == 0:  # too few files for a split by file: split the stream
         whole = pack(docs[False] + docs[True], seq_len, nbytes[False] + nbytes[True])
