@@ -283,7 +283,7 @@ _flash.defvjp(_flash_fwd, lambda scale, blocks, res, do: _backward(scale, blocks
 
 def _check_blocks(backend: str, block_q: int, block_k: int):
     """Raises ValueError when the blocks do not fit the backend (before anything is traced)."""
-    check_blocks("flash_mla", backend, BACKENDS, lane_dense=True, block_q=block_q, block_k=block_k)
+    check_blocks("flash_mla", backend, lane_dense=True, block_q=block_q, block_k=block_k)
     if max(block_q, block_k) % min(block_q, block_k):
         raise ValueError(f"flash_mla: block_q={block_q} and block_k={block_k}: one must divide the other")
 

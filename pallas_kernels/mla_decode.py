@@ -100,7 +100,7 @@ def mla_decode(
     block_t = block_t or dt
     if (num_splits or dc) < 1:
         raise ValueError(f"mla_decode: num_splits={num_splits} must be >= 1")
-    check_blocks("mla_decode", backend, BACKENDS, block_m=block_m, block_t=block_t)
+    check_blocks("mla_decode", backend, block_m=block_m, block_t=block_t)
     blocks = pl.cdiv(t, block_t)
     num_splits = max(
         d for d in range(1, min(num_splits or dc, blocks) + 1) if blocks % d == 0

@@ -34,6 +34,5 @@ def initialize() -> None:
             process_id=int(os.environ["DSJAX_PROCESS_ID"]),
             heartbeat_timeout_seconds=int(os.environ.get("DSJAX_HEARTBEAT_TIMEOUT", "100")),
         )
-    if os.environ.get("JAX_PLATFORMS", "") == "cpu":
-        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # the CPU backend's; TPU / GPU keep theirs
     jax.distributed.initialize(**kwargs)

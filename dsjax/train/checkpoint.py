@@ -270,6 +270,6 @@ def restore_model(directory: str | Path, step: int | None = None) -> tuple[Model
     cfg = load_config(directory / "config.yaml")
     model = Transformer(cfg.model)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh trained it: one device here
-    abstract = abstract_state(cfg, model, jax.tree.map(lambda _: one, abstract_state(cfg, model)))
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_state(cfg, model))
     state, _, _ = restore_intact(directory, abstract, cfg.train.keep_checkpoints, step)
     return cfg.model, {"params": state.params, "selection_bias": state.bias}

@@ -213,12 +213,12 @@ def test_gpu_blocks_fit_the_gpus_shared_memory(monkeypatch, kind, flash, decode)
     monkeypatch.setattr(
         flash_module,
         "check_blocks",
-        lambda kernel, backend, backends, lane_dense=False, **b: seen.append(tuple(b.values())),
+        lambda kernel, backend, lane_dense=False, **b: seen.append(tuple(b.values())),
     )
     monkeypatch.setattr(
         decode_module,
         "check_blocks",
-        lambda kernel, backend, backends, lane_dense=False, **b: seen.append(tuple(b.values())),
+        lambda kernel, backend, lane_dense=False, **b: seen.append(tuple(b.values())),
     )
     sds = lambda *shape, dt=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
     device = AbstractDevice(device_kind=kind, num_cores=100, platform="gpu")
