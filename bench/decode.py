@@ -132,7 +132,7 @@ def model_decode(cfg: ModelConfig, variables, context: int, repeats: int) -> flo
     pos = jnp.full((1, 1), context)
 
     def step(variables, cache):
-        _, normed, cache = model.apply(variables, jnp.zeros((1, 1), jnp.int32), pos, cache, method="decode")
+        _, normed, cache, _ = model.apply(variables, jnp.zeros((1, 1), jnp.int32), pos, cache, method="decode")
         return model.apply(variables, normed, method="logits"), cache
 
     step = jax.jit(step, donate_argnums=1)

@@ -86,6 +86,7 @@ class DecodeState:
     hidden: jax.Array  # [B, D - 1, H] speculative: h^0 at positions lengths - D + 1 .. lengths - 1
     drafted: jax.Array  # [] drafts proposed to live rows
     accepted: jax.Array  # [] drafts accepted
+    routes: jax.Array  # [L_moe, B, T, K] int32 record_routes: experts chosen at each cached position, else [0]
 
 
 @dataclasses.dataclass
@@ -93,6 +94,9 @@ class Generation:
     tokens: np.ndarray  # [B, max_new_tokens] int32, -1 after a row's last token
     lengths: np.ndarray  # [B]
     stats: dict
+    # record_routes: [L_moe, B, S + max_new_tokens, K] experts each position's token went to in the
+    # main model's MoE layers (prompt, then new tokens; -1 where no token was run: padding, the last)
+    routes: np.ndarray | None = None
 
 
 def _gather(x, idx):
@@ -104,6 +108,14 @@ def _gather(x, idx):
 def _run(cfg: ModelConfig, variables, method: str, *args):
     """Transformer(cfg).<method>(*args) with the given variables."""
     return Transformer(cfg).apply(variables, *args, method=method)
+
+
+def _record(state: DecodeState, router, pos) -> DecodeState:
+    """Writes the experts the tokens at ``pos`` [B, W] went to (router [L, B, W, K]) into state.routes."""
+    if not state.routes.size or router is None:
+        return state
+    rows = jnp.arange(pos.shape[0])[:, None]
+    return state.replace(routes=state.routes.at[:, rows, pos].set(router.expert_ids, mode="drop"))
 
 
 def _accept(state: DecodeState, new, count) -> DecodeState:
@@ -142,7 +154,8 @@ def _prefill(cfg, speculative, variables, sampling: Sampling, prompt, state: Dec
     """Caches the prompts [B, S] (positions 0 .. S-1), samples each row's first token after its
     last prompt token (state.lengths = prompt length - 1) and, speculative, drafts."""
     pos = jnp.broadcast_to(jnp.arange(prompt.shape[1]), prompt.shape)
-    h, normed, cache = _run(cfg, variables, "decode", prompt, pos, state.cache)
+    h, normed, cache, router = _run(cfg, variables, "decode", prompt, pos, state.cache)
+    state = _record(state, router, jnp.where(pos <= state.lengths[:, None], pos, state.tokens.shape[1]))
     rng, key = jax.random.split(state.rng)
     first = sampling(_run(cfg, variables, "logits", _gather(normed, state.lengths[:, None])), key)
     state = _accept(state.replace(cache=cache, rng=rng), first, jnp.ones_like(state.lengths))
@@ -153,7 +166,8 @@ def _prefill(cfg, speculative, variables, sampling: Sampling, prompt, state: Dec
 def _step(cfg, variables, sampling: Sampling, state: DecodeState) -> DecodeState:
     """One token per row: the last accepted token goes into the cache, the next is sampled."""
     pos = state.lengths[:, None]
-    _, normed, cache = _run(cfg, variables, "decode", _gather(state.tokens, pos), pos, state.cache)
+    _, normed, cache, router = _run(cfg, variables, "decode", _gather(state.tokens, pos), pos, state.cache)
+    state = _record(state, router, jnp.where(state.done[:, None], state.tokens.shape[1], pos))
     rng, key = jax.random.split(state.rng)
     nxt = sampling(_run(cfg, variables, "logits", normed), key)
     return _accept(state.replace(cache=cache, rng=rng), nxt, jnp.ones_like(state.lengths))
@@ -166,7 +180,8 @@ def _speculative_step(cfg, variables, sampling: Sampling, state: DecodeState) ->
     n = state.lengths
     pos = n[:, None] + jnp.arange(d + 1)
     window = _gather(state.tokens, pos)  # t_n, d_{n+1} .. d_{n+D}
-    h, normed, cache = _run(cfg, variables, "decode", window, pos, state.cache)
+    h, normed, cache, router = _run(cfg, variables, "decode", window, pos, state.cache)
+    state = _record(state, router, jnp.where(state.done[:, None], state.tokens.shape[1], pos))
     rng, key = jax.random.split(state.rng)
     g = sampling(_run(cfg, variables, "logits", normed), key)  # g_{n+1} .. g_{n+D+1}
     a = jnp.cumprod(window[:, 1:] == g[:, :-1], axis=1).sum(1)  # drafts accepted
@@ -207,11 +222,14 @@ def generate(
     eos_id: int | None = None,
     rng=None,
     speculative: bool = False,
+    record_routes: bool = False,
 ) -> Generation:
     """Continues each prompt by up to ``max_new_tokens`` tokens (a row stops after ``eos_id``).
 
     prompts: a list of token lists, or (right-padded array [B, S], lengths [B]). ``rng``: a
     ``jax.random.key`` for sampling (default key(0)). ``speculative``: draft with the MTP modules.
+    ``record_routes``: also return the experts every token went to (``Generation.routes``), for
+    routing replay and the rollout-vs-training routing mismatch of RL (``dsjax.rl``).
     stats: compile time (0 for shapes compiled before), prefill and decode times, decode tokens/s
     (tokens after each row's first, which the prefill produces; steady decoding only), and for
     speculative decoding the fraction of drafts accepted and the new tokens per row per step.
@@ -242,6 +260,9 @@ def generate(
         hidden=jnp.zeros((b, max(d - 1, 0), cfg.hidden_size), jnp.dtype(cfg.dtype)),
         drafted=jnp.zeros((), jnp.int32),
         accepted=jnp.zeros((), jnp.int32),
+        routes=jnp.full(
+            (cfg.num_moe_layers, b, size, cfg.num_experts_per_tok) if record_routes else (0,), -1, jnp.int32
+        ),
     )
     variables, prompt = jax.device_put(variables), jnp.asarray(prompt)
     t0 = time.perf_counter()  # compiled first (once per shapes: JAX keeps them), so the timings are steady
@@ -271,4 +292,8 @@ def generate(
     if speculative:
         stats["acceptance"] = round(int(state.accepted) / max(int(state.drafted), 1), 4)
         stats["tokens_per_step"] = round(float(count.sum() - b) / max(steps, 1) / b, 3)
-    return Generation(out, count, stats)
+    routes = None
+    if record_routes:  # positions past each row's cached tokens hold rejected drafts' or nothing's
+        routes = np.array(state.routes[:, :, : s + max_new_tokens])
+        routes[:, np.arange(routes.shape[2])[None, :] >= np.asarray(state.lengths)[:, None]] = -1
+    return Generation(out, count, stats, routes)

@@ -22,10 +22,11 @@ class Block(nn.Module):
     moe: bool
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, token_mask, cache=None, positions=None):
+    def __call__(self, x, cos, sin, mask, token_mask, cache=None, positions=None, routes=None):
         """Returns (x, (RouterStats or None, cache)). Signature fits ``nn.scan`` (carry first).
 
-        ``cache`` (a ``LatentCache``) and ``positions``: decoding, see ``MLA``."""
+        ``cache`` (a ``LatentCache``) and ``positions``: decoding, see ``MLA``. ``routes`` [B, S, K]:
+        routing replay (``dsjax.model.moe.route``)."""
         c = self.cfg
         pdt = jnp.dtype(c.param_dtype)
         x = constrain(x, ("batch", None, None))  # sequences stay split over the batch axes
@@ -34,7 +35,7 @@ class Block(nn.Module):
         x = x + y
         h = RMSNorm(c.rms_norm_eps, "norm", pdt, name="post_attention_layernorm")(x)
         if self.moe:
-            y, stats = MoE(c, name="mlp")(h, token_mask)
+            y, stats = MoE(c, name="mlp")(h, token_mask, routes)
             return x + y, (stats, cache)
         return x + MLP(c, c.intermediate_size, name="mlp")(h), (None, cache)
 
@@ -49,8 +50,8 @@ class Stack(nn.Module):
     num_layers: int
 
     @nn.compact
-    def __call__(self, x, cos, sin, mask, token_mask, cache=None, positions=None):
-        """Returns (x, RouterStats stacked over layers or None, cache)."""
+    def __call__(self, x, cos, sin, mask, token_mask, cache=None, positions=None, routes=None):
+        """Returns (x, RouterStats stacked over layers or None, cache). ``routes``: [L, B, S, K]."""
         block = Block
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
@@ -59,18 +60,22 @@ class Stack(nn.Module):
                 block,
                 variable_axes={"params": 0, BIAS: 0},
                 split_rngs={"params": True},
-                in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast),
+                in_axes=(nn.broadcast,) * 4 + (0, nn.broadcast, 0),
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
             x, (stats, cache) = scanned(self.cfg, self.moe, name="layers")(
-                x, cos, sin, mask, token_mask, cache, positions
+                x, cos, sin, mask, token_mask, cache, positions, routes
             )
             return x, stats, cache
         outs = []
         for i in range(self.num_layers):
-            layer_cache = None if cache is None else jax.tree.map(lambda a: a[i], cache)
-            x, out = block(self.cfg, self.moe, name=f"layer_{i}")(x, cos, sin, mask, token_mask, layer_cache, positions)
+            layer_cache, layer_routes = (
+                None if a is None else jax.tree.map(lambda a: a[i], a) for a in (cache, routes)
+            )
+            x, out = block(self.cfg, self.moe, name=f"layer_{i}")(
+                x, cos, sin, mask, token_mask, layer_cache, positions, layer_routes
+            )
             outs.append(out)
         stats, cache = jax.tree.map(lambda *a: jnp.stack(a), *outs)
         return x, stats, cache

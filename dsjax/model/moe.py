@@ -37,10 +37,14 @@ class RouterStats:
     expert_counts: jax.Array  # [..., E] int32: token copies routed to each expert (padding excluded)
     balance_loss: jax.Array  # [...] sequence-wise balance loss sum_i f_i P_i, mean over sequences
     dropped: jax.Array  # [...] fraction of token copies dropped by a full expert buffer (0 when dropless)
+    expert_ids: jax.Array  # [..., B, S, K] int32: the experts each token was sent to
 
 
-def route(scores, bias, cfg: ModelConfig):
-    """Group-limited top-k on s + b; returns (expert ids [T, K], weights [T, K]) from unbiased s."""
+def route(scores, bias, cfg: ModelConfig, replay=None):
+    """Group-limited top-k on s + b; returns (expert ids [T, K], weights [T, K]) from unbiased s.
+
+    ``replay`` [T, K] (-1: choose freely): routing replay for RL, the experts a rollout chose for
+    the token; the gate weights are still this forward's scores at those experts."""
     t, e = scores.shape
     sel = scores + bias
     if cfg.n_group > 1:
@@ -53,6 +57,8 @@ def route(scores, bias, cfg: ModelConfig):
         group_mask = jnp.zeros((t, cfg.n_group), bool).at[jnp.arange(t)[:, None], keep].set(True)
         sel = jnp.where(jnp.repeat(group_mask, e // cfg.n_group, axis=1), sel, -jnp.inf)
     idx = jax.lax.top_k(sel, cfg.num_experts_per_tok)[1]
+    if replay is not None:
+        idx = jnp.where(replay >= 0, replay, idx)
     w = jnp.take_along_axis(scores, idx, axis=-1)
     if cfg.norm_topk_prob:
         w = w / (w.sum(-1, keepdims=True) + 1e-20)
@@ -207,7 +213,8 @@ class MoE(nn.Module):
         return Fp8Weight(q, s)
 
     @nn.compact
-    def __call__(self, x, token_mask):
+    def __call__(self, x, token_mask, replay=None):
+        """x [B, S, H]; ``replay`` [B, S, K]: see ``route``. Returns (y, RouterStats)."""
         c = self.cfg
         b, s, hdim = x.shape
         e, i = c.n_routed_experts, c.moe_intermediate_size
@@ -219,7 +226,7 @@ class MoE(nn.Module):
 
         logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32), precision="highest")
         scores = jax.nn.sigmoid(logits) if c.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
-        idx, w = route(scores.reshape(b * s, e), bias, c)
+        idx, w = route(scores.reshape(b * s, e), bias, c, None if replay is None else replay.reshape(b * s, -1))
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or mesh.size == 1:
             fp8 = Fp8Recipe.of(c) if c.fp8 or c.fp8_weights else None
@@ -233,5 +240,5 @@ class MoE(nn.Module):
 
         idx = idx.reshape(b, s, -1)
         counts = jnp.bincount(jnp.where(token_mask[..., None], idx, e).reshape(-1), length=e + 1)[:e]
-        stats = RouterStats(counts.astype(jnp.int32), balance_loss(scores, idx, token_mask, e), dropped)
+        stats = RouterStats(counts.astype(jnp.int32), balance_loss(scores, idx, token_mask, e), dropped, idx)
         return y, stats

@@ -8,7 +8,7 @@ final norm, output head, and D MTP modules sharing embedding and head.
 
 Decoding (``dsjax.infer.generate``) uses the other methods with a latent cache from ``init_cache``:
 
-    h, normed, cache = model.apply(variables, tokens, positions, cache, method="decode")
+    h, normed, cache, router = model.apply(variables, tokens, positions, cache, method="decode")
     logits = model.apply(variables, normed, method="logits")
     h1, normed1, cache = model.apply(variables, 0, h, next_tokens, positions, cache, method="draft")
 """
@@ -88,9 +88,11 @@ class Transformer(nn.Module):
         table = constrain(self.embed_tokens.embedding.astype(self.cfg.dtype), ("vocab", None))
         return constrain(jnp.take(table, tokens, axis=0), ("batch", None, None))
 
-    def __call__(self, tokens, segment_ids=None, positions=None) -> ModelOutput:
+    def __call__(self, tokens, segment_ids=None, positions=None, routes=None, mtp: bool = True) -> ModelOutput:
         """tokens [B, S] int; segment_ids [B, S] int (0 = padding; default one segment);
-        positions [B, S] int (default: index within the segment)."""
+        positions [B, S] int (default: index within the segment); routes [L_moe, B, S, K] int
+        (-1: route freely): routing replay in the main model's MoE layers (``dsjax.model.moe.route``);
+        ``mtp``: run the MTP modules (off: ``mtp_logits`` and ``mtp_router`` are None)."""
         c = self.cfg
         if segment_ids is None:
             segment_ids = jnp.ones_like(tokens)
@@ -99,12 +101,12 @@ class Transformer(nn.Module):
         mask, token_mask = attention_mask(segment_ids), segment_ids > 0
         cos, sin = rope_angles(c, positions)
 
-        x, router, _ = self._trunk(tokens, cos, sin, mask, token_mask)
+        x, router, _ = self._trunk(tokens, cos, sin, mask, token_mask, routes=routes)
         logits = self.logits(self.norm(x))
 
         mtp_logits, mtp_stats = [], []
-        for k, mtp in enumerate(self.mtp, 1):
-            x, normed, stats, _ = mtp(x, self._embed(shift_left(tokens, k)), cos, sin, mask, token_mask)
+        for k, module in enumerate(self.mtp if mtp else (), 1):
+            x, normed, stats, _ = module(x, self._embed(shift_left(tokens, k)), cos, sin, mask, token_mask)
             mtp_logits.append(self.logits(normed))
             mtp_stats.append(stats)
         return ModelOutput(
@@ -114,7 +116,7 @@ class Transformer(nn.Module):
             mtp_router=jax.tree.map(lambda *a: jnp.stack(a), *mtp_stats) if mtp_stats else None,
         )
 
-    def _trunk(self, tokens, cos, sin, mask, token_mask, cache=None, positions=None):
+    def _trunk(self, tokens, cos, sin, mask, token_mask, cache=None, positions=None, routes=None):
         """h^0 = the blocks applied to Emb(tokens), before the final norm. Returns (h^0, router, cache)."""
         x, router, cache = self._embed(tokens), None, dict(cache or {})
         if self.cfg.first_k_dense_replace:
@@ -123,7 +125,7 @@ class Transformer(nn.Module):
             )
         if self.cfg.num_moe_layers:
             x, router, cache["moe_layers"] = self.moe_layers(
-                x, cos, sin, mask, token_mask, cache.get("moe_layers"), positions
+                x, cos, sin, mask, token_mask, cache.get("moe_layers"), positions, routes
             )
         return x, router, cache
 
@@ -135,10 +137,11 @@ class Transformer(nn.Module):
     def decode(self, tokens, positions, cache):
         """The main model on tokens [B, S] at ``positions`` [B, S], with a decode cache (``init_cache``):
         their latents are written at their positions, then each attends to every slot <= its own
-        position (absorbed MLA). Returns (h^0, RMSNorm(h^0) for ``logits``, cache)."""
+        position (absorbed MLA). Returns (h^0, RMSNorm(h^0) for ``logits``, cache, the main MoE
+        layers' RouterStats or None)."""
         cos, sin, mask = _decode_inputs(self.cfg, positions)
-        h, _, cache = self._trunk(tokens, cos, sin, mask, jnp.ones(tokens.shape, bool), cache, positions)
-        return h, self.norm(h), cache
+        h, router, cache = self._trunk(tokens, cos, sin, mask, jnp.ones(tokens.shape, bool), cache, positions)
+        return h, self.norm(h), cache, router
 
     def draft(self, depth: int, h_prev, tokens, positions, cache):
         """MTP module k = depth + 1 at ``positions``: h'_i = W_eh [enorm(Emb(t_{i+k})); hnorm(h^{k-1}_i)]

@@ -46,7 +46,7 @@ def decoded_and_full(cfg, variables, ref):
 
     @jax.jit
     def decode(variables, tokens, positions, cache):
-        _, normed, cache = model.apply(variables, tokens, positions, cache, method="decode")
+        _, normed, cache, _ = model.apply(variables, tokens, positions, cache, method="decode")
         return model.apply(variables, normed, method="logits"), cache
 
     s, steps = lens.max(), 24 - lens.min()

@@ -397,10 +397,10 @@ def test_decode_with_kernel_equals_decode_without(tiny, jax_0_11_dce):
     def run(impl):
         model = Transformer(with_impl(cfg, impl))
         decode = jax.jit(lambda tok, pos, cache: model.apply(variables, tok, pos, cache, method="decode"))
-        _, normed, cache = decode(prompts, jnp.arange(9)[None].repeat(3, 0), init_cache(cfg, 3, 21))
+        _, normed, cache, _ = decode(prompts, jnp.arange(9)[None].repeat(3, 0), init_cache(cfg, 3, 21))
         outs = [normed]
         for k, tok in enumerate(steps):
-            _, normed, cache = decode(tok, (lens + k)[:, None], cache)
+            _, normed, cache, _ = decode(tok, (lens + k)[:, None], cache)
             outs.append(normed)
         return [model.apply(variables, o, method="logits") for o in outs], cache
 
