@@ -13,38 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import jax
 
 from dsjax.cli import UsageError, reports_errors
-from dsjax.config import load_config
-from dsjax.hf import load_hf, to_fp8_weights
 from dsjax.infer.generate import generate
-from dsjax.train.checkpoint import restore_model
-from dsjax.train.data import HFTokenizer, make_tokenizer
-
-
-def load_checkpoint(path: str | Path, fp8_weights: bool = False):
-    """A training run directory (has config.yaml) or a hub-format HF directory -> (cfg, variables,
-    tokenizer or None). ``fp8_weights``: for FP8 inference (an FP8 release's weights kept as they
-    are, others quantized: ``dsjax.hf.to_fp8_weights``)."""
-    p = Path(path)
-    if not p.is_dir():
-        raise FileNotFoundError(f"--checkpoint {p}: no such directory")
-    if not (p / "config.yaml").is_file() and not (p / "config.json").is_file():
-        raise FileNotFoundError(
-            f"--checkpoint {p}: neither a training run (config.yaml) nor a hub checkpoint (config.json)"
-        )
-    if (p / "config.yaml").is_file():
-        cfg, variables = restore_model(p)
-        if fp8_weights:
-            cfg, variables = to_fp8_weights(cfg, jax.device_get(variables))
-        return cfg, variables, make_tokenizer(load_config(p / "config.yaml").data)
-    cfg, variables = load_hf(p, fp8_weights=fp8_weights)
-    if (p / "tokenizer.json").is_file():
-        return cfg, variables, HFTokenizer(str(p / "tokenizer.json"))
-    return cfg, variables, None
+from dsjax.train.checkpoint import load_checkpoint
 
 
 @reports_errors

@@ -33,7 +33,9 @@ import yaml
 from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's own ArrayHandler keeps
 
 from dsjax.config import Config, ModelConfig, load_config
+from dsjax.hf.checkpoint import load_hf, to_fp8_weights
 from dsjax.model.transformer import Transformer
+from dsjax.train.data import HFTokenizer, make_tokenizer
 from dsjax.train.step import abstract_state
 
 
@@ -273,3 +275,25 @@ def restore_model(directory: str | Path, step: int | None = None) -> tuple[Model
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_state(cfg, model))
     state, _, _ = restore_intact(directory, abstract, cfg.train.keep_checkpoints, step)
     return cfg.model, {"params": state.params, "selection_bias": state.bias}
+
+
+def load_checkpoint(path: str | Path, fp8_weights: bool = False):
+    """A training run directory (has config.yaml) or a hub-format HF directory -> (cfg, variables,
+    tokenizer or None). ``fp8_weights``: for FP8 inference (an FP8 release's weights kept as they
+    are, others quantized: ``dsjax.hf.to_fp8_weights``)."""
+    p = Path(path)
+    if not p.is_dir():
+        raise FileNotFoundError(f"--checkpoint {p}: no such directory")
+    if not (p / "config.yaml").is_file() and not (p / "config.json").is_file():
+        raise FileNotFoundError(
+            f"--checkpoint {p}: neither a training run (config.yaml) nor a hub checkpoint (config.json)"
+        )
+    if (p / "config.yaml").is_file():
+        cfg, variables = restore_model(p)
+        if fp8_weights:
+            cfg, variables = to_fp8_weights(cfg, jax.device_get(variables))
+        return cfg, variables, make_tokenizer(load_config(p / "config.yaml").data)
+    cfg, variables = load_hf(p, fp8_weights=fp8_weights)
+    if (p / "tokenizer.json").is_file():
+        return cfg, variables, HFTokenizer(str(p / "tokenizer.json"))
+    return cfg, variables, None

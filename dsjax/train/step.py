@@ -93,6 +93,52 @@ def update_bias(bias, loads, gamma):
     return new
 
 
+def split_microbatches(batch, micro: int):
+    """[B, ...] arrays -> [micro, B / micro, ...]: microbatch j = sequences j, j + micro, ..., so each
+    stays split over the batch axes of the mesh."""
+    return jax.tree.map(
+        lambda a: constrain(a.reshape(a.shape[0] // micro, micro, *a.shape[1:]).swapaxes(0, 1), (None, "batch")),
+        batch,
+    )
+
+
+def accumulate_grads(loss_fn, params, microbatches):
+    """Sums over microbatches of d loss_fn(params, mb) / d params and of its aux (a pytree of sums):
+    ``loss_fn(params, mb) -> (loss, aux)``, each microbatch's loss already scaled by the whole batch."""
+
+    def one(carry, mb):
+        (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb)
+        return jax.tree.map(jnp.add, carry, (grads, aux)), None
+
+    first = jax.tree.map(lambda a: a[0], microbatches)
+    shapes = jax.eval_shape(lambda: (params, loss_fn(params, first)[1]))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    return jax.lax.scan(one, zeros, microbatches)[0]
+
+
+def apply_grads(state: TrainState, grads, loss, tx, bias=None, frozen=lambda params, old: params):
+    """One optimizer step, or none when the loss or the gradient is not finite (a skipped step
+    changes nothing but the skip counters). ``bias``: the new selection bias (default: unchanged);
+    ``frozen(new_params, old_params)``: params with the leaves that must not move put back.
+    Returns (new state, ok, gradient norm)."""
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+
+    def keep(new, old):
+        return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
+
+    new_state = TrainState(
+        step=state.step + ok.astype(jnp.int32),
+        params=keep(frozen(optax.apply_updates(state.params, updates), state.params), state.params),
+        opt_state=keep(opt_state, state.opt_state),
+        bias=state.bias if bias is None else keep(bias, state.bias),
+        nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
+        skipped=state.skipped + (~ok).astype(jnp.int32),
+    )
+    return new_state, ok, grad_norm
+
+
 def make_train_step(cfg: Config, model: nn.Module):
     """(state, batch of [B, S] arrays) -> (state, metrics); jit it."""
     t, depth, micro = cfg.train, cfg.model.num_nextn_predict_layers, cfg.train.microbatches
@@ -100,44 +146,17 @@ def make_train_step(cfg: Config, model: nn.Module):
 
     def step(state: TrainState, batch):
         counts = target_counts(batch, depth)  # over the whole batch: microbatch gradients add up
-        # Microbatch j = sequences j, j + micro, ...: each stays split over the batch axes of the mesh.
-        mb = jax.tree.map(
-            lambda a: constrain(a.reshape(a.shape[0] // micro, micro, *a.shape[1:]).swapaxes(0, 1), (None, "batch")),
-            batch,
-        )
 
         def micro_loss(params, one):
             sums, loads = loss_sums(model, params, state.bias, one, depth)
             return total_loss(sums, counts, cfg, micro)[0], (sums, loads)
 
-        def accumulate(carry, one):
-            (_, aux), grads = jax.value_and_grad(micro_loss, has_aux=True)(state.params, one)
-            return jax.tree.map(jnp.add, carry, (grads, *aux)), None
-
-        first = jax.tree.map(lambda a: a[0], mb)
-        shapes = jax.eval_shape(lambda: (state.params, *loss_sums(model, state.params, state.bias, first, depth)))
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-        (grads, sums, loads), _ = jax.lax.scan(accumulate, zeros, mb)
-
+        grads, (sums, loads) = accumulate_grads(micro_loss, state.params, split_microbatches(batch, micro))
         loss, parts = total_loss(sums, counts, cfg, micro)
-        grad_norm = optax.tree.norm(grads)
-        ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
         gamma = t.bias_update_rate
         if t.bias_update_stop_step >= 0:  # the schedule: gamma, then 0 from the stop step on
             gamma = jnp.where(state.step < t.bias_update_stop_step, gamma, 0.0)
-
-        def keep(new, old):  # a non-finite step changes nothing
-            return jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)
-
-        new_state = TrainState(
-            step=state.step + ok.astype(jnp.int32),
-            params=keep(optax.apply_updates(state.params, updates), state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            bias=keep(update_bias(state.bias, loads, gamma), state.bias),
-            nonfinite=jnp.where(ok, 0, state.nonfinite + 1),
-            skipped=state.skipped + (~ok).astype(jnp.int32),
-        )
+        new_state, ok, grad_norm = apply_grads(state, grads, loss, tx, update_bias(state.bias, loads, gamma))
         main = loads["main"].astype(jnp.float32) if loads["main"] is not None else jnp.ones((1, 1))
         metrics = dict(
             loss=loss,
