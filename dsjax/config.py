@@ -239,6 +239,106 @@ class MeshConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class TaskConfig:
+    """Post-training prompts with verifiable answers (``dsjax.rl.tasks``): a procedural task (no
+    download) or a JSONL file of ``{"prompt", "answer"}`` lines."""
+
+    name: str = "chain_sum"  # chain_sum | reasoning_gym:<dataset> | path/to/prompts.jsonl
+    kwargs: dict[str, Any] = dataclasses.field(default_factory=dict, hash=False)  # the generator's settings
+    train_examples: int = 4096  # procedural: prompts drawn for training (seed = train.seed)
+    eval_examples: int = 128  # held out (another seed; a JSONL: its last ones), scored greedily
+
+    def __post_init__(self):
+        _check_types(self, "task.")
+        if not isinstance(self.kwargs, dict):
+            raise ConfigError(f"task.kwargs={self.kwargs!r}: must be a mapping of the generator's settings")
+        for f in ("train_examples", "eval_examples"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"task.{f}={getattr(self, f)!r}: must be a positive integer")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Cold-start supervised fine-tuning (DeepSeek-R1 §2.3.1): prompt/response pairs packed into
+    sequences, the loss on response tokens only. Optimizer settings other than these: ``train``."""
+
+    init_from: str = ""  # a training run or hub checkpoint directory; "": fresh weights
+    data: str = ""  # a JSONL of {"prompt", "response"}; "": the task's worked solutions
+    steps: int = 200
+    batch_size: int = 16  # packed sequences per step
+    seq_len: int = 256
+    learning_rate: float = 1e-3
+    warmup_steps: int = 10
+
+    def __post_init__(self):
+        _check_types(self, "sft.")
+        for f in ("steps", "batch_size", "seq_len"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"sft.{f}={getattr(self, f)!r}: must be a positive integer")
+        if self.learning_rate < 0 or self.warmup_steps < 0:
+            raise ConfigError("sft.learning_rate and sft.warmup_steps: must be >= 0")
+
+
+@dataclasses.dataclass(frozen=True)
+class GRPOConfig:
+    """Group Relative Policy Optimization (DeepSeekMath §4.1, eq. 3; ``dsjax.rl.grpo``). Names and
+    defaults follow TRL's GRPOConfig where it has the setting; defaults are the paper's."""
+
+    init_from: str = ""  # a run or hub directory; "": the SFT stage's result (or fresh weights)
+    steps: int = 100  # rollout batches
+    prompts_per_step: int = 16
+    num_generations: int = 8  # G completions per prompt
+    max_completion_length: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: off
+    reward_funcs: tuple[str, ...] = ("accuracy", "format")  # names in dsjax.rl.rewards or module:function
+    reward_weights: tuple[float, ...] = ()  # one per reward function; (): all 1
+    scale_rewards: Literal["group", "batch", "none"] = "group"  # "none": advantages without the std division
+    loss_type: Literal["grpo", "dapo", "dr_grpo"] = "grpo"  # per sequence (paper) / per token / constant
+    epsilon: float = 0.2  # clip range below 1
+    epsilon_high: float | None = None  # clip range above 1 (None: epsilon; DAPO: 0.28)
+    beta: float = 0.04  # KL weight (k3 estimator); 0: no reference model is kept
+    num_iterations: int = 1  # mu: policy updates per rollout batch
+    drop_equal_reward_groups: bool = False  # groups whose rewards are all equal leave the loss
+    learning_rate: float = 1e-6
+    warmup_steps: int = 0
+    microbatches: int = 1
+    update_bias: bool = False  # keep updating the aux-loss-free selection bias during RL
+    routing_replay: bool = False  # the update routes each token to the experts its rollout chose
+    train_mtp: bool = False  # MTP modules stay frozen unless set
+    speculative: bool = False  # MTP modules draft rollout tokens
+    eval_every: int = 20
+
+    def __post_init__(self):
+        _check_types(self, "grpo.")
+        for f in ("steps", "prompts_per_step", "max_completion_length", "num_iterations", "microbatches", "eval_every"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"grpo.{f}={getattr(self, f)!r}: must be a positive integer")
+        if self.num_generations < 2:
+            raise ConfigError(f"grpo.num_generations={self.num_generations}: a group needs >= 2 completions")
+        if (self.prompts_per_step * self.num_generations) % self.microbatches:
+            raise ConfigError(
+                f"grpo.microbatches={self.microbatches}: must divide prompts_per_step x num_generations "
+                f"= {self.prompts_per_step * self.num_generations}"
+            )
+        if self.temperature <= 0:
+            raise ConfigError(f"grpo.temperature={self.temperature}: rollouts sample, so it must be > 0")
+        if not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ConfigError(f"grpo.top_p={self.top_p}, top_k={self.top_k}: need top_p in (0, 1], top_k >= 0")
+        if not 0 <= self.epsilon < 1 or (self.epsilon_high is not None and self.epsilon_high < 0):
+            raise ConfigError(f"grpo.epsilon={self.epsilon}, epsilon_high={self.epsilon_high}: need [0, 1) and >= 0")
+        if self.beta < 0 or self.learning_rate < 0 or self.warmup_steps < 0:
+            raise ConfigError("grpo.beta, grpo.learning_rate and grpo.warmup_steps: must be >= 0")
+        if self.reward_weights and len(self.reward_weights) != len(self.reward_funcs):
+            raise ConfigError(
+                f"grpo.reward_weights: {len(self.reward_weights)} weights for {len(self.reward_funcs)} reward_funcs"
+            )
+        if not self.reward_funcs:
+            raise ConfigError("grpo.reward_funcs: name at least one reward function")
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     """A whole run: the sections of a configs/*.yaml file."""
 
@@ -246,9 +346,17 @@ class Config:
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
     data: DataConfig = dataclasses.field(default_factory=DataConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)
+    # Post-training (R1's recipe, ``dsjax.rl``): a config with either runs SFT, then GRPO, on ``task``.
+    task: TaskConfig | None = None
+    sft: SFTConfig | None = None
+    grpo: GRPOConfig | None = None
 
     def __post_init__(self):
         _check_types(self)
+        if (self.grpo or (self.sft and not self.sft.data)) and self.task is None:
+            raise ConfigError(
+                "grpo, and sft without sft.data, need a 'task:' section (prompts, answers), e.g. {name: chain_sum}"
+            )
         if self.model.fp8_weights:
             raise ConfigError(
                 "model.fp8_weights=True: e4m3 weights are for inference and cannot be trained; "

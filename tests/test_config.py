@@ -291,7 +291,8 @@ def test_unknown_section_close_match(tmp_path):
 def test_unknown_section_no_close_match(tmp_path):
     text = yaml.safe_dump({"model": base(), "optimizer": {"lr": 1e-3}})
     with pytest.raises(
-        ConfigError, match=re.escape("unknown section 'optimizer'; valid keys: data, mesh, model, train")
+        ConfigError,
+        match=re.escape("unknown section 'optimizer'; valid keys: data, grpo, mesh, model, sft, task, train"),
     ):
         load_config(write_yaml(tmp_path, text))
 

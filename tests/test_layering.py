@@ -9,8 +9,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("dsjax", "pallas_kernels")
 # Bottom to top; a module may import from its own layer and those before it. pallas_kernels imports
-# no dsjax module; train sits above infer (a run ends with a text sample), aot above train (it
-# compiles the train step), cli above everything.
+# no dsjax module; train sits above infer (a run ends with a text sample), rl above train (its SFT is
+# the train step; GRPO's update reuses its optimizer), aot above train (it compiles the train step),
+# cli above everything.
 LAYERS = (
     ("pallas_kernels",),
     ("dsjax.config",),
@@ -18,6 +19,7 @@ LAYERS = (
     ("dsjax.model",),
     ("dsjax.hf", "dsjax.infer"),
     ("dsjax.train",),
+    ("dsjax.rl",),
     ("dsjax.aot",),
     ("dsjax.cli",),
 )

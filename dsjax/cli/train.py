@@ -5,6 +5,7 @@
     dsjax-train --resume                              # continue runs/<name>/ from its newest checkpoint
     dsjax-train mesh.fsdp=4 mesh.expert=2             # any mesh of the devices (dsjax.parallel)
     dsjax-train --distributed ...                     # one process per host: jax.distributed
+    dsjax-train --config configs/grpo_tiny.yaml       # R1's recipe: cold-start SFT, then GRPO (dsjax.rl)
 
 (``python train.py`` and ``python -m dsjax.cli.train`` are the same command.)
 """
@@ -15,9 +16,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from dsjax.cli import reports_errors
+from dsjax.cli import UsageError, reports_errors
 from dsjax.config import load_config
 from dsjax.parallel.distributed import initialize, launched
+from dsjax.rl.recipe import post_train
 from dsjax.train.loop import train
 
 # The repository's configs/ (an editable install): the default config from any working directory.
@@ -43,8 +45,13 @@ def main(argv=None) -> int:
     a = ap.parse_intermixed_args(argv)
     if a.distributed or launched():
         initialize()
+    cfg = load_config(a.config or default_config(), a.overrides)
+    if cfg.sft or cfg.grpo:
+        if a.resume:
+            raise UsageError("--resume: post-training runs (sft / grpo sections) do not resume yet")
+        return report_post_training(post_train(cfg))
     try:
-        last = train(load_config(a.config or default_config(), a.overrides), resume=a.resume)
+        last = train(cfg, resume=a.resume)
     except KeyboardInterrupt:  # a second Ctrl-C: stop at once
         print("error: interrupted", file=sys.stderr)
         return 130
@@ -52,6 +59,14 @@ def main(argv=None) -> int:
         print(f"stopped by {last['stopped_by']} at step {last['step']} (checkpoint saved; --resume continues)")
     elif "val_bpb" in last:
         print(f"done: validation {last['val_loss']:.4f} nats/token, {last['val_bpb']:.3f} bits per byte")
+    return 0
+
+
+def report_post_training(result: dict) -> int:
+    if "before" in result:
+        after = f" -> {result['after']:.3f} after GRPO" if "after" in result else " after SFT"
+        print(f"held-out accuracy: {result['before']:.3f}{after}")
+    print(f"done in {result['seconds']:.0f} s: {result['directory']}")
     return 0
 
 

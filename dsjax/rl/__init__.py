@@ -1,0 +1,1 @@
+"""Post-training: R1's recipe (cold-start SFT, then GRPO with verifiable rewards)."""
