@@ -306,7 +306,7 @@ class GRPOConfig:
     microbatches: int = 1
     update_bias: bool = False  # keep updating the aux-loss-free selection bias during RL
     routing_replay: bool = False  # the update routes each token to the experts its rollout chose
-    train_mtp: bool = False  # MTP modules stay frozen unless set
+    train_mtp: bool = False  # MTP modules stay frozen unless set (then: their CE on the completions)
     speculative: bool = False  # MTP modules draft rollout tokens
     eval_every: int = 20
 

@@ -22,6 +22,7 @@ import numpy as np
 
 from dsjax.config import Config, GRPOConfig
 from dsjax.model.moe import BIAS
+from dsjax.train.loss import shifted_ce, target_counts
 from dsjax.train.optim import make_optimizer
 from dsjax.train.step import TrainState, accumulate_grads, apply_grads, split_microbatches, update_bias
 
@@ -82,19 +83,18 @@ def policy_terms(logp, old_logp, ref_logp, advantages, eps_low: float, eps_high:
     return -(objective - beta * kl), kl, low, high
 
 
-def policy_forward(model, params, bias, batch):
-    """The policy's logits [N, T, V] and main-model router stats on the rollout sequences (MTP off;
-    with ``batch["routes"]`` [N, L, T, K]: routing replay)."""
+def policy_forward(model, params, bias, batch, mtp: bool = False):
+    """The model on the rollout sequences (``ModelOutput``; MTP modules only if ``mtp``); with
+    ``batch["routes"]`` [N, L, T, K]: routing replay."""
     routes = batch.get("routes")
-    out = model.apply(
+    return model.apply(
         {"params": params, BIAS: bias},
         batch["tokens"],
         batch["segment_ids"],
         None,
         None if routes is None else jnp.moveaxis(routes, 1, 0),
-        mtp=False,
+        mtp=mtp,
     )
-    return out.logits, out.router
 
 
 def make_logps_fn(model, temperature: float):
@@ -103,9 +103,9 @@ def make_logps_fn(model, temperature: float):
     forward picks, for the routing mismatch against the rollout's."""
 
     def logps(params, bias, batch):
-        logits, router = policy_forward(model, params, bias, batch)
-        ids = None if router is None else jnp.moveaxis(router.expert_ids, 0, 1)
-        return token_logps(logits, batch["tokens"], temperature)[0], ids
+        out = policy_forward(model, params, bias, batch)
+        ids = None if out.router is None else jnp.moveaxis(out.router.expert_ids, 0, 1)
+        return token_logps(out.logits, batch["tokens"], temperature)[0], ids
 
     return logps
 
@@ -127,24 +127,32 @@ def make_grpo_step(cfg: Config, model):
     """(state, batch) -> (state, metrics); jit it. batch: tokens, segment_ids [N, T] (the rollout
     sequences: prompt then completion, right-padded), completion_mask [N, T] (the sampled tokens in
     the loss), advantages [N], and as needed old_logp (num_iterations > 1), ref_logp (beta > 0) and
-    routes [N, L, T, K] (routing replay)."""
+    routes [N, L, T, K] (routing replay). ``train_mtp``: the MTP modules also learn to predict the
+    sampled completions (their cross-entropy, weighted by train.mtp_loss_weight), so that their
+    drafts follow the changing policy; otherwise they keep their weights."""
     g: GRPOConfig = cfg.grpo
+    depth = cfg.model.num_nextn_predict_layers if g.train_mtp else 0
     eps_high = g.epsilon if g.epsilon_high is None else g.epsilon_high
     tx = make_optimizer(rl_train_config(cfg))
 
     def step(state: TrainState, batch):
         weights = token_weights(batch["completion_mask"], g.loss_type, g.max_completion_length)
         mask = batch["completion_mask"].astype(jnp.float32)
+        mtp_counts = target_counts({**batch, "loss_mask": batch["completion_mask"]}, depth)[1]
 
         def micro_loss(params, mb):
-            logits, router = policy_forward(model, params, state.bias, mb)
-            logp, entropy = token_logps(logits, mb["tokens"], g.temperature)
+            out = policy_forward(model, params, state.bias, mb, mtp=depth > 0)
+            router = out.router
+            logp, entropy = token_logps(out.logits, mb["tokens"], g.temperature)
             old = mb["old_logp"] if "old_logp" in mb else jax.lax.stop_gradient(logp)
             per_token, kl, low, high = policy_terms(
                 logp, old, mb.get("ref_logp"), mb["advantages"], g.epsilon, eps_high, g.beta
             )
             m = mb["completion_mask"].astype(jnp.float32)
             loss = jnp.sum(per_token * mb["weights"])
+            for k in range(1, depth + 1):  # MTP depth k predicts t_{i+k+1}
+                ce = shifted_ce(out.mtp_logits[k - 1], mb["tokens"], mb["segment_ids"], k + 1, mb["completion_mask"])
+                loss += cfg.train.mtp_loss_weight / depth * ce / jnp.maximum(mtp_counts[k - 1], 1)
             sums = {
                 "loss": loss,
                 "kl": jnp.sum(kl * m),

@@ -214,3 +214,13 @@ def test_fp32_rollouts_route_like_the_training_forward_and_replay_changes_nothin
     shifted = np.where(ro.routes >= 0, (ro.routes + 1) % cfg.model.n_routed_experts, -1)
     other, _ = logps(variables["params"], variables["selection_bias"], {**batch, "routes": shifted})
     assert float(jnp.max(jnp.abs(other - logp))) > 1e-4
+
+
+def test_train_mtp_fits_the_mtp_modules_to_the_completions(tmp_path):
+    cfg = grpo_cfg(tmp_path, train_mtp=True, beta=0.0)
+    rcfg = cfg.__class__(**{**cfg.__dict__, "train": rl_train_config(cfg)})
+    model = Transformer(cfg.model)
+    state = init_state(rcfg, model, jax.random.key(0))
+    batch = {k: v for k, v in synthetic_batch(cfg).items() if k not in ("old_logp", "ref_logp")}
+    new, _ = jax.jit(make_grpo_step(rcfg, model))(state, batch)
+    assert max_diff(state.params["mtp_0"], new.params["mtp_0"]) > 1e-4
