@@ -84,7 +84,10 @@ def task_examples(cfg: Config) -> tuple[list[Example], list[Example]]:
     train = make_task(t.name, t.train_examples, seed, **t.kwargs)
     held = make_task(t.name, t.eval_examples, seed + 1_000_003, **t.kwargs)
     seen = {e.prompt for e in train}
-    return train, [e for e in held if e.prompt not in seen] or held
+    held = [e for e in held if e.prompt not in seen]
+    if not held:
+        raise ConfigError(f"task: every held-out prompt also appears among the {len(train)} training prompts")
+    return train, held
 
 
 def initial_policy(cfg: Config, source: str) -> tuple[Config, dict | None]:
@@ -97,19 +100,15 @@ def initial_policy(cfg: Config, source: str) -> tuple[Config, dict | None]:
     return dataclasses.replace(cfg, model=model_cfg), variables
 
 
-def fresh_optimizer(cfg: Config, model, mesh, variables, state: TrainState | None, seed: int) -> TrainState:
-    """A TrainState with step 0 and new optimizer moments: of ``variables``, of ``state``'s weights, or fresh."""
-    shardings = state_shardings(cfg, model, mesh)
-    if state is None and variables is None:
-        return init_state_sharded(cfg, model, mesh, jax.random.key(seed), shardings)
-    params, bias = (state.params, state.bias) if state is not None else (variables["params"], variables[BIAS])
+def with_fresh_optimizer(cfg: Config, model, mesh, params, bias) -> TrainState:
+    """A TrainState at step 0 holding ``params`` and ``bias``, with new optimizer moments for
+    ``cfg.train``, sharded like training's."""
     zero = jnp.zeros((), jnp.int32)
 
     def build(params, bias):
         return TrainState(zero, params, make_optimizer(cfg.train).init(params), bias, zero, zero)
 
-    with jax.set_mesh(mesh):
-        return jax.jit(build, out_shardings=shardings)(params, bias)
+    return jax.jit(build, out_shardings=state_shardings(cfg, model, mesh))(params, bias)
 
 
 def evaluate(cfg: Config, state: TrainState, tokenizer, examples: list[Example], pad_to: int) -> dict:
@@ -123,7 +122,7 @@ def evaluate(cfg: Config, state: TrainState, tokenizer, examples: list[Example],
         tokenizer,
         prompts,
         1,
-        g.max_completion_length if g else 64,
+        g.max_completion_length if g else cfg.train.sample_tokens,
         temperature=0.0,
     )
     n = len(examples)
@@ -175,7 +174,7 @@ def sft_stage(cfg: Config, model, mesh, state: TrainState, tokenizer, examples, 
     )
     scfg = dataclasses.replace(cfg, train=train)
     check_divisible(mesh, cfg.model, s.batch_size)
-    state = fresh_optimizer(scfg, model, mesh, None, state, cfg.train.seed)
+    state = with_fresh_optimizer(scfg, model, mesh, state.params, state.bias)
     state_sh, batch_sh = state_shardings(scfg, model, mesh), batch_sharding(mesh)
     step_fn = jax.jit(
         make_train_step(scfg, model),
@@ -222,7 +221,7 @@ def grpo_stage(cfg, model, mesh, state, tokenizer, examples, held_out, log, prog
     n = g.prompts_per_step * g.num_generations
     check_divisible(mesh, cfg.model, n // g.microbatches)
     rcfg = dataclasses.replace(cfg, train=rl_train_config(cfg))
-    state = fresh_optimizer(rcfg, model, mesh, None, state, cfg.train.seed)
+    state = with_fresh_optimizer(rcfg, model, mesh, state.params, state.bias)
     ref = None
     if g.beta > 0:  # the frozen reference policy: a copy of the starting weights
         ref = (jax.tree.map(jnp.copy, state.params), jax.tree.map(jnp.copy, state.bias))
@@ -236,6 +235,7 @@ def grpo_stage(cfg, model, mesh, state, tokenizer, examples, held_out, log, prog
     rng = np.random.default_rng(cfg.train.seed)
     key = jax.random.key(cfg.train.seed)
     order, cursor = rng.permutation(len(examples)), 0
+    put = lambda b: global_arrays(b, jax.tree.map(lambda _: batch_sh, b))  # noqa: E731
     bar = tqdm(range(1, g.steps + 1), desc="GRPO", disable=not (progress and log.main), dynamic_ncols=True)
     last = {}
     for step in bar:
@@ -259,6 +259,7 @@ def grpo_stage(cfg, model, mesh, state, tokenizer, examples, held_out, log, prog
             speculative=g.speculative,
             record_routes=True,
         )
+        t1 = time.perf_counter()
         total, per = score(reward_fns, weights, batch_ex, ro.completions, g.num_generations)
         equal = equal_reward_groups(total, g.num_generations)
         mask = ro.completion_mask * (~equal if g.drop_equal_reward_groups else np.ones_like(equal))[:, None]
@@ -270,7 +271,6 @@ def grpo_stage(cfg, model, mesh, state, tokenizer, examples, held_out, log, prog
         }
         if g.routing_replay and ro.routes is not None:
             batch["routes"] = ro.routes
-        put = lambda b: global_arrays(b, jax.tree.map(lambda _: batch_sh, b))  # noqa: E731
         device_batch = put(batch)
         old_logp, expert_ids = logps_fn(state.params, state.bias, device_batch)
         extra = {}
@@ -278,7 +278,6 @@ def grpo_stage(cfg, model, mesh, state, tokenizer, examples, held_out, log, prog
             extra["old_logp"] = old_logp
         if ref is not None:
             extra["ref_logp"] = logps_fn(*ref, device_batch)[0]
-        t1 = time.perf_counter()
         for _ in range(g.num_iterations):
             state, m = step_fn(state, {**device_batch, **extra})
         m = {k: float(v) for k, v in jax.device_get(m).items()}
@@ -295,8 +294,8 @@ def grpo_stage(cfg, model, mesh, state, tokenizer, examples, held_out, log, prog
             **{k: v for k, v in m.items() if k != "ok"},
             "skipped_nonfinite": float(not m["ok"]),
             "rollout_tokens_per_s": ro.stats["rollout_tokens_per_s"],
-            "rollout_s": round(t1 - t0, 3),
-            "update_s": round(time.perf_counter() - t1, 3),
+            "rollout_s": round(t1 - t0, 3),  # sampling
+            "update_s": round(time.perf_counter() - t1, 3),  # rewards, old / reference log-probs, the updates
         }
         if "acceptance" in ro.stats:
             row["draft_acceptance"] = ro.stats["acceptance"]
@@ -363,7 +362,10 @@ def post_train(cfg: Config, progress: bool = True) -> dict:
     pad_to = mesh.size
     result = {}
     with jax.set_mesh(mesh):
-        state = fresh_optimizer(cfg, model, mesh, variables, None, cfg.train.seed)
+        if variables is None:
+            state = init_state_sharded(cfg, model, mesh, jax.random.key(cfg.train.seed))
+        else:
+            state = with_fresh_optimizer(cfg, model, mesh, variables["params"], variables[BIAS])
         if cfg.sft:
             state = sft_stage(cfg, model, mesh, state, tokenizer, examples, log, progress)
         if held_out:  # the policy GRPO starts from (or the SFT result)
