@@ -121,3 +121,50 @@ def test_gpu_topologies_ask_xla_for_a_described_gpu(monkeypatch):
     with pytest.raises(ConfigError, match="NAME:COUNT"):
         gpu_devices("h100:x8")
     assert HBM_GIB["NVIDIA H100 80GB HBM3"] == 79.1 and set(GPUS) == {"h100", "a100", "l4", "t4"}
+
+
+GRPO_PLAN = """
+import json, math, sys
+import jax
+from dsjax.aot import plan
+from dsjax.config import load_config
+from dsjax.model.transformer import Transformer
+from dsjax.parallel.mesh import make_mesh
+from dsjax.parallel.topology import topology_devices
+from dsjax.train.step import abstract_state, state_shardings
+
+path, overrides = sys.argv[1], sys.argv[2:]
+plans = {b: plan(load_config(path, overrides + [f"grpo.beta={b}"]), "v5e:2x2") for b in (0.04, 0)}
+cfg = load_config(path, overrides)
+model = Transformer(cfg.model)
+shardings = state_shardings(cfg, model, make_mesh(cfg.mesh, topology_devices("v5e:2x2")))
+params = zip(jax.tree.leaves(abstract_state(cfg, model).params), jax.tree.leaves(shardings.params))
+bf16_shard_bytes = sum(2 * math.prod(s.shard_shape(a.shape)) for a, s in params)
+print(json.dumps({"plans": plans, "bf16_shard_bytes": bf16_shard_bytes}))
+"""
+
+
+@pytest.mark.slow
+def test_aot_planner_compiles_the_grpo_update_with_and_without_a_reference():
+    """A config with a grpo: section plans GRPO's update (reference log-probs + one step) for the
+    rollout batch; with beta > 0 the bf16 reference policy's shards (computed here from the
+    parameters' shardings: 2 bytes per element of each chip's shard) join the arguments, at beta
+    = 0 they do not. TPU layouts pad a tiny model's small dims, hence the upper bound's slack;
+    an fp32 reference would need twice the bytes."""
+    pytest.importorskip("libtpu", reason="libtpu has no wheel for this platform (the test extra installs it on Linux)")
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    overrides = [
+        *("mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "model.vocab_size=260", "model.dtype=bfloat16"),
+        *("train.seq_len=64", "grpo.prompts_per_step=2", "grpo.num_generations=4", "grpo.num_iterations=2"),
+    ]
+    cmd = [sys.executable, "-c", GRPO_PLAN, str(ROOT / "configs" / "grpo_tiny.yaml"), *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    with_ref, without = r["plans"]["0.04"], r["plans"]["0"]
+    for p in (with_ref, without):
+        assert p["step"] == "grpo" and (p["batch_size"], p["seq_len"]) == (8, 64) and p["fits"]
+    assert with_ref["reference_dtype"] == "bfloat16" and without["reference_dtype"] is None
+    reference = (with_ref["arguments_gib"] - without["arguments_gib"]) * 2**30
+    assert r["bf16_shard_bytes"] <= reference <= 1.6 * r["bf16_shard_bytes"]
+    assert with_ref["model_flops_per_chip"] == pytest.approx(4 / 3 * without["model_flops_per_chip"])

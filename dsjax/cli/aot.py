@@ -1,8 +1,12 @@
 """Compile the train step for a TPU slice or GPUs without having them, and print its per-chip memory.
 
+A config with a ``grpo:`` section plans GRPO's update instead (prompts_per_step x num_generations
+rollouts of train.seq_len tokens; the reference policy in model.dtype when grpo.beta > 0).
+
     dsjax-aot --config configs/deepseek_v3_671b.yaml --topology v5p:8x8x8 \
         mesh.fsdp=32 mesh.expert=8 mesh.tensor=2 train.seq_len=4096 train.batch_size=256 model.remat=full
     dsjax-aot --config configs/tiny.yaml --topology h100:1 model.fp8=true
+    dsjax-aot --config configs/grpo_tiny.yaml --topology v5e:2x2 mesh.fsdp=4 grpo.beta=0
 
 TPU slices need libtpu's compiler (``pip install -e ".[tpu]"``), GPUs XLA's CUDA plugin
 (``pip install "jax[cuda13]"``); see ``dsjax.aot``.
@@ -26,8 +30,13 @@ def table(r: dict) -> str:
     mesh = " x ".join(f"{a}={n}" for a, n in r["mesh"].items())
     hbm = f"{r['hbm_gib']} GiB" if r["hbm_gib"] else "unknown"
     verdict = "fits" if r["fits"] else "does NOT fit"
+    if r["step"] == "grpo":
+        reference = f"reference policy in {r['reference_dtype']}" if r["beta"] else "no reference policy"
+        what = f"GRPO update (beta {r['beta']}, {reference}), rollouts {r['batch_size']} x {r['seq_len']}"
+    else:
+        what = f"train step, batch {r['batch_size']} x {r['seq_len']}"
     title = (
-        f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {mesh}, batch {r['batch_size']} x {r['seq_len']}"
+        f"{r['topology']} ({r['chips']} x {r['device_kind']}), mesh {mesh}, {what}"
         f" ({r['microbatches']} microbatch(es)), remat {r['remat']},"
         f" capacity factor {r['expert_capacity_factor'] or 'dropless'}"
     )

@@ -118,6 +118,14 @@ def routing_mismatch(rollout_routes, expert_ids, valid):
     return jnp.sum(jnp.where(same, 0.0, valid)) / jnp.maximum(valid.sum(), 1)
 
 
+def reference_copy(params, dtype: str):
+    """The frozen reference policy's weights (``beta`` > 0): a copy in the compute dtype
+    (``model.dtype``), so a bf16 model keeps 2 bytes per parameter for it, not the 4 of its fp32
+    masters. The matmuls read bf16 weights either way; the router and norms read them rounded."""
+    floating = lambda p: jnp.issubdtype(p.dtype, jnp.floating)  # noqa: E731
+    return jax.tree.map(lambda p: jnp.array(p, dtype if floating(p) else p.dtype, copy=True), params)  # never aliased
+
+
 def frozen_mtp(params, old):
     """The update with every MTP module's weights put back (``grpo.train_mtp`` false)."""
     return {k: (old[k] if k.startswith("mtp_") else v) for k, v in params.items()}

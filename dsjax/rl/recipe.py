@@ -35,6 +35,7 @@ from dsjax.rl.grpo import (
     group_advantages,
     make_grpo_step,
     make_logps_fn,
+    reference_copy,
     rl_train_config,
     routing_mismatch,
 )
@@ -224,7 +225,7 @@ def grpo_stage(cfg, model, mesh, state, tokenizer, examples, held_out, log, prog
     state = with_fresh_optimizer(rcfg, model, mesh, state.params, state.bias)
     ref = None
     if g.beta > 0:  # the frozen reference policy: a copy of the starting weights
-        ref = (jax.tree.map(jnp.copy, state.params), jax.tree.map(jnp.copy, state.bias))
+        ref = (reference_copy(state.params, cfg.model.dtype), jax.tree.map(jnp.copy, state.bias))
     state_sh, batch_sh = state_shardings(rcfg, model, mesh), batch_sharding(mesh)
     step_fn = jax.jit(
         make_grpo_step(rcfg, model), in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0

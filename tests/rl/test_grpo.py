@@ -224,3 +224,18 @@ def test_train_mtp_fits_the_mtp_modules_to_the_completions(tmp_path):
     batch = {k: v for k, v in synthetic_batch(cfg).items() if k not in ("old_logp", "ref_logp")}
     new, _ = jax.jit(make_grpo_step(rcfg, model))(state, batch)
     assert max_diff(state.params["mtp_0"], new.params["mtp_0"]) > 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_reference_copy_is_a_new_array_in_the_compute_dtype(dtype):
+    """The frozen reference: floating weights in model.dtype, integers kept, and never the policy's
+    own buffers (which the update donates), even when the dtype does not change."""
+    from dsjax.rl.grpo import reference_copy
+
+    params = {"w": jnp.full((2, 3), 1.5, jnp.float32), "ids": jnp.arange(3)}
+    ref = reference_copy(params, dtype)
+    for leaf in jax.tree.leaves(params):
+        leaf.delete()  # what donating the policy's params to the update does
+    assert ref["w"].dtype == jnp.dtype(dtype) and ref["ids"].dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(ref["w"], np.float32), np.full((2, 3), 1.5))
+    np.testing.assert_array_equal(np.asarray(ref["ids"]), np.arange(3))
