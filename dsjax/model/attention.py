@@ -78,6 +78,15 @@ def latent_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale):
     return jnp.einsum("bhst,btr->bshr", _softmax(scores, _dense(mask, c_kv.shape[1]), scale, c_kv.dtype), c_kv)
 
 
+def paged_latent_reference(q_lat, q_pe, c_kv_pages, k_pe_pages, page_table, mask, scale):
+    """``latent_attention_reference`` over each sequence's pages gathered into a row of slots:
+    c_kv_pages [P, page_size, r], k_pe_pages [P, page_size, dr], page_table [b, n] (slot j at page
+    page_table[b, j // page_size], offset j % page_size)."""
+    b, n = page_table.shape
+    c_kv, k_pe = (x[page_table].reshape(b, n * x.shape[1], x.shape[2]) for x in (c_kv_pages, k_pe_pages))
+    return latent_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale)
+
+
 def resolve_impl(impl: str) -> str:
     """ "xla", "pallas" or "interpret" for this platform (``pallas_kernels.platform.resolve_impl``);
     the kernels run per shard under a mesh. ValueError naming a choice the devices cannot run."""
@@ -131,3 +140,9 @@ def latent_attention(q_lat, q_pe, c_kv, k_pe, mask, scale, impl: str = "xla"):
     kernel = per_shard(lambda *a: mla_decode(*a, scale, backend=_backend(impl)), (rows, rows, rows, rows, ids), rows)
     out = kernel(q_lat.reshape(b, s * h, r), q_pe.reshape(b, s * h, -1), c_kv, k_pe, lengths.reshape(b, s * h))
     return out.reshape(b, s, h, r)
+
+
+def paged_latent_attention(q_lat, q_pe, c_kv_pages, k_pe_pages, page_table, mask, scale, impl: str = "xla"):
+    """``paged_latent_reference`` (impl "xla"); the Pallas kernels read a contiguous cache, so for
+    now every impl runs the reference (it gathers each sequence's pages)."""
+    return paged_latent_reference(q_lat, q_pe, c_kv_pages, k_pe_pages, page_table, mask, scale)

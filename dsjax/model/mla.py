@@ -6,9 +6,11 @@
 
 Without a cache (training, full forward; ``mla_attention``): k_nope and v expanded per head. With
 one (generation: prefill and every decode step; ``mla_attention_absorbed``): only c_kv and k_pe are
-cached per token (``LatentCache``), W_UK is folded into the query and W_UV applied after the
-attention: q_nope.k_nope = (q_nope W_UK).c_kv, p.v = (p.c_kv) W_UV. The attention itself (jnp
-references and their Pallas kernels, chosen by ``cfg.attention_impl``) is in ``dsjax.model.attention``.
+cached per token (``LatentCache``: a row of slots per sequence; ``PagedLatentCache``: fixed-size
+pages of a shared pool, found through each sequence's page table, for serving), W_UK is folded into
+the query and W_UV applied after the attention: q_nope.k_nope = (q_nope W_UK).c_kv, p.v = (p.c_kv)
+W_UV. The attention itself (jnp references and their Pallas kernels, chosen by
+``cfg.attention_impl``) is in ``dsjax.model.attention``.
 """
 
 import flax.linen as nn
@@ -17,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
-from dsjax.model.attention import AttentionMask, latent_attention, mla_attention
+from dsjax.model.attention import AttentionMask, latent_attention, mla_attention, paged_latent_attention
 from dsjax.model.fp8 import Fp8Weight
 from dsjax.model.layers import RMSNorm, linear
 from dsjax.model.rope import apply_rope, softmax_scale
@@ -50,15 +52,61 @@ class LatentCache:
             self.k_pe.at[b, slot].set(k_pe.astype(self.k_pe.dtype), mode="drop"),
         )
 
+    def attend(self, q_lat, q_pe, mask, scale, impl):
+        """Absorbed attention of q_lat [b,s,h,r], q_pe [b,s,h,dr] over every slot (``latent_attention``)."""
+        return latent_attention(q_lat, q_pe, self.c_kv, self.k_pe, mask, scale, impl)
 
-def mla_attention_absorbed(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, scale, impl: str = "xla"):
+
+@flax.struct.dataclass
+class PagedLatentCache:
+    """The same entries in pages: a pool c_kv [..., P, page_size, kv_lora_rank], k_pe [..., P,
+    page_size, qk_rope_head_dim] shared by every sequence, and ``pages`` [..., B, n]: sequence b's
+    slot j (= position j) is at page pages[b, j // page_size], offset j % page_size. The page table
+    is repeated along the leading layer axis, so a layer scan hands each layer its own view.
+    """
+
+    c_kv: jax.Array
+    k_pe: jax.Array
+    pages: jax.Array
+
+    @classmethod
+    def zeros(cls, cfg: ModelConfig, num_pages: int, page_size: int, layers: tuple[int, ...] = ()):
+        """An empty pool of ``num_pages`` pages (dtype = cfg.dtype) and an empty page table ([..., 0, 0])."""
+        shape = (*layers, num_pages, page_size)
+        dt = jnp.dtype(cfg.dtype)
+        return cls(
+            jnp.zeros((*shape, cfg.kv_lora_rank), dt),
+            jnp.zeros((*shape, cfg.qk_rope_head_dim), dt),
+            jnp.zeros((*layers, 0, 0), jnp.int32),
+        )
+
+    def write(self, positions, c_kv, k_pe):
+        """Stores the entries of tokens at ``positions`` [B, S] in their pages (negative or past the
+        table: dropped)."""
+        num_pages, size = self.c_kv.shape[-3:-1]
+        index = positions // size
+        page = jnp.take_along_axis(self.pages, jnp.clip(index, 0, self.pages.shape[-1] - 1), axis=1)
+        page = jnp.where((positions >= 0) & (index < self.pages.shape[-1]), page, num_pages)
+        offset = positions % size
+        return self.replace(
+            c_kv=self.c_kv.at[page, offset].set(c_kv.astype(self.c_kv.dtype), mode="drop"),
+            k_pe=self.k_pe.at[page, offset].set(k_pe.astype(self.k_pe.dtype), mode="drop"),
+        )
+
+    def attend(self, q_lat, q_pe, mask, scale, impl):
+        """Absorbed attention over each sequence's pages (``paged_latent_attention``)."""
+        return paged_latent_attention(q_lat, q_pe, self.c_kv, self.k_pe, self.pages, mask, scale, impl)
+
+
+def mla_attention_absorbed(q_nope, q_pe, cache, w_uk, w_uv, mask, scale, impl: str = "xla"):
     """softmax(((q_nope W_UK).c_kv + q_pe.k_pe) * scale + mask) c_kv W_UV: the same attention,
     read from the latent cache (one 'KV head' of dim kv_lora + dr for scores, kv_lora for values).
 
-    q_nope [b,s,h,dn], q_pe [b,s,h,dr], c_kv [b,t,r], k_pe [b,t,dr], w_uk [r,h,dn], w_uv [r,h,dv]
-    (the two blocks of kv_b_proj), mask [b,s,t] or an AttentionMask. Returns [b,s,h,dv]."""
+    q_nope [b,s,h,dn], q_pe [b,s,h,dr], cache a ``LatentCache`` (c_kv [b,t,r], k_pe [b,t,dr]) or a
+    ``PagedLatentCache``, w_uk [r,h,dn], w_uv [r,h,dv] (the two blocks of kv_b_proj), mask [b,s,t]
+    or an AttentionMask. Returns [b,s,h,dv]."""
     q_lat = jnp.einsum("bshd,rhd->bshr", q_nope, w_uk)
-    out_lat = latent_attention(q_lat, q_pe, c_kv, k_pe, mask, scale, impl)
+    out_lat = cache.attend(q_lat, q_pe, mask, scale, impl)
     return jnp.einsum("bshr,rhd->bshd", out_lat, w_uv)
 
 
@@ -113,7 +161,5 @@ class MLA(nn.Module):
             cache = cache.write(positions, c_kv, k_pe)
             w = self.kv_b_weight()  # [r, h, dn + dv]
             w_uk, w_uv = w[..., : c.qk_nope_head_dim], w[..., c.qk_nope_head_dim :]
-            out = mla_attention_absorbed(
-                q_nope, q_pe, cache.c_kv, cache.k_pe, w_uk, w_uv, mask, softmax_scale(c), c.attention_impl
-            )
+            out = mla_attention_absorbed(q_nope, q_pe, cache, w_uk, w_uv, mask, softmax_scale(c), c.attention_impl)
         return self.o_proj(out), cache

@@ -23,7 +23,7 @@ from dsjax.config import ModelConfig
 from dsjax.model.attention import AttentionMask
 from dsjax.model.block import Stack
 from dsjax.model.layers import RMSNorm, linear
-from dsjax.model.mla import LatentCache
+from dsjax.model.mla import LatentCache, PagedLatentCache
 from dsjax.model.moe import RouterStats
 from dsjax.model.mtp import MTPModule
 from dsjax.model.rope import rope_angles
@@ -172,6 +172,25 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, with_mtp: bool = Fals
     for d in range(cfg.num_nextn_predict_layers if with_mtp else 0):
         cache[f"mtp_{d}"] = LatentCache.zeros(cfg, batch, max_len)
     return cache
+
+
+def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int) -> dict:
+    """An empty paged decode cache (``PagedLatentCache``) of the main model's layer stacks: a pool
+    of ``num_pages`` pages of ``page_size`` slots per layer; set ``pages`` (``with_pages``) per call."""
+    cache = {}
+    if cfg.first_k_dense_replace:
+        cache["dense_layers"] = PagedLatentCache.zeros(cfg, num_pages, page_size, (cfg.first_k_dense_replace,))
+    if cfg.num_moe_layers:
+        cache["moe_layers"] = PagedLatentCache.zeros(cfg, num_pages, page_size, (cfg.num_moe_layers,))
+    return cache
+
+
+def with_pages(cache: dict, page_table) -> dict:
+    """The paged cache with every layer reading through ``page_table`` [B, n]."""
+    return {
+        k: c.replace(pages=jnp.broadcast_to(page_table, (*c.c_kv.shape[:-3], *page_table.shape)))
+        for k, c in cache.items()
+    }
 
 
 def abstract_variables(cfg: ModelConfig):

@@ -14,7 +14,7 @@ from dsjax.config import ModelConfig, load_config
 from dsjax.hf import from_hf_config
 from dsjax.infer import generate
 from dsjax.model import Transformer, echoing_variables, init_cache, random_variables
-from dsjax.model.mla import mla_attention, mla_attention_absorbed
+from dsjax.model.mla import LatentCache, mla_attention, mla_attention_absorbed
 from pallas_kernels.quant import dequantize_blocks, pad_to
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -32,7 +32,7 @@ def test_absorbed_attention_equals_expanded():
     mask = jnp.arange(t) <= jnp.asarray([[2, 3, 4], [4, 5, 6]])[..., None]
     k_nope, v = jnp.einsum("btr,rhd->bthd", c_kv, w_uk), jnp.einsum("btr,rhd->bthd", c_kv, w_uv)
     want = mla_attention(q_nope, q_pe, k_nope, k_pe, v, mask, 0.3)
-    got = mla_attention_absorbed(q_nope, q_pe, c_kv, k_pe, w_uk, w_uv, mask, 0.3)
+    got = mla_attention_absorbed(q_nope, q_pe, LatentCache(c_kv, k_pe), w_uk, w_uv, mask, 0.3)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
 
 

@@ -1,0 +1,436 @@
+"""A serving engine: continuous batching over a paged latent cache.
+
+    engine = Engine(cfg, variables, tokenizer, max_batch=16, page_size=16)
+    rid = engine.add_request(prompt_ids, SamplingParams(max_tokens=64, temperature=0.7, seed=1))
+    while engine.has_work():
+        for out in engine.step():   # RequestOutput: new tokens and text of one sequence, finished?
+            ...
+
+Every ``step`` (one iteration of the loop above):
+  1. admit  waiting requests while a decode slot and their pages are free. A request reserves the
+            pages of its prompt + max_tokens; prompt pages already cached for an earlier request
+            with the same prefix are shared, not recomputed (``PageAllocator.lookup``).
+  2. prefill one chunk of ``prefill_chunk`` tokens of the oldest request still reading its prompt
+            (chunked prefill: a long prompt delays the running decodes by a chunk per step, not by
+            its whole length); at its end the request's first token is sampled and its ``n``
+            sequences fork, sharing every prompt page.
+  3. decode one token for every running sequence, all in one batch of ``max_batch`` rows. A row
+            about to write into a page it shares copies that page first (copy on write).
+  4. finish sequences at EOS, a stop string or max_tokens; their pages and slots are free at once.
+
+The model runs ``Transformer.decode`` over a ``PagedLatentCache``: two compiled shapes, [1,
+prefill_chunk] and [max_batch, 1], serve every request. Sampling is per row (temperature, top-k,
+top-p, and a key from the request's seed and the token's index, so a seeded request samples the same
+tokens whatever else runs beside it). Greedy output equals ``generate``'s. ``add_request`` and
+``abort`` may be called from other threads; ``step`` from one thread at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dsjax.config import ModelConfig
+from dsjax.infer.generate import Sampling
+from dsjax.infer.pages import PageAllocator
+from dsjax.model.transformer import Transformer, init_paged_cache, with_pages
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Per request, with the OpenAI API's names. temperature 0: greedy. top_k 0 / top_p 1: off.
+    ``stop``: strings that end a completion (not included in its text). ``seed``: None draws one.
+    ``n``: completions of the prompt, sharing its cache pages."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+    n: int = 1
+    ignore_eos: bool = False
+
+    def __post_init__(self):
+        problems = [
+            (self.max_tokens < 1, f"max_tokens={self.max_tokens}: must be >= 1"),
+            (self.temperature < 0, f"temperature={self.temperature}: must be >= 0"),
+            (not 0 < self.top_p <= 1, f"top_p={self.top_p}: must be in (0, 1]"),
+            (self.top_k < 0, f"top_k={self.top_k}: must be >= 0 (0: off)"),
+            (self.n < 1, f"n={self.n}: must be >= 1"),
+            (any(not s for s in self.stop), "stop: stop strings must not be empty"),
+        ]
+        for bad, message in problems:
+            if bad:
+                raise ValueError(message)
+
+
+@dataclasses.dataclass
+class RequestOutput:
+    """What one step added to one sequence (``index`` of the request's ``n``)."""
+
+    request_id: str
+    index: int
+    token_ids: list[int]  # new tokens this step
+    text: str  # new text this step (held back while it may still turn into a stop string)
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS or a stop string), "length", "abort"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    routes: np.ndarray | None = None  # record_routes, when finished: [L_moe, positions cached, K] experts
+
+
+@dataclasses.dataclass
+class _Sequence:
+    request: _Request
+    index: int
+    tokens: list[int]  # prompt, then the tokens generated; the last is not cached yet
+    pages: list[int]
+    cached: int = 0  # positions 0 .. cached - 1 are in the cache
+    slot: int = -1  # decode row
+    spare: list[int] = dataclasses.field(default_factory=list)  # a page reserved for copy on write
+    sent: int = 0  # characters of text already returned
+    finish_reason: str | None = None
+    routes: list = dataclasses.field(default_factory=list)  # record_routes: [L_moe, W, K] per call
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[len(self.request.prompt) :]
+
+
+@dataclasses.dataclass
+class _Request:
+    id: str
+    prompt: list[int]
+    params: SamplingParams
+    seed: int
+    on_output: Callable[[RequestOutput], None] | None
+    arrival: float
+    sequences: list[_Sequence] = dataclasses.field(default_factory=list)
+    shared: int = 0  # prompt tokens found in the prefix cache
+
+
+class Engine:
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        variables,
+        tokenizer,
+        *,
+        max_batch: int = 16,
+        page_size: int = 16,
+        num_pages: int | None = None,
+        max_model_len: int | None = None,
+        prefill_chunk: int = 128,
+        record_routes: bool = False,
+    ):
+        self.cfg, self.tokenizer = cfg, tokenizer
+        self.max_model_len = max_model_len or cfg.max_position_embeddings
+        if not 0 < self.max_model_len <= cfg.max_position_embeddings:
+            raise ValueError(
+                f"max_model_len={max_model_len}: must be in 1 .. max_position_embeddings={cfg.max_position_embeddings}"
+            )
+        if max_batch < 1 or page_size < 1 or prefill_chunk < 1:
+            raise ValueError(f"max_batch={max_batch}, page_size={page_size}, prefill_chunk={prefill_chunk}: need >= 1")
+        self.max_batch, self.page_size, self.prefill_chunk = max_batch, page_size, prefill_chunk
+        self.pages_per_seq = -(-self.max_model_len // page_size)
+        num_pages = num_pages or max_batch * self.pages_per_seq  # default: every slot at full length
+        self.allocator = PageAllocator(num_pages, page_size)
+        self.variables = jax.device_put(variables)
+        self.cache = init_paged_cache(cfg, num_pages, page_size)
+        self.eos_id = getattr(tokenizer, "eos_id", None)
+        self._inbox: collections.deque = collections.deque()
+        self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._seeds = np.random.default_rng()
+        self.waiting: collections.deque[_Request] = collections.deque()
+        self.prefilling: collections.deque[_Request] = collections.deque()
+        self.slots: list[_Sequence | None] = [None] * max_batch
+        self.stats = collections.Counter()
+        self.record_routes = record_routes and cfg.num_moe_layers > 0  # for RL: routing replay, mismatch
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def add_request(
+        self, prompt: list[int], params: SamplingParams, request_id: str | None = None, on_output=None
+    ) -> str:
+        """Queues a request (thread-safe); ValueError, before anything runs, if it cannot fit."""
+        prompt = [int(t) for t in prompt]
+        if not prompt:
+            raise ValueError("the prompt is empty: it needs at least one token")
+        if any(not 0 <= t < self.cfg.vocab_size for t in prompt):
+            raise ValueError(f"the prompt has token ids outside the vocabulary (0 .. {self.cfg.vocab_size - 1})")
+        if len(prompt) + params.max_tokens > self.max_model_len:
+            raise ValueError(
+                f"the prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
+                f"of {self.max_model_len} tokens"
+            )
+        if params.n > self.max_batch:
+            raise ValueError(f"n={params.n}: at most max_batch={self.max_batch} completions per request")
+        if self._pages_needed(len(prompt), params, shared=0) > self.allocator.num_pages:
+            raise ValueError(f"the request needs more cache pages than the pool's {self.allocator.num_pages}")
+        rid = request_id or f"req-{next(self._ids)}"
+        seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
+        request = _Request(rid, prompt, params, seed, on_output, time.perf_counter())
+        with self._lock:
+            self._inbox.append(("add", request))
+        return rid
+
+    def abort(self, request_id: str) -> None:
+        """Ends a request (thread-safe): at the next step it finishes with finish_reason "abort"."""
+        with self._lock:
+            self._inbox.append(("abort", request_id))
+
+    def has_work(self) -> bool:
+        return bool(self._inbox or self.waiting or self.prefilling or any(self.slots))
+
+    # -- the loop ------------------------------------------------------------------------------
+
+    def step(self) -> list[RequestOutput]:
+        """Admit, prefill a chunk, decode a token for every running sequence; returns what changed."""
+        outputs: list[tuple[_Request, RequestOutput]] = []
+        self._read_inbox(outputs)
+        self._admit()
+        if self.prefilling:
+            self._prefill_chunk(self.prefilling[0], outputs)
+        if any(self.slots):
+            self._decode(outputs)
+        for request, out in outputs:
+            if request.on_output is not None:
+                request.on_output(out)
+        return [out for _, out in outputs]
+
+    def run(self) -> dict[str, list[RequestOutput]]:
+        """Steps until every queued request is finished; returns each request's outputs."""
+        done: dict[str, list[RequestOutput]] = collections.defaultdict(list)
+        while self.has_work():
+            for out in self.step():
+                done[out.request_id].append(out)
+        return dict(done)
+
+    def _read_inbox(self, outputs):
+        with self._lock:
+            items, self._inbox = list(self._inbox), collections.deque()
+        for kind, item in items:
+            if kind == "add":
+                self.waiting.append(item)
+            else:
+                self._abort(item, outputs)
+
+    def _abort(self, request_id: str, outputs):
+        for queue in (self.waiting, self.prefilling):
+            for request in list(queue):
+                if request.id == request_id:
+                    queue.remove(request)
+                    for seq in request.sequences:
+                        self._release(seq)
+                    for i in range(request.params.n):
+                        outputs.append(self._output(request, i, [], "", "abort"))
+        for seq in self.slots:
+            if seq is not None and seq.request.id == request_id:
+                self._finish(seq, "abort", outputs)
+
+    def _pages_needed(self, prompt_len: int, params: SamplingParams, shared: int) -> int:
+        """Pages for the prompt (less ``shared`` cached ones) and every sequence's completion; the
+        ``n - 1`` forked sequences also copy the shared partial last page when they first write."""
+        s = self.page_size
+        prompt_pages = -(-prompt_len // s)
+        per_sequence = -(-(prompt_len + params.max_tokens) // s) - prompt_pages
+        cow = (params.n - 1) if prompt_len % s else 0
+        return prompt_pages - shared + params.n * per_sequence + cow
+
+    def _admit(self):
+        free_slots = sum(seq is None for seq in self.slots) - sum(r.params.n for r in self.prefilling)
+        while self.waiting and self.waiting[0].params.n <= free_slots:
+            request = self.waiting[0]
+            length, s = len(request.prompt), self.page_size
+            shared = self.allocator.lookup(request.prompt, (length - 1) // s)  # the last token: always run
+            if self._pages_needed(length, request.params, len(shared)) > self.allocator.num_free:
+                self.allocator.release(shared)
+                return  # first come, first served: wait for pages to free
+            self.waiting.popleft()
+            own = self.allocator.allocate(-(-length // s) - len(shared))
+            seq = _Sequence(request, 0, list(request.prompt), shared + own, cached=len(shared) * s)
+            per_sequence = -(-(length + request.params.max_tokens) // s) - -(-length // s)
+            seq.pages += self.allocator.allocate(per_sequence)
+            request.sequences, request.shared = [seq], len(shared) * s
+            self.stats["prefix_tokens_shared"] += len(shared) * s
+            self.prefilling.append(request)
+            free_slots -= request.params.n
+
+    def _prefill_chunk(self, request: _Request, outputs):
+        seq = request.sequences[0]
+        length, c = len(request.prompt), self.prefill_chunk
+        start = seq.cached
+        chunk = request.prompt[start : start + c]
+        tokens = np.zeros((1, c), np.int32)
+        tokens[0, : len(chunk)] = chunk
+        positions = np.full((1, c), -1, np.int32)
+        positions[0, : len(chunk)] = np.arange(start, start + len(chunk))
+        last = np.array([len(chunk) - 1], np.int32)
+        logits, self.cache, experts = _forward(
+            self.cfg, self.variables, self.cache, tokens, positions, self._table([seq]), last
+        )
+        if self.record_routes:
+            seq.routes.append(np.asarray(experts)[:, 0, : len(chunk)])
+        seq.cached = start + len(chunk)
+        self.stats["prefill_tokens"] += len(chunk)
+        self.allocator.register(request.prompt, seq.pages, seq.cached // self.page_size)
+        if seq.cached < length:
+            return
+        self.prefilling.popleft()
+        n = request.params.n
+        for i in range(1, n):  # fork: every prompt page shared; the partial last one copied on first write
+            prompt_pages = seq.pages[: -(-length // self.page_size)]
+            self.allocator.share(prompt_pages)
+            extra = len(seq.pages) - len(prompt_pages)
+            own = self.allocator.allocate(extra + (1 if length % self.page_size else 0))
+            fork = _Sequence(request, i, list(request.prompt), prompt_pages + own[:extra], cached=length)
+            fork.spare, fork.routes = own[extra:], list(seq.routes)
+            request.sequences.append(fork)
+        first = self._sample(jnp.broadcast_to(logits, (n, logits.shape[-1])), request.sequences)
+        for seq, token in zip(request.sequences, first):
+            seq.slot = self.slots.index(None)
+            self.slots[seq.slot] = seq
+            self._append(seq, int(token), outputs)
+
+    def _decode(self, outputs):
+        live = [seq for seq in self.slots if seq is not None]
+        for seq in live:
+            self._own_page(seq, seq.cached // self.page_size)
+        b = self.max_batch
+        tokens, positions = np.zeros((b, 1), np.int32), np.full((b, 1), -1, np.int32)
+        for seq in live:
+            tokens[seq.slot, 0], positions[seq.slot, 0] = seq.tokens[seq.cached], seq.cached
+        table = self._table(self.slots)
+        logits, self.cache, experts = _forward(
+            self.cfg, self.variables, self.cache, tokens, positions, table, np.zeros(b, np.int32)
+        )
+        rows = self._sample(logits, self.slots)
+        experts = np.asarray(experts) if self.record_routes else None
+        self.stats["decode_steps"] += 1
+        for seq in live:
+            if experts is not None:
+                seq.routes.append(experts[:, seq.slot])
+            seq.cached += 1
+            self._append(seq, int(rows[seq.slot]), outputs)
+
+    def _own_page(self, seq: _Sequence, i: int):
+        """Copy on write: before writing into page i, a sequence sharing it takes its own copy."""
+        page = seq.pages[i]
+        if self.allocator.refs[page] == 1:
+            return
+        copy = seq.spare.pop() if seq.spare else self.allocator.allocate(1)[0]
+        self.cache = _copy_page(self.cache, page, copy)
+        self.allocator.release([page])
+        seq.pages[i] = copy
+        self.stats["pages_copied"] += 1
+
+    def _table(self, seqs) -> np.ndarray:
+        table = np.zeros((len(seqs), self.pages_per_seq), np.int32)
+        for row, seq in zip(table, seqs):
+            if seq is not None:
+                row[: len(seq.pages)] = seq.pages
+        return table
+
+    def _sample(self, logits, seqs) -> np.ndarray:
+        """One token per row of logits [R, V] with each row's request's settings (empty rows: greedy)."""
+        r = logits.shape[0]
+        temperature, top_p = np.zeros(r, np.float32), np.ones(r, np.float32)
+        top_k, seeds, ids = np.zeros(r, np.int32), np.zeros(r, np.uint32), np.zeros((r, 2), np.int32)
+        for i, seq in enumerate(seqs):
+            if seq is not None:
+                p = seq.request.params
+                temperature[i], top_p[i], top_k[i] = p.temperature, p.top_p, p.top_k
+                seeds[i], ids[i] = seq.request.seed % 2**32, (seq.index, len(seq.generated))
+        return np.asarray(_sample_rows(logits, temperature, top_k, top_p, seeds, ids))
+
+    # -- finishing -----------------------------------------------------------------------------
+
+    def _append(self, seq: _Sequence, token: int, outputs):
+        """Adds a sampled token (the next step caches it); returns the new text; finishes the sequence."""
+        p = seq.request.params
+        seq.tokens.append(token)
+        reason = None
+        if token == self.eos_id and not p.ignore_eos:
+            reason = "stop"
+        elif len(seq.generated) >= p.max_tokens:
+            reason = "length"
+        text = self.tokenizer.decode([t for t in seq.generated if t != self.eos_id or p.ignore_eos])
+        cut = min((text.find(s) for s in p.stop if s in text), default=-1)
+        if cut >= 0:
+            text, reason = text[:cut], "stop"
+        if reason is None:
+            hold = max((len(s) - 1 for s in p.stop), default=0)  # a stop string may be starting
+            ready = len(text) - hold
+            while ready > seq.sent and text[ready - 1] == "\ufffd":  # an incomplete UTF-8 character
+                ready -= 1
+            delta, seq.sent = text[seq.sent : max(ready, seq.sent)], max(ready, seq.sent)
+            outputs.append(self._output(seq.request, seq.index, [token], delta, None, seq))
+        else:
+            delta = text[seq.sent :]
+            seq.sent = len(text)
+            self._finish(seq, reason, outputs, [token], delta)
+
+    def _finish(self, seq: _Sequence, reason: str, outputs, tokens=(), delta=""):
+        seq.finish_reason = reason
+        self._release(seq)
+        if seq.slot >= 0:
+            self.slots[seq.slot] = None
+        request, out = self._output(seq.request, seq.index, list(tokens), delta, reason, seq)
+        if self.record_routes and seq.routes:
+            out.routes = np.concatenate(seq.routes, axis=1)
+        outputs.append((request, out))
+
+    def _release(self, seq: _Sequence):
+        self.allocator.release(seq.pages + seq.spare)
+        seq.pages, seq.spare = [], []
+
+    @staticmethod
+    def _output(request, index, tokens, text, reason, seq=None) -> tuple[_Request, RequestOutput]:
+        generated = 0 if seq is None else len(seq.generated)
+        out = RequestOutput(request.id, index, tokens, text, reason is not None, reason, len(request.prompt), generated)
+        return request, out
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _forward(cfg, variables, cache, tokens, positions, table, last):
+    """The model over tokens [R, W] at positions (-1: padding) through page ``table`` [R, n];
+    returns the logits at window index ``last`` [R] of each row, the cache, and the experts each
+    token went to in the MoE layers ([L_moe, R, W, K], or None without MoE layers)."""
+    model = Transformer(cfg)
+    _, normed, cache, router = model.apply(variables, tokens, positions, with_pages(cache, table), method="decode")
+    picked = jnp.take_along_axis(normed, last[:, None, None], axis=1)[:, 0]
+    logits = model.apply(variables, picked, method="logits")
+    cache = {k: c.replace(pages=jnp.zeros((*c.pages.shape[:-2], 0, 0), jnp.int32)) for k, c in cache.items()}
+    return logits, cache, None if router is None else router.expert_ids
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _copy_page(cache, source, target):
+    """Page ``source``'s entries copied into page ``target``, in every layer."""
+    return {
+        k: c.replace(c_kv=c.c_kv.at[:, target].set(c.c_kv[:, source]), k_pe=c.k_pe.at[:, target].set(c.k_pe[:, source]))
+        for k, c in cache.items()
+    }
+
+
+@jax.jit
+def _sample_rows(logits, temperature, top_k, top_p, seeds, ids):
+    """Row r: ``Sampling`` with its own settings and a key from its request's seed, its sequence's
+    index in the request and the token's index in the completion (ids [R, 2])."""
+
+    def one(row, t, k, p, seed, ids):
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), ids[0]), ids[1])
+        return Sampling(t, k, p)(row[None], key)[0]
+
+    return jax.vmap(one)(logits, temperature, top_k, top_p, seeds, ids)
