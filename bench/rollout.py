@@ -1,4 +1,6 @@
-"""GRPO rollout speed: G sampled completions per prompt, plain decoding vs MTP drafting (``speculative``).
+"""GRPO rollout speed: G sampled completions per prompt by ``generate``, by ``generate`` with MTP
+drafting (``speculative``), and by the serving engine (``paged``: each prompt read once, its G
+completions forked over the prompt's cache pages, rows leaving as they end).
 
     python -m bench.rollout [--checkpoint runs/grpo_tiny] [--repeats 3]
 
@@ -6,7 +8,7 @@ The policy is a post-training run's (default runs/grpo_tiny, made by ``python tr
 configs/grpo_tiny.yaml``; its MTP module was trained in the SFT stage and kept frozen by GRPO),
 sampling the run's config: its task's prompts, num_generations, max_completion_length and
 temperature. Each figure is the best of ``--repeats`` warm runs (compiled first). Prints JSON:
-device, date, rollout tokens/s both ways, their ratio, and the drafts' acceptance.
+device, date, rollout tokens/s each way, the ratios to plain ``generate``, and the drafts' acceptance.
 """
 
 import argparse
@@ -32,16 +34,17 @@ def main(argv=None):
     g = cfg.grpo
     prompts = [e.prompt for e in task_examples(cfg)[0][: g.prompts_per_step]]
     rows = {}
-    for speculative in (False, True):
+    for way, kw in {"plain": {}, "speculative": {"speculative": True}, "paged": {"paged": True}}.items():
         best = None
         for r in range(a.repeats + 1):  # the first run compiles
             ro = sample_completions(
                 model_cfg, variables, tokenizer, prompts, g.num_generations, g.max_completion_length,
-                temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, rng=jax.random.key(r), speculative=speculative,
+                temperature=g.temperature, top_p=g.top_p, top_k=g.top_k, rng=jax.random.key(r), **kw,
             )  # fmt: skip
             if r and (best is None or ro.stats["rollout_tokens_per_s"] > best["rollout_tokens_per_s"]):
                 best = ro.stats
-        rows["speculative" if speculative else "plain"] = best
+        rows[way] = best
+    plain = rows["plain"]["rollout_tokens_per_s"]
     out = {
         "benchmark": "rollout",
         **environment(),
@@ -49,11 +52,13 @@ def main(argv=None):
         "rows": g.prompts_per_step * g.num_generations,
         "max_completion_length": g.max_completion_length,
         "temperature": g.temperature,
-        "plain_tokens_per_s": rows["plain"]["rollout_tokens_per_s"],
+        "plain_tokens_per_s": plain,
         "speculative_tokens_per_s": rows["speculative"]["rollout_tokens_per_s"],
-        "speedup": round(rows["speculative"]["rollout_tokens_per_s"] / rows["plain"]["rollout_tokens_per_s"], 3),
+        "speedup": round(rows["speculative"]["rollout_tokens_per_s"] / plain, 3),
         "acceptance": rows["speculative"]["acceptance"],
         "tokens_per_step": rows["speculative"]["tokens_per_step"],
+        "paged_tokens_per_s": rows["paged"]["rollout_tokens_per_s"],
+        "paged_speedup": round(rows["paged"]["rollout_tokens_per_s"] / plain, 3),
     }
     print(json.dumps(out))
 

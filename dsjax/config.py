@@ -308,6 +308,7 @@ class GRPOConfig:
     routing_replay: bool = False  # the update routes each token to the experts its rollout chose
     train_mtp: bool = False  # MTP modules stay frozen unless set (then: their CE on the completions)
     speculative: bool = False  # MTP modules draft rollout tokens
+    rollout_engine: Literal["generate", "paged"] = "generate"  # paged: the serving engine (dsjax.infer.engine)
     eval_every: int = 20
 
     def __post_init__(self):
@@ -336,6 +337,8 @@ class GRPOConfig:
             )
         if not self.reward_funcs:
             raise ConfigError("grpo.reward_funcs: name at least one reward function")
+        if self.rollout_engine == "paged" and self.speculative:
+            raise ConfigError("grpo.rollout_engine=paged does not draft with the MTP modules yet: set speculative off")
 
 
 @dataclasses.dataclass(frozen=True)

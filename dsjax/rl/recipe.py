@@ -259,6 +259,7 @@ def grpo_stage(cfg, model, mesh, state, tokenizer, examples, held_out, log, prog
             rng=sub,
             speculative=g.speculative,
             record_routes=True,
+            paged=g.rollout_engine == "paged",
         )
         t1 = time.perf_counter()
         total, per = score(reward_fns, weights, batch_ex, ro.completions, g.num_generations)

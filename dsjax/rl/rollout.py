@@ -1,5 +1,7 @@
-"""Rollouts: G sampled completions per prompt from the latent cache (``dsjax.infer.generate``), laid
-out as the sequences the GRPO update trains on.
+"""Rollouts: G sampled completions per prompt from the latent cache, laid out as the sequences the
+GRPO update trains on. Sampled by ``dsjax.infer.generate`` (one batch of prompts x G rows decoded to
+its end) or, ``paged``, by the serving engine (``dsjax.infer.engine``: each prompt read once, its G
+completions forked over its cache pages; rows leave as they end).
 
 Prompts are right-padded to a bucket length (a multiple of ``BUCKET`` tokens) and every rollout
 batch has prompts_per_step x G rows, so the decoder and the update compile once per bucket, not once
@@ -10,9 +12,12 @@ positions 0, 1, ..., padded to bucket + max_completion_length.
 from __future__ import annotations
 
 import dataclasses
+import time
 
+import jax
 import numpy as np
 
+from dsjax.infer.engine import Engine, SamplingParams
 from dsjax.infer.generate import generate
 
 BUCKET = 32  # prompt lengths are padded to a multiple of this
@@ -64,35 +69,72 @@ def sample_completions(
     rng=None,
     speculative: bool = False,
     record_routes: bool = False,
+    paged: bool = False,
 ) -> Rollout:
     """Each prompt's ``num_generations`` completions (adjacent rows), sampled in one batch; temperature
-    0 decodes greedily (evaluation)."""
+    0 decodes greedily (evaluation). ``paged``: through the serving engine (no MTP drafting)."""
     ids = [encode_prompt(tokenizer, p) for p in prompts for _ in range(num_generations)]
     lens = np.asarray([len(x) for x in ids], np.int32)
-    arr = np.zeros((len(ids), bucket_length(int(lens.max()))), np.int32)
+    width = bucket_length(int(lens.max()))
+    record_routes = record_routes and model_cfg.num_moe_layers > 0
+    sample = _paged if paged else _generated
+    new, routes, stats = sample(
+        model_cfg, variables, tokenizer, ids, num_generations, max_new_tokens, width,
+        dict(temperature=temperature, top_p=top_p, top_k=top_k), rng, speculative, record_routes,
+    )  # fmt: skip
+    n = len(ids)
+    tokens = np.zeros((n, width + max_new_tokens), np.int32)
+    for i in range(n):
+        tokens[i, : lens[i]] = ids[i]
+        tokens[i, lens[i] : lens[i] + len(new[i])] = new[i]
+    ended = np.asarray([len(t) > 0 and t[-1] == tokenizer.eos_id for t in new])
+    texts = [tokenizer.decode(t[: len(t) - int(e)]) for t, e in zip(new, ended)]
+    stats = {**stats, "rollout_tokens_per_s": round(sum(map(len, new)) / max(stats["sampling_s"], 1e-9), 1)}
+    return Rollout(tokens, lens, np.asarray([len(t) for t in new], np.int32), texts, ~ended, routes, stats)
+
+
+def _generated(cfg, variables, tokenizer, ids, group, max_new, width, sampling, rng, speculative, record_routes):
+    """(new tokens per row, routes [N, L, T, K] or None, stats) from one ``generate`` batch."""
+    lens = np.asarray([len(x) for x in ids], np.int32)
+    arr = np.zeros((len(ids), width), np.int32)
     for row, x in zip(arr, ids):
         row[: len(x)] = x
+    t = sampling["temperature"]
     out = generate(
-        model_cfg,
-        variables,
-        (arr, lens),
-        max_new_tokens,
-        temperature=temperature,
-        top_p=top_p if temperature > 0 else None,
-        top_k=top_k or None,
-        eos_id=tokenizer.eos_id,
-        rng=rng,
-        speculative=speculative,
-        record_routes=record_routes and model_cfg.num_moe_layers > 0,
-    )
-    n, width = len(ids), arr.shape[1] + max_new_tokens
-    tokens = np.zeros((n, width), np.int32)
-    tokens[:, : arr.shape[1]] = arr
-    for i in range(n):
-        tokens[i, lens[i] : lens[i] + out.lengths[i]] = out.tokens[i, : out.lengths[i]]
-    ended = np.asarray([out.lengths[i] > 0 and out.tokens[i, out.lengths[i] - 1] == tokenizer.eos_id for i in range(n)])
-    texts = [tokenizer.decode(out.tokens[i, : out.lengths[i] - int(ended[i])]) for i in range(n)]
+        cfg, variables, (arr, lens), max_new, temperature=t, top_p=sampling["top_p"] if t > 0 else None,
+        top_k=sampling["top_k"] or None, eos_id=tokenizer.eos_id, rng=rng, speculative=speculative,
+        record_routes=record_routes,
+    )  # fmt: skip
+    new = [out.tokens[i, : out.lengths[i]].tolist() for i in range(len(ids))]
     routes = None if out.routes is None else np.ascontiguousarray(np.moveaxis(out.routes, 0, 1))
-    seconds = out.stats["prefill_s"] + out.stats["decode_s"]
-    stats = {**out.stats, "rollout_tokens_per_s": round(out.stats["new_tokens"] / max(seconds, 1e-9), 1)}
-    return Rollout(tokens, lens, np.asarray(out.lengths, np.int32), texts, ~ended, routes, stats)
+    return new, routes, {**out.stats, "sampling_s": out.stats["prefill_s"] + out.stats["decode_s"]}
+
+
+def _paged(cfg, variables, tokenizer, ids, group, max_new, width, sampling, rng, speculative, record_routes):
+    """The same from the serving engine: one request with n = ``group`` per prompt."""
+    if speculative:
+        raise ValueError("paged rollouts do not draft with the MTP modules yet: set speculative off")
+    n_prompts = len(ids) // group
+    seeds = np.asarray(jax.random.randint(rng if rng is not None else jax.random.key(0), (n_prompts,), 0, 2**31 - 1))
+    engine = Engine(
+        cfg, variables, tokenizer, max_batch=len(ids), page_size=16, max_model_len=width + max_new,
+        prefill_chunk=width, record_routes=record_routes,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    rids = [
+        engine.add_request(ids[i * group], SamplingParams(max_new, n=group, seed=int(seeds[i]), **sampling))
+        for i in range(n_prompts)
+    ]
+    done = engine.run()
+    seconds = time.perf_counter() - t0
+    new, routes = [], None
+    if record_routes:
+        routes = np.full((len(ids), cfg.num_moe_layers, width + max_new, cfg.num_experts_per_tok), -1, np.int32)
+    for p, rid in enumerate(rids):
+        seqs: dict[int, list[int]] = {}
+        for out in done[rid]:
+            seqs.setdefault(out.index, []).extend(out.token_ids)
+            if out.finished and routes is not None:
+                routes[p * group + out.index, :, : out.routes.shape[1]] = out.routes
+        new += [seqs[i] for i in range(group)]
+    return new, routes, {"sampling_s": seconds, "decode_steps": engine.stats["decode_steps"]}

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from dsjax.config import GRPOConfig, MeshConfig, TaskConfig
+from dsjax.config import ConfigError, GRPOConfig, MeshConfig, TaskConfig
 from dsjax.model import Transformer
 from dsjax.model.transformer import random_variables
 from dsjax.parallel.mesh import make_mesh
@@ -214,6 +214,31 @@ def test_fp32_rollouts_route_like_the_training_forward_and_replay_changes_nothin
     shifted = np.where(ro.routes >= 0, (ro.routes + 1) % cfg.model.n_routed_experts, -1)
     other, _ = logps(variables["params"], variables["selection_bias"], {**batch, "routes": shifted})
     assert float(jnp.max(jnp.abs(other - logp))) > 1e-4
+
+
+def test_paged_rollouts_equal_generated_ones_and_route_like_the_training_forward(tmp_path):
+    """grpo.rollout_engine=paged: greedy completions and their recorded experts equal generate's
+    (two prompts x 3 completions forked from one prefill); sampled ones route like the training
+    forward (mismatch 0) and end at EOS or the length limit."""
+    cfg = grpo_cfg(tmp_path)
+    variables = random_variables(cfg.model, seed=3)
+    args = (cfg.model, variables, ByteTokenizer(), ["12+7=", "3+4+5=1"], 3, 12)
+    plain = sample_completions(*args, temperature=0.0, record_routes=True)
+    paged = sample_completions(*args, temperature=0.0, record_routes=True, paged=True)
+    np.testing.assert_array_equal(paged.tokens, plain.tokens)
+    np.testing.assert_array_equal(paged.completion_lengths, plain.completion_lengths)
+    np.testing.assert_array_equal(paged.routes, plain.routes)
+    assert paged.completions == plain.completions and (paged.truncated == plain.truncated).all()
+    ro = sample_completions(*args, temperature=1.0, rng=jax.random.key(2), record_routes=True, paged=True)
+    assert len({tuple(t) for t in ro.tokens}) > 2  # sampled: the forks differ
+    batch = {"tokens": ro.tokens, "segment_ids": ro.segment_ids}
+    _, ids = jax.jit(make_logps_fn(Transformer(cfg.model), 1.0))(variables["params"], variables["selection_bias"], batch)
+    assert float(routing_mismatch(ro.routes, ids, ro.segment_ids > 0)) == 0.0
+
+
+def test_paged_rollouts_refuse_mtp_drafting():
+    with pytest.raises(ConfigError, match="rollout_engine=paged does not draft"):
+        GRPOConfig(rollout_engine="paged", speculative=True)
 
 
 def test_train_mtp_fits_the_mtp_modules_to_the_completions(tmp_path):

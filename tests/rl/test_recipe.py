@@ -49,7 +49,7 @@ def test_sft_then_grpo_writes_the_run_directory(tmp_path):
         tmp_path,
         "sft.steps=4", "sft.batch_size=4", "sft.seq_len=64",
         "grpo.steps=2", "grpo.prompts_per_step=2", "grpo.num_generations=4", "grpo.max_completion_length=8",
-        "grpo.num_iterations=2", "grpo.routing_replay=true", "grpo.eval_every=1",
+        "grpo.num_iterations=2", "grpo.routing_replay=true", "grpo.eval_every=1", "grpo.rollout_engine=paged",
     )  # fmt: skip
     result = post_train(cfg, progress=False)
     run = tmp_path / "tiny"
