@@ -336,7 +336,8 @@ class Engine:
         self.stats["pages_copied"] += 1
 
     def _table(self, seqs) -> np.ndarray:
-        table = np.zeros((len(seqs), self.pages_per_seq), np.int32)
+        """Page tables [len(seqs), pages_per_seq], padded with an id past the pool: writes there drop."""
+        table = np.full((len(seqs), self.pages_per_seq), self.allocator.num_pages, np.int32)
         for row, seq in zip(table, seqs):
             if seq is not None:
                 row[: len(seq.pages)] = seq.pages

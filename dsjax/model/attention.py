@@ -9,7 +9,8 @@ kernels' one dispatch rule (``pallas_kernels.platform.resolve_impl``): "xla" = t
 "pallas" = the kernel compiled for this backend (Mosaic on TPU, Triton on GPU), "interpret" = the
 kernel run by the Pallas interpreter, "auto" = pallas on TPU / GPU (Ampere or newer), xla elsewhere.
 Under a mesh the kernels run per shard: sequences over the batch axes, heads over theirs. Kernels:
-``pallas_kernels.flash_mla`` (forward + backward), ``pallas_kernels.mla_decode``.
+``pallas_kernels.flash_mla`` (forward + backward), ``pallas_kernels.mla_decode``,
+``pallas_kernels.paged_mla_decode`` (the serving engine's paged cache).
 """
 
 import flax.struct
@@ -143,6 +144,28 @@ def latent_attention(q_lat, q_pe, c_kv, k_pe, mask, scale, impl: str = "xla"):
 
 
 def paged_latent_attention(q_lat, q_pe, c_kv_pages, k_pe_pages, page_table, mask, scale, impl: str = "xla"):
-    """``paged_latent_reference`` (impl "xla"); the Pallas kernels read a contiguous cache, so for
-    now every impl runs the reference (it gathers each sequence's pages)."""
-    return paged_latent_reference(q_lat, q_pe, c_kv_pages, k_pe_pages, page_table, mask, scale)
+    """``paged_latent_reference`` (impl "xla") or the paged decode kernel, which reads each
+    sequence's pages through the table (cache mask: slots <= position). Table entries outside the
+    pool (the engine's padding) read page P - 1 at weight 0; writes to them are dropped."""
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return paged_latent_reference(q_lat, q_pe, c_kv_pages, k_pe_pages, page_table, mask, scale)
+    from pallas_kernels.paged_mla_decode import paged_mla_decode
+
+    positions = _kernel_mask(mask, "positions", "the paged MLA decode kernel")
+    b, s, h, r = q_lat.shape
+    if positions.shape != (b, s):
+        raise ValueError(f"paged_latent_attention: mask positions have shape {positions.shape}, expected {(b, s)}")
+    slots = page_table.shape[1] * c_kv_pages.shape[1]
+    lengths = jnp.broadcast_to(jnp.clip(positions + 1, 0, slots)[:, :, None], (b, s, h)).reshape(b, s * h)
+    table = jnp.clip(page_table, 0, c_kv_pages.shape[0] - 1)
+    rows, ids, pool = (
+        partition_spec(("batch", None, None)),
+        partition_spec(("batch", None)),
+        partition_spec((None,) * 3),
+    )
+    kernel = per_shard(
+        lambda *a: paged_mla_decode(*a, scale, backend=_backend(impl)), (rows, rows, pool, pool, ids, ids), rows
+    )
+    out = kernel(q_lat.reshape(b, s * h, r), q_pe.reshape(b, s * h, -1), c_kv_pages, k_pe_pages, table, lengths)
+    return out.reshape(b, s, h, r)
