@@ -15,11 +15,16 @@ Every ``step`` (one iteration of the loop above):
             its whole length); at its end the request's first token is sampled and its ``n``
             sequences fork, sharing every prompt page.
   3. decode one token for every running sequence, all in one batch of ``max_batch`` rows. A row
-            about to write into a page it shares copies that page first (copy on write).
+            about to write into a page it shares copies that page first (copy on write). With a
+            ``speculative`` request running, the step verifies each such row's MTP drafts and
+            drafts anew (``generate``'s speculative step over the paged cache, DeepSeek-V3 §2.2):
+            up to D + 1 tokens per row; the other rows take one.
   4. finish sequences at EOS, a stop string or max_tokens; their pages and slots are free at once.
 
 The model runs ``Transformer.decode`` over a ``PagedLatentCache``: two compiled shapes, [1,
-prefill_chunk] and [max_batch, 1], serve every request. Sampling is per row (temperature, top-k,
+prefill_chunk] and [max_batch, 1], serve every request (a speculative engine adds [max_batch, D + 1]
+and the prompt's drafting pass). The MTP modules' caches are pages of the same ids: a page holds a
+span of positions in every layer and module. Sampling is per row (temperature, top-k,
 top-p, and a key from the request's seed and the token's index, so a seeded request samples the same
 tokens whatever else runs beside it). Greedy output equals ``generate``'s. ``add_request`` and
 ``abort`` may be called from other threads; ``step`` from one thread at a time.
@@ -40,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import ModelConfig
-from dsjax.infer.generate import Sampling
+from dsjax.infer.generate import DecodeState, RowSampling, _draft, _speculative_step
 from dsjax.infer.pages import PageAllocator
 from dsjax.model.transformer import Transformer, init_paged_cache, with_pages
 
@@ -59,6 +64,7 @@ class SamplingParams:
     seed: int | None = None
     n: int = 1
     ignore_eos: bool = False
+    speculative: bool = False  # MTP drafting (an engine made with speculative=True)
 
     def __post_init__(self):
         problems = [
@@ -97,10 +103,11 @@ class _Sequence:
     pages: list[int]
     cached: int = 0  # positions 0 .. cached - 1 are in the cache
     slot: int = -1  # decode row
-    spare: list[int] = dataclasses.field(default_factory=list)  # a page reserved for copy on write
     sent: int = 0  # characters of text already returned
     finish_reason: str | None = None
     routes: list = dataclasses.field(default_factory=list)  # record_routes: [L_moe, W, K] per call
+    drafts: list[int] = dataclasses.field(default_factory=list)  # speculative: D drafted next tokens
+    hidden: np.ndarray | None = None  # speculative: h^0 of the D - 1 positions before the last cached
 
     @property
     def generated(self) -> list[int]:
@@ -117,6 +124,8 @@ class _Request:
     arrival: float
     sequences: list[_Sequence] = dataclasses.field(default_factory=list)
     shared: int = 0  # prompt tokens found in the prefix cache
+    spares: list[int] = dataclasses.field(default_factory=list)  # pages reserved for copies on write
+    hidden: list = dataclasses.field(default_factory=list)  # speculative: h^0 of each prefill chunk
 
 
 class Engine:
@@ -132,6 +141,7 @@ class Engine:
         max_model_len: int | None = None,
         prefill_chunk: int = 128,
         record_routes: bool = False,
+        speculative: bool = False,
     ):
         self.cfg, self.tokenizer = cfg, tokenizer
         self.max_model_len = max_model_len or cfg.max_position_embeddings
@@ -145,8 +155,13 @@ class Engine:
         self.pages_per_seq = -(-self.max_model_len // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq  # default: every slot at full length
         self.allocator = PageAllocator(num_pages, page_size)
+        self.depth = cfg.num_nextn_predict_layers if speculative else 0  # D: drafts per step
+        if speculative and not self.depth:
+            raise ValueError("speculative=True drafts with the MTP modules: num_nextn_predict_layers is 0")
+        if speculative and record_routes:
+            raise ValueError("record_routes is for RL rollouts, which do not draft: not with speculative=True")
         self.variables = jax.device_put(variables)
-        self.cache = init_paged_cache(cfg, num_pages, page_size)
+        self.cache = init_paged_cache(cfg, num_pages, page_size, with_mtp=speculative)
         self.eos_id = getattr(tokenizer, "eos_id", None)
         self._inbox: collections.deque = collections.deque()
         self._lock = threading.Lock()
@@ -174,6 +189,8 @@ class Engine:
                 f"the prompt ({len(prompt)} tokens) + max_tokens ({params.max_tokens}) exceeds the context "
                 f"of {self.max_model_len} tokens"
             )
+        if params.speculative and not self.depth:
+            raise ValueError("speculative: this engine keeps no MTP caches (start it with speculative=True)")
         if params.n > self.max_batch:
             raise ValueError(f"n={params.n}: at most max_batch={self.max_batch} completions per request")
         if self._pages_needed(len(prompt), params, shared=0) > self.allocator.num_pages:
@@ -240,20 +257,28 @@ class Engine:
                 self._finish(seq, "abort", outputs)
 
     def _pages_needed(self, prompt_len: int, params: SamplingParams, shared: int) -> int:
-        """Pages for the prompt (less ``shared`` cached ones) and every sequence's completion; the
-        ``n - 1`` forked sequences also copy the shared partial last page when they first write."""
+        """Pages for the prompt (less ``shared`` cached ones), every sequence's completion, and the
+        copies on write of the n sequences' shared prompt pages (``_spares``)."""
         s = self.page_size
         prompt_pages = -(-prompt_len // s)
         per_sequence = -(-(prompt_len + params.max_tokens) // s) - prompt_pages
-        cow = (params.n - 1) if prompt_len % s else 0
-        return prompt_pages - shared + params.n * per_sequence + cow
+        return prompt_pages - shared + params.n * per_sequence + self._spares(prompt_len, params)
+
+    def _spares(self, prompt_len: int, params: SamplingParams) -> int:
+        """Pages the n sequences of a request copy on write: each writes its own entries from
+        position L (the partial last prompt page), and a speculative one its MTP entries from
+        L - D (D = drafts); n - 1 of them copy each prompt page those spans touch."""
+        s, d = self.page_size, self.depth if params.speculative else 0
+        first = max(prompt_len - d, 0) // s
+        return (params.n - 1) * max(0, -(-prompt_len // s) - first) if params.n > 1 else 0
 
     def _admit(self):
         free_slots = sum(seq is None for seq in self.slots) - sum(r.params.n for r in self.prefilling)
         while self.waiting and self.waiting[0].params.n <= free_slots:
             request = self.waiting[0]
             length, s = len(request.prompt), self.page_size
-            shared = self.allocator.lookup(request.prompt, (length - 1) // s)  # the last token: always run
+            d = self.depth if request.params.speculative else 0  # MTP entries from L - D are the request's own
+            shared = self.allocator.lookup(request.prompt, max(length - 1 - d, 0) // s)  # the last token: run
             if self._pages_needed(length, request.params, len(shared)) > self.allocator.num_free:
                 self.allocator.release(shared)
                 return  # first come, first served: wait for pages to free
@@ -262,6 +287,7 @@ class Engine:
             seq = _Sequence(request, 0, list(request.prompt), shared + own, cached=len(shared) * s)
             per_sequence = -(-(length + request.params.max_tokens) // s) - -(-length // s)
             seq.pages += self.allocator.allocate(per_sequence)
+            request.spares = self.allocator.allocate(self._spares(length, request.params))
             request.sequences, request.shared = [seq], len(shared) * s
             self.stats["prefix_tokens_shared"] += len(shared) * s
             self.prefilling.append(request)
@@ -277,9 +303,11 @@ class Engine:
         positions = np.full((1, c), -1, np.int32)
         positions[0, : len(chunk)] = np.arange(start, start + len(chunk))
         last = np.array([len(chunk) - 1], np.int32)
-        logits, self.cache, experts = _forward(
+        logits, self.cache, experts, hidden = _forward(
             self.cfg, self.variables, self.cache, tokens, positions, self._table([seq]), last
         )
+        if request.params.speculative:
+            request.hidden.append(hidden)
         if self.record_routes:
             seq.routes.append(np.asarray(experts)[:, 0, : len(chunk)])
         seq.cached = start + len(chunk)
@@ -289,21 +317,25 @@ class Engine:
             return
         self.prefilling.popleft()
         n = request.params.n
-        for i in range(1, n):  # fork: every prompt page shared; the partial last one copied on first write
+        for i in range(1, n):  # fork: every prompt page shared; copied by a sequence before it writes there
             prompt_pages = seq.pages[: -(-length // self.page_size)]
             self.allocator.share(prompt_pages)
-            extra = len(seq.pages) - len(prompt_pages)
-            own = self.allocator.allocate(extra + (1 if length % self.page_size else 0))
-            fork = _Sequence(request, i, list(request.prompt), prompt_pages + own[:extra], cached=length)
-            fork.spare, fork.routes = own[extra:], list(seq.routes)
+            own = self.allocator.allocate(len(seq.pages) - len(prompt_pages))
+            fork = _Sequence(request, i, list(request.prompt), prompt_pages + own, cached=length)
+            fork.routes = list(seq.routes)
             request.sequences.append(fork)
         first = self._sample(jnp.broadcast_to(logits, (n, logits.shape[-1])), request.sequences)
         for seq, token in zip(request.sequences, first):
             seq.slot = self.slots.index(None)
             self.slots[seq.slot] = seq
             self._append(seq, int(token), outputs)
+        if request.params.speculative:
+            self._draft_prompt(request)
+        request.hidden = []
 
     def _decode(self, outputs):
+        if any(seq is not None and seq.request.params.speculative for seq in self.slots):
+            return self._speculative_decode(outputs)
         live = [seq for seq in self.slots if seq is not None]
         for seq in live:
             self._own_page(seq, seq.cached // self.page_size)
@@ -312,7 +344,7 @@ class Engine:
         for seq in live:
             tokens[seq.slot, 0], positions[seq.slot, 0] = seq.tokens[seq.cached], seq.cached
         table = self._table(self.slots)
-        logits, self.cache, experts = _forward(
+        logits, self.cache, experts, _ = _forward(
             self.cfg, self.variables, self.cache, tokens, positions, table, np.zeros(b, np.int32)
         )
         rows = self._sample(logits, self.slots)
@@ -324,12 +356,89 @@ class Engine:
             seq.cached += 1
             self._append(seq, int(rows[seq.slot]), outputs)
 
+    def _draft_prompt(self, request: _Request):
+        """After the prompt: each live sequence's MTP modules run over the prompt positions it
+        computed (h^0 kept per chunk) and its first token, writing their caches and drafting D
+        tokens (``generate``'s drafting pass)."""
+        seqs = [seq for seq in request.sequences if seq.finish_reason is None]
+        if not seqs:
+            return
+        length, d = len(request.prompt), self.depth
+        for seq in seqs:
+            for i in range(max(length - d, 0) // self.page_size, -(-length // self.page_size)):
+                self._own_page(seq, i)  # its MTP entries near the prompt's end are its own
+        h0 = jnp.concatenate(request.hidden, axis=1)
+        h0 = jnp.broadcast_to(h0, (len(seqs), *h0.shape[1:]))
+        state = self._decode_state(seqs)
+        start = np.full(len(seqs), request.shared, np.int32)
+        cache, state = state.cache, state.replace(cache={})
+        self.cache, tokens, hidden = _draft_prompt(self.cfg, self.variables, cache, state, h0, start)
+        tokens, hidden = np.asarray(tokens), np.asarray(hidden)
+        for row, seq in enumerate(seqs):
+            seq.drafts = tokens[row, length + 1 : length + 1 + d].tolist()
+            seq.hidden = hidden[row]
+
+    def _speculative_decode(self, outputs):
+        """One speculative step over every row (``generate._speculative_step`` on the paged cache):
+        a speculative row's drafts are verified and up to D + 1 tokens accepted; the other rows'
+        drafts are -1, never accepted, so they take one token, as in a plain step."""
+        live = [seq for seq in self.slots if seq is not None]
+        d, s = self.depth, self.page_size
+        for seq in live:  # the step writes main entries at n .. n + D and MTP entries from n - D + 1
+            for i in range(max(seq.cached - d + 1, 0) // s, min((seq.cached + d) // s + 1, len(seq.pages))):
+                self._own_page(seq, i)
+        state = self._decode_state(self.slots)
+        state = _speculative_step(self.cfg, self.variables, self._row_sampling(self.slots, self.max_batch), state)
+        self.cache = _without_pages(state.cache)
+        tokens, lengths, hidden = np.asarray(state.tokens), np.asarray(state.lengths), np.asarray(state.hidden)
+        self.stats["decode_steps"] += 1
+        for seq in live:
+            n, new_n = seq.cached, int(lengths[seq.slot])
+            if seq.request.params.speculative:
+                self.stats["drafted"] += d
+                self.stats["accepted"] += new_n - n - 1
+                seq.drafts, seq.hidden = tokens[seq.slot, new_n + 1 : new_n + 1 + d].tolist(), hidden[seq.slot]
+            seq.cached = new_n
+            for token in tokens[seq.slot, n + 1 : new_n + 1].tolist():
+                self._append(seq, token, outputs)
+                if seq.finish_reason is not None:
+                    break
+
+    def _decode_state(self, seqs) -> DecodeState:
+        """``generate``'s DecodeState for rows ``seqs`` (None: an empty row): each row's tokens, its
+        drafts after them (-1 for a row that does not draft), cached positions, the paged cache read
+        through the rows' page tables; ends, EOS and sampling are the engine's."""
+        b, d = len(seqs), self.depth
+        width = self.max_model_len + 2 * d + 2
+        tokens, lengths = np.zeros((b, width), np.int32), np.zeros(b, np.int32)
+        hidden = np.zeros((b, max(d - 1, 0), self.cfg.hidden_size), jnp.dtype(self.cfg.dtype))
+        for row, seq in enumerate(seqs):
+            if seq is not None:
+                drafts = seq.drafts if seq.request.params.speculative else [-1] * d
+                line = seq.tokens + drafts
+                tokens[row, : len(line)], lengths[row] = line, seq.cached
+                if seq.hidden is not None:
+                    hidden[row] = seq.hidden
+        return DecodeState(
+            cache=with_pages(self.cache, self._table(seqs)),
+            tokens=jnp.asarray(tokens),
+            lengths=jnp.asarray(lengths),
+            end=jnp.full(b, width, jnp.int32),
+            eos=jnp.int32(-1),
+            done=jnp.asarray([seq is None for seq in seqs]),
+            rng=jax.random.key(0),  # unused: RowSampling keys each row
+            hidden=jnp.asarray(hidden),
+            drafted=jnp.zeros((), jnp.int32),
+            accepted=jnp.zeros((), jnp.int32),
+            routes=jnp.zeros((0,), jnp.int32),
+        )
+
     def _own_page(self, seq: _Sequence, i: int):
         """Copy on write: before writing into page i, a sequence sharing it takes its own copy."""
         page = seq.pages[i]
         if self.allocator.refs[page] == 1:
             return
-        copy = seq.spare.pop() if seq.spare else self.allocator.allocate(1)[0]
+        copy = seq.request.spares.pop() if seq.request.spares else self.allocator.allocate(1)[0]
         self.cache = _copy_page(self.cache, page, copy)
         self.allocator.release([page])
         seq.pages[i] = copy
@@ -346,14 +455,19 @@ class Engine:
     def _sample(self, logits, seqs) -> np.ndarray:
         """One token per row of logits [R, V] with each row's request's settings (empty rows: greedy)."""
         r = logits.shape[0]
+        return np.asarray(_sample(logits, self._row_sampling(seqs, r)))
+
+    @staticmethod
+    def _row_sampling(seqs, r: int) -> RowSampling:
+        """Each row's request's settings and key (empty rows: greedy)."""
         temperature, top_p = np.zeros(r, np.float32), np.ones(r, np.float32)
-        top_k, seeds, ids = np.zeros(r, np.int32), np.zeros(r, np.uint32), np.zeros((r, 2), np.int32)
+        top_k, seeds, ids = np.zeros(r, np.int32), np.zeros(r, np.uint32), np.zeros((2, r), np.int32)
         for i, seq in enumerate(seqs):
             if seq is not None:
                 p = seq.request.params
                 temperature[i], top_p[i], top_k[i] = p.temperature, p.top_p, p.top_k
-                seeds[i], ids[i] = seq.request.seed % 2**32, (seq.index, len(seq.generated))
-        return np.asarray(_sample_rows(logits, temperature, top_k, top_p, seeds, ids))
+                seeds[i], ids[:, i] = seq.request.seed % 2**32, (seq.index, len(seq.generated))
+        return RowSampling(temperature, top_k, top_p, seeds, *ids)
 
     # -- finishing -----------------------------------------------------------------------------
 
@@ -393,8 +507,12 @@ class Engine:
         outputs.append((request, out))
 
     def _release(self, seq: _Sequence):
-        self.allocator.release(seq.pages + seq.spare)
-        seq.pages, seq.spare = [], []
+        self.allocator.release(seq.pages)
+        seq.pages = []
+        request = seq.request
+        if all(not s.pages for s in request.sequences):  # the request's last sequence: its unused spares
+            self.allocator.release(request.spares)
+            request.spares = []
 
     @staticmethod
     def _output(request, index, tokens, text, reason, seq=None) -> tuple[_Request, RequestOutput]:
@@ -409,29 +527,35 @@ def _forward(cfg, variables, cache, tokens, positions, table, last):
     returns the logits at window index ``last`` [R] of each row, the cache, and the experts each
     token went to in the MoE layers ([L_moe, R, W, K], or None without MoE layers)."""
     model = Transformer(cfg)
-    _, normed, cache, router = model.apply(variables, tokens, positions, with_pages(cache, table), method="decode")
+    h, normed, cache, router = model.apply(variables, tokens, positions, with_pages(cache, table), method="decode")
     picked = jnp.take_along_axis(normed, last[:, None, None], axis=1)[:, 0]
     logits = model.apply(variables, picked, method="logits")
-    cache = {k: c.replace(pages=jnp.zeros((*c.pages.shape[:-2], 0, 0), jnp.int32)) for k, c in cache.items()}
-    return logits, cache, None if router is None else router.expert_ids
+    return logits, _without_pages(cache), None if router is None else router.expert_ids, h
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
+def _draft_prompt(cfg, variables, cache, state: DecodeState, h0, start):
+    """``generate``'s drafting pass after a prompt (``state`` with the paged ``cache``); returns the
+    cache, the tokens with the drafts, and h^0 of the D - 1 positions before each row's last cached one."""
+    state = _draft(cfg, variables, state.replace(cache=cache), h0, start)
+    return _without_pages(state.cache), state.tokens, state.hidden
+
+
+def _without_pages(cache: dict) -> dict:
+    """The pools with an empty page table: one pytree structure between calls."""
+    return {k: c.replace(pages=jnp.zeros((*c.pages.shape[:-2], 0, 0), jnp.int32)) for k, c in cache.items()}
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
 def _copy_page(cache, source, target):
-    """Page ``source``'s entries copied into page ``target``, in every layer."""
-    return {
-        k: c.replace(c_kv=c.c_kv.at[:, target].set(c.c_kv[:, source]), k_pe=c.k_pe.at[:, target].set(c.k_pe[:, source]))
-        for k, c in cache.items()
-    }
+    """Page ``source``'s entries copied into page ``target``, in every layer and module."""
+
+    def copy(x):
+        return x.at[..., target, :, :].set(x[..., source, :, :])
+
+    return {k: c.replace(c_kv=copy(c.c_kv), k_pe=copy(c.k_pe)) for k, c in cache.items()}
 
 
 @jax.jit
-def _sample_rows(logits, temperature, top_k, top_p, seeds, ids):
-    """Row r: ``Sampling`` with its own settings and a key from its request's seed, its sequence's
-    index in the request and the token's index in the completion (ids [R, 2])."""
-
-    def one(row, t, k, p, seed, ids):
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), ids[0]), ids[1])
-        return Sampling(t, k, p)(row[None], key)[0]
-
-    return jax.vmap(one)(logits, temperature, top_k, top_p, seeds, ids)
+def _sample(logits, sampling: RowSampling):
+    return sampling(logits)

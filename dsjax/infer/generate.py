@@ -69,6 +69,34 @@ class Sampling:
         return jax.random.categorical(key, jnp.where(scaled < cutoff, -jnp.inf, scaled)).astype(jnp.int32)
 
 
+@flax.struct.dataclass
+class RowSampling:
+    """``Sampling`` with each row's own settings and keys (the serving engine's batches mix
+    requests): row b's token at window index w draws with fold_in(fold_in(key(seed_b), stream_b),
+    index_b + w), so a row samples the same tokens whatever else is batched with it. All fields [B];
+    the key argument is unused."""
+
+    temperature: jax.Array
+    top_k: jax.Array
+    top_p: jax.Array
+    seed: jax.Array  # uint32
+    stream: jax.Array  # e.g. the completion's index among its request's n
+    index: jax.Array  # the index (in its completion) of the token sampled at window index 0
+
+    def __call__(self, logits, key=None):
+        """Token ids [B] or [B, W] from logits [B, V] or [B, W, V]."""
+        window = logits if logits.ndim == 3 else logits[:, None]
+
+        def row(logits, t, k, p, seed, stream, index):
+            base = jax.random.fold_in(jax.random.key(seed), stream)
+            keys = jax.vmap(lambda w: jax.random.fold_in(base, index + w))(jnp.arange(logits.shape[0]))
+            return jax.vmap(Sampling(t, k, p))(logits, keys)
+
+        fields = (self.temperature, self.top_k, self.top_p, self.seed, self.stream, self.index)
+        out = jax.vmap(row)(window, *fields)
+        return out if logits.ndim == 3 else out[:, 0]
+
+
 def _argmax(logits, key):
     """argmax_v logits (greedy; the key is unused)."""
     return jnp.argmax(logits, -1).astype(jnp.int32)

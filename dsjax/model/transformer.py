@@ -174,14 +174,17 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, with_mtp: bool = Fals
     return cache
 
 
-def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int) -> dict:
-    """An empty paged decode cache (``PagedLatentCache``) of the main model's layer stacks: a pool
-    of ``num_pages`` pages of ``page_size`` slots per layer; set ``pages`` (``with_pages``) per call."""
+def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, with_mtp: bool = False) -> dict:
+    """An empty paged decode cache (``PagedLatentCache``), named like ``init_cache``'s: a pool of
+    ``num_pages`` pages of ``page_size`` slots per layer (and, ``with_mtp``, per MTP module), all
+    read through one page table per sequence (``with_pages``, set per call)."""
     cache = {}
     if cfg.first_k_dense_replace:
         cache["dense_layers"] = PagedLatentCache.zeros(cfg, num_pages, page_size, (cfg.first_k_dense_replace,))
     if cfg.num_moe_layers:
         cache["moe_layers"] = PagedLatentCache.zeros(cfg, num_pages, page_size, (cfg.num_moe_layers,))
+    for d in range(cfg.num_nextn_predict_layers if with_mtp else 0):
+        cache[f"mtp_{d}"] = PagedLatentCache.zeros(cfg, num_pages, page_size)
     return cache
 
 

@@ -289,3 +289,88 @@ def test_engine_with_the_paged_kernel_equals_generate():
     for i, rid in enumerate(ids):
         assert tokens_of(results[rid])[0] == reference(prompt(i, 5 + 9 * i), 6)
     assert_all_pages_free(e)
+
+
+# -- MTP speculative decoding -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_speculative_requests_equal_generate_beside_plain_ones(depth):
+    """An engine with D MTP modules (rigged weights: drafts partly right): speculative and plain
+    greedy requests in one batch, a forked n = 2 speculative one and one sharing a prefix; every
+    output equals plain generate's, and drafts were both accepted and rejected."""
+    from dsjax.model import echoing_variables
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", [f"model.num_nextn_predict_layers={depth}"]).model
+    variables = echoing_variables(random_variables(cfg, seed=3), 30.0)
+    e = Engine(
+        cfg, variables, TOKENIZER, max_batch=6, page_size=8, max_model_len=96, prefill_chunk=16, speculative=True
+    )
+    base = prompt(7, 24)
+    specs = [(prompt(1, 5), True, 1), (prompt(2, 19), False, 1), (prompt(3, 13), True, 2), (base, True, 1)]
+    ids = [e.add_request(p, greedy(20, speculative=spec, n=n)) for p, spec, n in specs]
+    early = []
+    while e._inbox or e.waiting or e.prefilling:  # until base's prompt pages are cached
+        early += e.step()
+    later = e.add_request(base + prompt(8, 9), greedy(20, speculative=True))  # shares base's 3 full pages
+    results = e.run()
+    results = {rid: [o for o in early if o.request_id == rid] + results.get(rid, []) for rid in [*ids, later]}
+    plain = generate(cfg, variables, [p for p, *_ in specs] + [base + prompt(8, 9)], 20)
+    for row, rid in enumerate([*ids, later]):
+        seqs = tokens_of(results[rid])
+        for seq in seqs.values():
+            assert seq == plain.tokens[row].tolist(), (row, seq)
+    assert e.stats["prefix_tokens_shared"] == 24
+    assert 0.2 < e.stats["accepted"] / e.stats["drafted"] < 1.0, dict(e.stats)
+    assert_all_pages_free(e)
+
+
+@pytest.mark.parametrize("rigged", [False, True])
+def test_speculative_drafts_are_generates(rigged):
+    """All requests speculative: the engine accepts exactly the drafts generate(speculative=True)
+    accepts (MTP caches over pages, drafted after a chunked prefill, equal generate's), with random
+    weights and with rigged ones (drafts mostly right)."""
+    from dsjax.model import echoing_variables
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.num_nextn_predict_layers=1"]).model
+    variables = random_variables(cfg, seed=3)
+    variables = echoing_variables(variables, 30.0) if rigged else variables
+    prompts = [prompt(1, 5), prompt(2, 19), prompt(3, 13), prompt(7, 24)]
+    e = Engine(cfg, variables, TOKENIZER, max_batch=4, page_size=8, max_model_len=96, prefill_chunk=16, speculative=True)
+    for p in prompts:
+        e.add_request(p, greedy(40, speculative=True))
+    e.run()
+    want = generate(cfg, variables, prompts, 40, speculative=True).stats["acceptance"]
+    assert e.stats["accepted"] / e.stats["drafted"] == pytest.approx(want, abs=1e-4)
+    assert (want > 0.5) == rigged
+
+
+def test_speculative_sequences_cache_their_mtp_entries():
+    """Mid-run, each speculative sequence's MTP-module pages hold, at every position i < n (n
+    cached), the entries of h^0_i and Emb(t_{i+1}) over its own accepted tokens, equal to the
+    module run by the model over the whole sequence at once. Random weights (the module reads h^0);
+    two sampled forks of one prompt, each with its own first token (copied its last prompt page)."""
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.num_nextn_predict_layers=1"]).model
+    variables = random_variables(cfg, seed=3)
+    e = Engine(cfg, variables, TOKENIZER, max_batch=4, page_size=8, max_model_len=96, prefill_chunk=16, speculative=True)
+    sampled = SamplingParams(max_tokens=40, temperature=1.0, seed=5, n=2, ignore_eos=True, speculative=True)
+    e.add_request(prompt(2, 21), sampled)
+    e.add_request(prompt(3, 6), greedy(40, speculative=True))
+    for _ in range(9):
+        e.step()
+    model, live = Transformer(cfg), [s for s in e.slots if s is not None]
+    assert len(live) == 3 and live[0].tokens[21] != live[1].tokens[21]
+    for seq in live:
+        n = seq.cached
+        tokens, positions = jnp.asarray([seq.tokens[: n + 1]]), jnp.arange(n)[None]
+        h0, _, _, _ = model.apply(variables, tokens[:, :n], positions, init_cache(cfg, 1, n), method="decode")
+        cache = init_cache(cfg, 1, n, with_mtp=True)
+        _, _, cache = model.apply(variables, 0, h0, tokens[:, 1:], positions, cache, method="draft")
+        pool = np.asarray(e.cache["mtp_0"].c_kv)
+        got = pool[seq.pages].reshape(-1, pool.shape[-1])[:n]
+        np.testing.assert_allclose(got, np.asarray(cache["mtp_0"].c_kv)[0], atol=1e-4)
+
+
+def test_speculative_requests_need_a_speculative_engine():
+    with pytest.raises(ValueError, match="keeps no MTP caches"):
+        engine().add_request(prompt(1, 4), greedy(4, speculative=True))
