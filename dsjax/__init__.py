@@ -5,8 +5,9 @@ The package is layered, each layer importing only from those above it in this li
     dsjax.config     typed configs, YAML loading
     dsjax.parallel   mesh, the one logical-axis rules table, per-shard code, the expert-parallel exchange
     dsjax.model      RoPE/YaRN, layers, attention + kernel dispatch, MLA, MoE, MTP, FP8 linear, transformer
-    dsjax.hf         hub checkpoints          dsjax.infer   generation from the latent cache
+    dsjax.hf         hub checkpoints          dsjax.infer   generation, the serving engine (paged cache)
     dsjax.train      loss, step, optimizer, data, checkpoints, the loop
+    dsjax.rl         R1's recipe: SFT, rollouts, GRPO
     dsjax.aot        compile-only planning for TPU slices and GPUs
     dsjax.cli        command-line entry points
 
@@ -27,7 +28,8 @@ _EXPORTS = {
     "load_hf": "dsjax.hf", "save_hf": "dsjax.hf", "to_hf_config": "dsjax.hf",
     "ModelOutput": "dsjax.model", "RouterStats": "dsjax.model", "Transformer": "dsjax.model",
     "count_params": "dsjax.model", "init_cache": "dsjax.model",
-    "generate": "dsjax.infer", "restore_model": "dsjax.train", "train": "dsjax.train",
+    "Engine": "dsjax.infer", "SamplingParams": "dsjax.infer", "generate": "dsjax.infer",
+    "restore_model": "dsjax.train", "train": "dsjax.train",
 }  # fmt: skip
 __all__ = sorted(_EXPORTS)
 
