@@ -10,10 +10,10 @@ Every ``step`` (one iteration of the loop above):
   1. admit  waiting requests while a decode slot and their pages are free. A request reserves the
             pages of its prompt + max_tokens; prompt pages already cached for an earlier request
             with the same prefix are shared, not recomputed (``PageAllocator.lookup``).
-  2. prefill one chunk of ``prefill_chunk`` tokens of the oldest request still reading its prompt
-            (chunked prefill: a long prompt delays the running decodes by a chunk per step, not by
-            its whole length); at its end the request's first token is sampled and its ``n``
-            sequences fork, sharing every prompt page.
+  2. prefill one chunk of ``prefill_chunk`` tokens of each of the ``prefill_rows`` oldest requests
+            still reading their prompts, in one call (chunked prefill: a long prompt delays the
+            running decodes by a chunk per step, not by its whole length); at a prompt's end the
+            request's first token is sampled and its ``n`` sequences fork, sharing every prompt page.
   3. decode one token for every running sequence, all in one batch of ``max_batch`` rows. A row
             about to write into a page it shares copies that page first (copy on write). With a
             ``speculative`` request running, the step verifies each such row's MTP drafts and
@@ -21,8 +21,8 @@ Every ``step`` (one iteration of the loop above):
             up to D + 1 tokens per row; the other rows take one.
   4. finish sequences at EOS, a stop string or max_tokens; their pages and slots are free at once.
 
-The model runs ``Transformer.decode`` over a ``PagedLatentCache``: two compiled shapes, [1,
-prefill_chunk] and [max_batch, 1], serve every request (a speculative engine adds [max_batch, D + 1]
+The model runs ``Transformer.decode`` over a ``PagedLatentCache``: two compiled shapes,
+[prefill_rows, prefill_chunk] and [max_batch, 1], serve every request (a speculative engine adds [max_batch, D + 1]
 and the prompt's drafting pass). The MTP modules' caches are pages of the same ids: a page holds a
 span of positions in every layer and module. Sampling is per row (temperature, top-k,
 top-p, and a key from the request's seed and the token's index, so a seeded request samples the same
@@ -140,6 +140,7 @@ class Engine:
         num_pages: int | None = None,
         max_model_len: int | None = None,
         prefill_chunk: int = 128,
+        prefill_rows: int = 4,
         record_routes: bool = False,
         speculative: bool = False,
     ):
@@ -149,9 +150,13 @@ class Engine:
             raise ValueError(
                 f"max_model_len={max_model_len}: must be in 1 .. max_position_embeddings={cfg.max_position_embeddings}"
             )
-        if max_batch < 1 or page_size < 1 or prefill_chunk < 1:
-            raise ValueError(f"max_batch={max_batch}, page_size={page_size}, prefill_chunk={prefill_chunk}: need >= 1")
+        if min(max_batch, page_size, prefill_chunk, prefill_rows) < 1:
+            raise ValueError(
+                f"max_batch={max_batch}, page_size={page_size}, prefill_chunk={prefill_chunk}, "
+                f"prefill_rows={prefill_rows}: each must be >= 1"
+            )
         self.max_batch, self.page_size, self.prefill_chunk = max_batch, page_size, prefill_chunk
+        self.prefill_rows = min(prefill_rows, max_batch)
         self.pages_per_seq = -(-self.max_model_len // page_size)
         num_pages = num_pages or max_batch * self.pages_per_seq  # default: every slot at full length
         self.allocator = PageAllocator(num_pages, page_size)
@@ -218,7 +223,7 @@ class Engine:
         self._read_inbox(outputs)
         self._admit()
         if self.prefilling:
-            self._prefill_chunk(self.prefilling[0], outputs)
+            self._prefill(outputs)
         if any(self.slots):
             self._decode(outputs)
         for request, out in outputs:
@@ -293,31 +298,42 @@ class Engine:
             self.prefilling.append(request)
             free_slots -= request.params.n
 
-    def _prefill_chunk(self, request: _Request, outputs):
-        seq = request.sequences[0]
-        length, c = len(request.prompt), self.prefill_chunk
-        start = seq.cached
-        chunk = request.prompt[start : start + c]
-        tokens = np.zeros((1, c), np.int32)
-        tokens[0, : len(chunk)] = chunk
-        positions = np.full((1, c), -1, np.int32)
-        positions[0, : len(chunk)] = np.arange(start, start + len(chunk))
-        last = np.array([len(chunk) - 1], np.int32)
+    def _prefill(self, outputs):
+        """The next chunk of each of the first ``prefill_rows`` requests reading their prompts, in
+        one [prefill_rows, prefill_chunk] call; a request whose prompt is done forks and samples."""
+        requests, c = list(self.prefilling)[: self.prefill_rows], self.prefill_chunk
+        r = self.prefill_rows
+        tokens, positions = np.zeros((r, c), np.int32), np.full((r, c), -1, np.int32)
+        last, chunks = np.zeros(r, np.int32), []
+        for row, request in enumerate(requests):
+            start = request.sequences[0].cached
+            chunk = request.prompt[start : start + c]
+            tokens[row, : len(chunk)], positions[row, : len(chunk)] = chunk, np.arange(start, start + len(chunk))
+            last[row] = len(chunk) - 1
+            chunks.append(len(chunk))
+        seqs = [request.sequences[0] for request in requests] + [None] * (r - len(requests))
         logits, self.cache, experts, hidden = _forward(
-            self.cfg, self.variables, self.cache, tokens, positions, self._table([seq]), last
+            self.cfg, self.variables, self.cache, tokens, positions, self._table(seqs), last
         )
-        if request.params.speculative:
-            request.hidden.append(hidden)
-        if self.record_routes:
-            seq.routes.append(np.asarray(experts)[:, 0, : len(chunk)])
-        seq.cached = start + len(chunk)
-        self.stats["prefill_tokens"] += len(chunk)
-        self.allocator.register(request.prompt, seq.pages, seq.cached // self.page_size)
-        if seq.cached < length:
-            return
-        self.prefilling.popleft()
-        n = request.params.n
-        for i in range(1, n):  # fork: every prompt page shared; copied by a sequence before it writes there
+        experts = np.asarray(experts) if self.record_routes else None
+        for row, (request, size) in enumerate(zip(requests, chunks)):
+            seq = request.sequences[0]
+            if request.params.speculative:
+                request.hidden.append(hidden[row : row + 1])
+            if experts is not None:
+                seq.routes.append(experts[:, row, :size])
+            seq.cached += size
+            self.stats["prefill_tokens"] += size
+            self.allocator.register(request.prompt, seq.pages, seq.cached // self.page_size)
+            if seq.cached == len(request.prompt):
+                self.prefilling.remove(request)
+                self._start_decoding(request, logits[row], outputs)
+
+    def _start_decoding(self, request: _Request, logits, outputs):
+        """After the prompt: the request's n sequences (forks share every prompt page; a sequence
+        copies one before writing there) sample their first tokens from the prompt's last logits."""
+        seq, length, n = request.sequences[0], len(request.prompt), request.params.n
+        for i in range(1, n):
             prompt_pages = seq.pages[: -(-length // self.page_size)]
             self.allocator.share(prompt_pages)
             own = self.allocator.allocate(len(seq.pages) - len(prompt_pages))
@@ -344,10 +360,11 @@ class Engine:
         for seq in live:
             tokens[seq.slot, 0], positions[seq.slot, 0] = seq.tokens[seq.cached], seq.cached
         table = self._table(self.slots)
-        logits, self.cache, experts, _ = _forward(
-            self.cfg, self.variables, self.cache, tokens, positions, table, np.zeros(b, np.int32)
+        sampling = self._row_sampling(self.slots, b)
+        rows, self.cache, experts, _ = _forward(
+            self.cfg, self.variables, self.cache, tokens, positions, table, np.zeros(b, np.int32), sampling
         )
-        rows = self._sample(logits, self.slots)
+        rows = np.asarray(rows)
         experts = np.asarray(experts) if self.record_routes else None
         self.stats["decode_steps"] += 1
         for seq in live:
@@ -522,15 +539,17 @@ class Engine:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))
-def _forward(cfg, variables, cache, tokens, positions, table, last):
+def _forward(cfg, variables, cache, tokens, positions, table, last, sampling: RowSampling | None = None):
     """The model over tokens [R, W] at positions (-1: padding) through page ``table`` [R, n];
-    returns the logits at window index ``last`` [R] of each row, the cache, and the experts each
-    token went to in the MoE layers ([L_moe, R, W, K], or None without MoE layers)."""
+    returns the logits at window index ``last`` [R] of each row (with ``sampling``: a token drawn
+    from them), the cache, the experts each token went to in the MoE layers ([L_moe, R, W, K], or
+    None without MoE layers), and h^0 [R, W, H]."""
     model = Transformer(cfg)
     h, normed, cache, router = model.apply(variables, tokens, positions, with_pages(cache, table), method="decode")
     picked = jnp.take_along_axis(normed, last[:, None, None], axis=1)[:, 0]
     logits = model.apply(variables, picked, method="logits")
-    return logits, _without_pages(cache), None if router is None else router.expert_ids, h
+    out = logits if sampling is None else sampling(logits)
+    return out, _without_pages(cache), None if router is None else router.expert_ids, h
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",), donate_argnames=("cache",))

@@ -118,7 +118,7 @@ def _paged(cfg, variables, tokenizer, ids, group, max_new, width, sampling, rng,
     seeds = np.asarray(jax.random.randint(rng if rng is not None else jax.random.key(0), (n_prompts,), 0, 2**31 - 1))
     engine = Engine(
         cfg, variables, tokenizer, max_batch=len(ids), page_size=16, max_model_len=width + max_new,
-        prefill_chunk=width, record_routes=record_routes,
+        prefill_chunk=width, prefill_rows=n_prompts, record_routes=record_routes,
     )  # fmt: skip
     t0 = time.perf_counter()
     rids = [
