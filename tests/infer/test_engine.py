@@ -336,7 +336,9 @@ def test_speculative_drafts_are_generates(rigged):
     variables = random_variables(cfg, seed=3)
     variables = echoing_variables(variables, 30.0) if rigged else variables
     prompts = [prompt(1, 5), prompt(2, 19), prompt(3, 13), prompt(7, 24)]
-    e = Engine(cfg, variables, TOKENIZER, max_batch=4, page_size=8, max_model_len=96, prefill_chunk=16, speculative=True)
+    e = Engine(
+        cfg, variables, TOKENIZER, max_batch=4, page_size=8, max_model_len=96, prefill_chunk=16, speculative=True
+    )
     for p in prompts:
         e.add_request(p, greedy(40, speculative=True))
     e.run()
@@ -352,7 +354,9 @@ def test_speculative_sequences_cache_their_mtp_entries():
     two sampled forks of one prompt, each with its own first token (copied its last prompt page)."""
     cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.num_nextn_predict_layers=1"]).model
     variables = random_variables(cfg, seed=3)
-    e = Engine(cfg, variables, TOKENIZER, max_batch=4, page_size=8, max_model_len=96, prefill_chunk=16, speculative=True)
+    e = Engine(
+        cfg, variables, TOKENIZER, max_batch=4, page_size=8, max_model_len=96, prefill_chunk=16, speculative=True
+    )
     sampled = SamplingParams(max_tokens=40, temperature=1.0, seed=5, n=2, ignore_eos=True, speculative=True)
     forked = e.add_request(prompt(2, 21), sampled)
     e.add_request(prompt(3, 6), greedy(40, speculative=True))

@@ -232,7 +232,9 @@ def test_paged_rollouts_equal_generated_ones_and_route_like_the_training_forward
     ro = sample_completions(*args, temperature=1.0, rng=jax.random.key(2), record_routes=True, paged=True)
     assert len({tuple(t) for t in ro.tokens}) > 2  # sampled: the forks differ
     batch = {"tokens": ro.tokens, "segment_ids": ro.segment_ids}
-    _, ids = jax.jit(make_logps_fn(Transformer(cfg.model), 1.0))(variables["params"], variables["selection_bias"], batch)
+    _, ids = jax.jit(make_logps_fn(Transformer(cfg.model), 1.0))(
+        variables["params"], variables["selection_bias"], batch
+    )
     assert float(routing_mismatch(ro.routes, ids, ro.segment_ids > 0)) == 0.0
 
 
