@@ -21,13 +21,14 @@ Every ``step`` (one iteration of the loop above):
             up to D + 1 tokens per row; the other rows take one.
   4. finish sequences at EOS, a stop string or max_tokens; their pages and slots are free at once.
 
-The model runs ``Transformer.decode`` over a ``PagedLatentCache``: two compiled shapes,
-[prefill_rows, prefill_chunk] and [max_batch, 1], serve every request (a speculative engine adds [max_batch, D + 1]
-and the prompt's drafting pass). The MTP modules' caches are pages of the same ids: a page holds a
-span of positions in every layer and module. Sampling is per row (temperature, top-k,
-top-p, and a key from the request's seed and the token's index, so a seeded request samples the same
-tokens whatever else runs beside it). Greedy output equals ``generate``'s. ``add_request`` and
-``abort`` may be called from other threads; ``step`` from one thread at a time.
+The model runs ``Transformer.decode`` over a ``PagedLatentCache``. A few compiled shapes serve
+every request: [1 or prefill_rows, prefill_chunk] and [b, 1], b the smallest power of two that
+holds the running sequences (a speculative engine adds [b, D + 1] and the prompt's drafting pass).
+The MTP modules' caches are pages of the same ids: a page holds a span of positions in every layer
+and module. Sampling is per row (temperature, top-k, top-p, and a key from the request's seed and
+the token's index, so a seeded request samples the same tokens whatever else runs beside it).
+Greedy output equals ``generate``'s. ``add_request`` and ``abort`` may be called from other
+threads; ``step`` from one thread at a time.
 """
 
 from __future__ import annotations
@@ -302,7 +303,7 @@ class Engine:
         """The next chunk of each of the first ``prefill_rows`` requests reading their prompts, in
         one [prefill_rows, prefill_chunk] call; a request whose prompt is done forks and samples."""
         requests, c = list(self.prefilling)[: self.prefill_rows], self.prefill_chunk
-        r = self.prefill_rows
+        r = 1 if len(requests) == 1 else self.prefill_rows  # two compiled shapes
         tokens, positions = np.zeros((r, c), np.int32), np.full((r, c), -1, np.int32)
         last, chunks = np.zeros(r, np.int32), []
         for row, request in enumerate(requests):
@@ -352,26 +353,31 @@ class Engine:
     def _decode(self, outputs):
         if any(seq is not None and seq.request.params.speculative for seq in self.slots):
             return self._speculative_decode(outputs)
-        live = [seq for seq in self.slots if seq is not None]
+        live = self._rows()
         for seq in live:
             self._own_page(seq, seq.cached // self.page_size)
-        b = self.max_batch
+        rows = live + [None] * (_bucket(len(live), self.max_batch) - len(live))
+        b = len(rows)
         tokens, positions = np.zeros((b, 1), np.int32), np.full((b, 1), -1, np.int32)
-        for seq in live:
-            tokens[seq.slot, 0], positions[seq.slot, 0] = seq.tokens[seq.cached], seq.cached
-        table = self._table(self.slots)
-        sampling = self._row_sampling(self.slots, b)
-        rows, self.cache, experts, _ = _forward(
-            self.cfg, self.variables, self.cache, tokens, positions, table, np.zeros(b, np.int32), sampling
-        )
-        rows = np.asarray(rows)
+        for row, seq in enumerate(live):
+            tokens[row, 0], positions[row, 0] = seq.tokens[seq.cached], seq.cached
+        sampled, self.cache, experts, _ = _forward(
+            self.cfg, self.variables, self.cache, tokens, positions, self._table(rows), np.zeros(b, np.int32),
+            self._row_sampling(rows, b),
+        )  # fmt: skip
+        sampled = np.asarray(sampled)
         experts = np.asarray(experts) if self.record_routes else None
         self.stats["decode_steps"] += 1
-        for seq in live:
+        for row, seq in enumerate(live):
             if experts is not None:
-                seq.routes.append(experts[:, seq.slot])
+                seq.routes.append(experts[:, row])
             seq.cached += 1
-            self._append(seq, int(rows[seq.slot]), outputs)
+            self._append(seq, int(sampled[row]), outputs)
+
+    def _rows(self) -> list[_Sequence]:
+        """The running sequences, in slot order: a decode step's rows, packed at the top of a batch
+        of the smallest compiled size that holds them (``_bucket``)."""
+        return [seq for seq in self.slots if seq is not None]
 
     def _draft_prompt(self, request: _Request):
         """After the prompt: each live sequence's MTP modules run over the prompt positions it
@@ -399,24 +405,25 @@ class Engine:
         """One speculative step over every row (``generate._speculative_step`` on the paged cache):
         a speculative row's drafts are verified and up to D + 1 tokens accepted; the other rows'
         drafts are -1, never accepted, so they take one token, as in a plain step."""
-        live = [seq for seq in self.slots if seq is not None]
+        live = self._rows()
         d, s = self.depth, self.page_size
         for seq in live:  # the step writes main entries at n .. n + D and MTP entries from n - D + 1
             for i in range(max(seq.cached - d + 1, 0) // s, min((seq.cached + d) // s + 1, len(seq.pages))):
                 self._own_page(seq, i)
-        state = self._decode_state(self.slots)
-        state = _speculative_step(self.cfg, self.variables, self._row_sampling(self.slots, self.max_batch), state)
+        rows = live + [None] * (_bucket(len(live), self.max_batch) - len(live))
+        state = self._decode_state(rows)
+        state = _speculative_step(self.cfg, self.variables, self._row_sampling(rows, len(rows)), state)
         self.cache = _without_pages(state.cache)
         tokens, lengths, hidden = np.asarray(state.tokens), np.asarray(state.lengths), np.asarray(state.hidden)
         self.stats["decode_steps"] += 1
-        for seq in live:
-            n, new_n = seq.cached, int(lengths[seq.slot])
+        for row, seq in enumerate(live):
+            n, new_n = seq.cached, int(lengths[row])
             if seq.request.params.speculative:
                 self.stats["drafted"] += d
                 self.stats["accepted"] += new_n - n - 1
-                seq.drafts, seq.hidden = tokens[seq.slot, new_n + 1 : new_n + 1 + d].tolist(), hidden[seq.slot]
+                seq.drafts, seq.hidden = tokens[row, new_n + 1 : new_n + 1 + d].tolist(), hidden[row]
             seq.cached = new_n
-            for token in tokens[seq.slot, n + 1 : new_n + 1].tolist():
+            for token in tokens[row, n + 1 : new_n + 1].tolist():
                 self._append(seq, token, outputs)
                 if seq.finish_reason is not None:
                     break
@@ -558,6 +565,11 @@ def _draft_prompt(cfg, variables, cache, state: DecodeState, h0, start):
     cache, the tokens with the drafts, and h^0 of the D - 1 positions before each row's last cached one."""
     state = _draft(cfg, variables, state.replace(cache=cache), h0, start)
     return _without_pages(state.cache), state.tokens, state.hidden
+
+
+def _bucket(n: int, limit: int) -> int:
+    """The smallest power of two >= n, at most ``limit``: the decode batch sizes compiled."""
+    return min(1 << max(n - 1, 0).bit_length(), limit)
 
 
 def _without_pages(cache: dict) -> dict:
