@@ -1,5 +1,5 @@
-"""Command-line entry points (``dsjax-train``, ``dsjax-generate``, ``dsjax-convert``, ``dsjax-aot``,
-``dsjax-params``, ``dsjax-launch``; or ``python -m dsjax.cli.<name>``). Each parses its arguments,
+"""Command-line entry points (``dsjax-train``, ``dsjax-generate``, ``dsjax-serve``, ``dsjax-convert``,
+``dsjax-aot``, ``dsjax-params``, ``dsjax-launch``; or ``python -m dsjax.cli.<name>``). Each parses its arguments,
 calls the library, and turns the library's errors into one line on stderr and an exit status: 2 for
 bad input (a config, a path, a checkpoint, an argument), 1 when training itself failed.
 ``DSJAX_DEBUG=1`` shows the traceback instead."""

@@ -43,6 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chat-template", help="a Jinja chat template file, for a checkpoint without one")
     ap.add_argument("--api-key", help="clients must send `Authorization: Bearer KEY`")
     ap.add_argument("--fp8-weights", action="store_true", help="FP8 inference (as dsjax-generate)")
+    ap.add_argument(
+        "--speculative", action="store_true", help="keep MTP caches; requests draft with the MTP modules by default"
+    )
     ap.add_argument("--log-level", default="warning", choices=["debug", "info", "warning", "error"])
     a = ap.parse_args(argv)
     try:
@@ -72,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sizes = {"max_batch": a.max_batch, "page_size": a.page_size, "num_pages": a.num_pages}
         engine = Engine(
-            cfg, variables, tokenizer, **sizes, max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk
-        )
+            cfg, variables, tokenizer, **sizes, max_model_len=a.max_model_len, prefill_chunk=a.prefill_chunk,
+            speculative=a.speculative,
+        )  # fmt: skip
     except ValueError as e:
         raise UsageError(str(e)) from None
     server.warm_up(engine)

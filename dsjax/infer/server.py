@@ -8,12 +8,14 @@
     POST /v1/chat/completions    messages rendered by the checkpoint's chat template (or DEFAULT_CHAT_TEMPLATE)
 
 Both POST endpoints take the OpenAI parameters max_tokens (chat: also max_completion_tokens), n,
-temperature, top_p, stop, seed, stream, stream_options.include_usage, and vLLM's extras top_k (0 or
--1: off) and ignore_eos; ``stream: true`` answers with server-sent events (``data: {json}`` chunks,
-then ``data: [DONE]``). Errors are ``{"error": {"message", "type", "param", "code"}}`` with a 4xx
-status (a body that is not JSON, a wrong type or value, a request that does not fit the context:
-400 BadRequestError; a model name other than the served one: 404 NotFoundError); a parameter the
-engine cannot honour (logprobs, echo, suffix, penalties, logit_bias, tools) is a 400, not ignored.
+temperature, top_p, stop, seed, stream, stream_options.include_usage, vLLM's extras top_k (0 or -1:
+off) and ignore_eos, and dsjax's ``speculative`` (MTP drafting; default: on when the engine keeps
+MTP caches, ``dsjax-serve --speculative``); ``stream: true`` answers with server-sent events
+(``data: {json}`` chunks, then ``data: [DONE]``). Errors are ``{"error": {"message", "type",
+"param", "code"}}`` with a 4xx status (a body that is not JSON, a wrong type or value, a request
+that does not fit the context: 400 BadRequestError; a model name other than the served one: 404
+NotFoundError); a parameter the engine cannot honour (logprobs, echo, suffix, penalties, logit_bias,
+tools) is a 400, not ignored.
 
 Text prompts (a completion's prompt, a rendered chat) start with one BOS token: it is prepended
 when the tokenizer or the template did not put it there. Token-id prompts are used as they are.
@@ -259,6 +261,7 @@ class _Common(BaseModel):
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False  # vLLM's extra: keep generating past EOS
+    speculative: bool | None = None  # dsjax's extra: MTP drafting (None: on when the server drafts)
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -309,7 +312,8 @@ def stop_strings(stop: Any) -> tuple[str, ...]:
     raise bad_request("stop: expected a string or a list of strings", "stop")
 
 
-def sampling_params(req: _Common, max_tokens: int) -> SamplingParams:
+def sampling_params(req: _Common, max_tokens: int, speculative: bool = False) -> SamplingParams:
+    """The request's settings; ``speculative``: the server's default for MTP drafting."""
     top_k = req.top_k if req.top_k is not None else 0
     try:
         return SamplingParams(
@@ -321,6 +325,7 @@ def sampling_params(req: _Common, max_tokens: int) -> SamplingParams:
             seed=req.seed,
             n=1 if req.n is None else req.n,
             ignore_eos=bool(req.ignore_eos),
+            speculative=speculative if req.speculative is None else req.speculative,
         )
     except ValueError as e:
         name = str(e).split("=")[0].split(":")[0]
@@ -623,7 +628,7 @@ def make_app(
     async def completions(req: CompletionRequest, request: Request):
         check(req)
         prompts = completion_prompts(req.prompt)
-        params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens)
+        params = sampling_params(req, 16 if req.max_tokens is None else req.max_tokens, engine.depth > 0)
         call_id = f"cmpl-{uuid.uuid4().hex}"
         call = _Call(loop_, prompts, params, call_id)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -645,7 +650,7 @@ def make_app(
                 raise bad_request(
                     f"the prompt ({len(prompt)} tokens) fills the context of {engine.max_model_len} tokens", "messages"
                 )
-        params = sampling_params(req, max_tokens)
+        params = sampling_params(req, max_tokens, engine.depth > 0)
         call_id = f"chatcmpl-{uuid.uuid4().hex}"
         call = _Call(loop_, [prompt], params, call_id)
         include_usage = bool(req.stream_options and req.stream_options.include_usage)

@@ -286,6 +286,8 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(live):
          lambda: c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": 5}])),
         (openai.BadRequestError, "BadRequestError",
          lambda: c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "x" * 200}])),
+        (openai.BadRequestError, "BadRequestError",  # this server keeps no MTP caches
+         lambda: c.completions.create(model=MODEL, prompt="x", extra_body={"speculative": True})),
     ]  # fmt: skip
     for error, name, call in cases:
         with pytest.raises(error) as e:
@@ -305,6 +307,27 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(live):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
     assert httpx.get(live.base + "/v1/nothing").json()["error"]["code"] == 404
     assert httpx.get(live.base + "/health").status_code == 200
+
+
+def test_a_drafting_server_answers_as_generate():
+    """An engine with MTP caches (dsjax-serve --speculative): requests draft by default, or not
+    ("speculative": false); greedy text equals generate's either way, and drafts were accepted."""
+    from dsjax.model import echoing_variables
+
+    cfg = load_config(ROOT / "configs" / "tiny.yaml", ["model.num_nextn_predict_layers=1"]).model
+    variables = echoing_variables(random_variables(cfg, seed=3), 30.0)
+    engine = Engine(cfg, variables, TOKENIZER, max_batch=4, page_size=8, max_model_len=96, speculative=True)
+    server = Live(srv.make_app(engine, MODEL))
+    try:
+        want = generate(cfg, variables, [text_ids("Hello")], 20).tokens[0].tolist()
+        for extra in ({}, {"speculative": False}):
+            r = server.client.completions.create(
+                prompt="Hello", max_tokens=20, **{**greedy(), "extra_body": {"ignore_eos": True, **extra}}
+            )
+            assert r.choices[0].text == TOKENIZER.decode(want)
+        assert engine.stats["accepted"] > 0
+    finally:
+        server.stop()
 
 
 def test_health_and_models(live):
