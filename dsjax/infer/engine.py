@@ -216,6 +216,34 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self._inbox or self.waiting or self.prefilling or any(self.slots))
 
+    def warm_up(self) -> None:
+        """Compiles every shape a step uses -- prefill [1 and prefill_rows, prefill_chunk], decode
+        [b, 1] (speculative: [b, D + 1]) and first tokens [b] for each batch size b -- on empty rows,
+        which write nothing. (A speculative request's drafting pass compiles per prompt chunk count.)"""
+        c, cfg = self.prefill_chunk, self.cfg
+        for r in sorted({1, self.prefill_rows}):
+            empty = [None] * r
+            tokens, positions = np.zeros((r, c), np.int32), np.full((r, c), -1, np.int32)
+            _, self.cache, _, _ = _forward(
+                cfg, self.variables, self.cache, tokens, positions, self._table(empty), tokens[:, 0]
+            )
+        b = 1
+        while True:
+            empty = [None] * b
+            tokens, positions = np.zeros((b, 1), np.int32), np.full((b, 1), -1, np.int32)
+            sampling = self._row_sampling(empty, b)
+            _, self.cache, _, _ = _forward(
+                cfg, self.variables, self.cache, tokens, positions, self._table(empty), tokens[:, 0], sampling
+            )
+            _sample(jnp.zeros((b, cfg.vocab_size), jnp.float32), sampling)  # a prompt's n first tokens
+            if self.depth:
+                self.cache = _without_pages(
+                    _speculative_step(cfg, self.variables, sampling, self._decode_state(empty)).cache
+                )
+            if b == self.max_batch:
+                return
+            b = min(2 * b, self.max_batch)
+
     # -- the loop ------------------------------------------------------------------------------
 
     def step(self) -> list[RequestOutput]:
@@ -341,7 +369,7 @@ class Engine:
             fork = _Sequence(request, i, list(request.prompt), prompt_pages + own, cached=length)
             fork.routes = list(seq.routes)
             request.sequences.append(fork)
-        first = self._sample(jnp.broadcast_to(logits, (n, logits.shape[-1])), request.sequences)
+        first = self._sample(logits, request.sequences)
         for seq, token in zip(request.sequences, first):
             seq.slot = self.slots.index(None)
             self.slots[seq.slot] = seq
@@ -477,9 +505,11 @@ class Engine:
         return table
 
     def _sample(self, logits, seqs) -> np.ndarray:
-        """One token per row of logits [R, V] with each row's request's settings (empty rows: greedy)."""
-        r = logits.shape[0]
-        return np.asarray(_sample(logits, self._row_sampling(seqs, r)))
+        """One token per sequence of ``seqs`` from the prompt's last logits [V], with its request's
+        settings; rows padded to a compiled batch size."""
+        r = _bucket(len(seqs), self.max_batch)
+        rows = jnp.broadcast_to(logits, (r, logits.shape[-1]))
+        return np.asarray(_sample(rows, self._row_sampling(list(seqs) + [None] * (r - len(seqs)), r)))[: len(seqs)]
 
     @staticmethod
     def _row_sampling(seqs, r: int) -> RowSampling:

@@ -715,10 +715,8 @@ class _ChatShape(_CompletionShape):
 
 
 def warm_up(engine: Engine) -> None:
-    """Compiles the engine's two shapes (a prefill chunk and a decode step) with a short request."""
-    bos = getattr(engine.tokenizer, "bos_id", None)
-    engine.add_request([0 if bos is None else bos], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
-    engine.run()
+    """Compiles every shape the engine's steps use (``Engine.warm_up``) before the server listens."""
+    engine.warm_up()
 
 
 def listening_socket(host: str, port: int) -> socket.socket:

@@ -379,3 +379,24 @@ def test_speculative_sequences_cache_their_mtp_entries():
 def test_speculative_requests_need_a_speculative_engine():
     with pytest.raises(ValueError, match="keeps no MTP caches"):
         engine().add_request(prompt(1, 4), greedy(4, speculative=True))
+
+
+def test_warm_up_compiles_every_step_shape_and_changes_nothing():
+    """After warm_up, requests of any count run without compiling, and the pool is still empty."""
+    e = engine(max_batch=3, prefill_rows=2)
+    e.warm_up()
+    assert not np.asarray(e.cache["moe_layers"].c_kv).any()
+    compiled = jax_cache_sizes()
+    for k in range(1, 4):
+        ids = [e.add_request(prompt(k + i, 3 + 4 * i), greedy(3 + i)) for i in range(k)]
+        results = e.run()
+        assert [tokens_of(results[rid])[0] for rid in ids] == [
+            reference(prompt(k + i, 3 + 4 * i), 3 + i) for i in range(k)
+        ]
+    assert jax_cache_sizes() == compiled
+
+
+def jax_cache_sizes():
+    import dsjax.infer.engine as m
+
+    return m._forward._cache_size(), m._sample._cache_size()

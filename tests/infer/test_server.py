@@ -367,7 +367,7 @@ def wait_until(condition, timeout: float = 20.0):
 class BrokenEngine:
     """Takes requests; its step raises (a device lost, a bug)."""
 
-    max_model_len, max_batch = 64, 4
+    max_model_len, max_batch, depth = 64, 4, 0
     tokenizer = TOKENIZER
 
     def __init__(self):
