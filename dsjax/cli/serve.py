@@ -8,7 +8,7 @@ Loads the checkpoint (a training run or a hub-format directory with a tokenizer.
 engine's two shapes, prints one line saying where it listens, and serves until SIGTERM / Ctrl-C,
 which abort the running requests (their streams end with finish_reason "abort") and exit with 0.
 The chat template is the checkpoint's (tokenizer_config.json, chat_template.jinja) when it has one,
-else ``--chat-template FILE``, else dsjax.infer.server.DEFAULT_CHAT_TEMPLATE. Needs the serve extra:
+else ``--chat-template FILE``, else dsjax.infer.chat.DEFAULT_CHAT_TEMPLATE. Needs the serve extra:
 ``pip install -e ".[serve]"``. See docs/serving.md.
 """
 
@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         import uvicorn
 
+        from dsjax.infer import chat as chats
         from dsjax.infer import server
     except ImportError as e:
         raise UsageError(f'dsjax-serve needs FastAPI, uvicorn and jinja2 ({e}): pip install -e ".[serve]"') from None
@@ -59,13 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     chat = {"chat_template": None, "special_tokens": {}}
     if (Path(a.checkpoint) / "config.json").is_file():  # a hub directory; a training run has no tokenizer config
         try:
-            chat = server.chat_settings(a.checkpoint)
+            chat = chats.chat_settings(a.checkpoint)
         except ValueError as e:
             raise UsageError(f"--checkpoint {a.checkpoint}: {e}") from None
     if a.chat_template is not None and chat["chat_template"] is None:
         chat["chat_template"] = Path(a.chat_template).read_text()
     try:
-        server.compile_chat_template(chat["chat_template"] or server.DEFAULT_CHAT_TEMPLATE)
+        chats.compile_chat_template(chat["chat_template"] or chats.DEFAULT_CHAT_TEMPLATE)
     except Exception as e:  # jinja2's TemplateSyntaxError
         raise UsageError(f"the chat template does not compile: {e}") from None
 

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import http
 import json
 import logging
@@ -42,12 +41,9 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -55,17 +51,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from dsjax.infer.chat import DEFAULT_CHAT_TEMPLATE, compile_chat_template
 from dsjax.infer.engine import Engine, RequestOutput, SamplingParams
 
 log = logging.getLogger("dsjax.serve")
-
-# The chat template used when the checkpoint has none: one line per message, then the assistant's
-# turn. Rendered like the checkpoint's (variables messages, add_generation_prompt, bos_token, eos_token).
-DEFAULT_CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
-    "{% if add_generation_prompt %}assistant:{% endif %}"
-)
 
 
 # -- errors -------------------------------------------------------------------------------------
@@ -335,53 +324,6 @@ def sampling_params(req: _Common, max_tokens: int, speculative: bool = False) ->
 # -- chat templates -----------------------------------------------------------------------------
 
 
-def chat_settings(directory: str | Path) -> dict:
-    """What a hub checkpoint directory says about chat: ``{"chat_template", "special_tokens"}`` from
-    its tokenizer_config.json (``chat_template``: a string, or a list of named templates of which
-    "default" is taken; ``bos_token`` etc.: a string or {"content": ...}) and chat_template.jinja,
-    which takes precedence as in transformers. Empty where it has none."""
-    d = Path(directory)
-    out: dict = {"chat_template": None, "special_tokens": {}}
-    config_file = d / "tokenizer_config.json"
-    if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{config_file}: not JSON ({e})") from None
-        template = config.get("chat_template")
-        if isinstance(template, list):
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default")
-        out["chat_template"] = template if isinstance(template, str) else None
-        for key, value in config.items():
-            if key.endswith("_token") and isinstance(value, dict):
-                value = value.get("content")
-            if key.endswith("_token") and isinstance(value, str):
-                out["special_tokens"][key] = value
-    if (d / "chat_template.jinja").is_file():
-        out["chat_template"] = (d / "chat_template.jinja").read_text()
-    return out
-
-
-def compile_chat_template(source: str) -> jinja2.Template:
-    """The template in a sandbox, set up as transformers does (trim_blocks, lstrip_blocks, loop
-    controls, ``raise_exception``, ``strftime_now`` and a ``tojson`` that keeps non-ASCII text)."""
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
-    return env.from_string(source)
-
-
 def chat_messages(messages: Any) -> list[dict]:
     """The request's messages as the template sees them: dicts with a string ``content`` (a list of
     text parts is joined with newlines, as vLLM does for string templates)."""
@@ -477,7 +419,7 @@ def make_app(
     engine_loop: EngineLoop | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app serving ``engine`` as ``model_name``. ``chat_template``: a Jinja
-    chat template (the checkpoint's, ``chat_settings``), else ``DEFAULT_CHAT_TEMPLATE``;
+    chat template (the checkpoint's, ``dsjax.infer.chat.chat_settings``), else ``DEFAULT_CHAT_TEMPLATE``;
     ``special_tokens``: the strings the template sees as bos_token, eos_token, ... . ``api_key``:
     required as ``Authorization: Bearer KEY`` on /v1/ routes. The app's lifespan starts the engine
     loop (``app.state.engine_loop``) and stops it (running requests aborted)."""

@@ -24,6 +24,7 @@ import pytest
 import uvicorn
 
 from dsjax.config import load_config
+from dsjax.infer import chat as chats
 from dsjax.infer import generate
 from dsjax.infer import server as srv
 from dsjax.infer.engine import Engine
@@ -106,7 +107,7 @@ class Live:
 def live(tmp_path_factory):
     d = tmp_path_factory.mktemp("tokenizer")
     (d / "tokenizer_config.json").write_text(json.dumps(TOKENIZER_CONFIG))
-    chat = srv.chat_settings(d)
+    chat = chats.chat_settings(d)
     engine = Engine(CFG, VARIABLES, TOKENIZER, max_batch=4, page_size=8, max_model_len=160, prefill_chunk=32)
     srv.warm_up(engine)
     server = Live(srv.make_app(engine, MODEL, chat["chat_template"], chat["special_tokens"]))
@@ -246,14 +247,14 @@ def test_chat_settings_read_the_hub_files(tmp_path):
             }
         )
     )
-    assert srv.chat_settings(tmp_path) == {
+    assert chats.chat_settings(tmp_path) == {
         "chat_template": "D",
         "special_tokens": {"bos_token": "<s>", "eos_token": "</s>"},
     }
     (tmp_path / "chat_template.jinja").write_text("J")
-    assert srv.chat_settings(tmp_path)["chat_template"] == "J"
-    assert srv.chat_settings(tmp_path / "absent") == {"chat_template": None, "special_tokens": {}}
-    default = srv.compile_chat_template(srv.DEFAULT_CHAT_TEMPLATE)
+    assert chats.chat_settings(tmp_path)["chat_template"] == "J"
+    assert chats.chat_settings(tmp_path / "absent") == {"chat_template": None, "special_tokens": {}}
+    default = chats.compile_chat_template(chats.DEFAULT_CHAT_TEMPLATE)
     text = default.render(messages=CHAT[:2], add_generation_prompt=True, bos_token="<s>", eos_token="</s>")
     assert text == "<s>system: Be brief.\nuser: Hi\nassistant:"
 
