@@ -38,7 +38,6 @@ import dataclasses
 import functools
 import itertools
 import threading
-import time
 from collections.abc import Callable
 
 import jax
@@ -122,7 +121,6 @@ class _Request:
     params: SamplingParams
     seed: int
     on_output: Callable[[RequestOutput], None] | None
-    arrival: float
     sequences: list[_Sequence] = dataclasses.field(default_factory=list)
     shared: int = 0  # prompt tokens found in the prefix cache
     spares: list[int] = dataclasses.field(default_factory=list)  # pages reserved for copies on write
@@ -203,7 +201,7 @@ class Engine:
             raise ValueError(f"the request needs more cache pages than the pool's {self.allocator.num_pages}")
         rid = request_id or f"req-{next(self._ids)}"
         seed = params.seed if params.seed is not None else int(self._seeds.integers(2**31))
-        request = _Request(rid, prompt, params, seed, on_output, time.perf_counter())
+        request = _Request(rid, prompt, params, seed, on_output)
         with self._lock:
             self._inbox.append(("add", request))
         return rid

@@ -161,31 +161,31 @@ def _decode_inputs(cfg: ModelConfig, positions):
     return cos, sin, AttentionMask.cache(positions)
 
 
+def _cache_slots(cfg: ModelConfig, with_mtp: bool) -> dict[str, tuple[int, ...]]:
+    """The decode cache's entries, named like the model's layer stacks (and MTP modules ``mtp_0`` ...),
+    each with its leading layer axes."""
+    slots = {}
+    if cfg.first_k_dense_replace:
+        slots["dense_layers"] = (cfg.first_k_dense_replace,)
+    if cfg.num_moe_layers:
+        slots["moe_layers"] = (cfg.num_moe_layers,)
+    for d in range(cfg.num_nextn_predict_layers if with_mtp else 0):
+        slots[f"mtp_{d}"] = ()
+    return slots
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, with_mtp: bool = False) -> dict:
     """An empty decode cache of ``max_len`` slots: a ``LatentCache`` per layer stack (leading layer
     axis, named like the stack) and, ``with_mtp``, one per MTP module (``mtp_0`` ...)."""
-    cache = {}
-    if cfg.first_k_dense_replace:
-        cache["dense_layers"] = LatentCache.zeros(cfg, batch, max_len, (cfg.first_k_dense_replace,))
-    if cfg.num_moe_layers:
-        cache["moe_layers"] = LatentCache.zeros(cfg, batch, max_len, (cfg.num_moe_layers,))
-    for d in range(cfg.num_nextn_predict_layers if with_mtp else 0):
-        cache[f"mtp_{d}"] = LatentCache.zeros(cfg, batch, max_len)
-    return cache
+    return {k: LatentCache.zeros(cfg, batch, max_len, layers) for k, layers in _cache_slots(cfg, with_mtp).items()}
 
 
 def init_paged_cache(cfg: ModelConfig, num_pages: int, page_size: int, with_mtp: bool = False) -> dict:
     """An empty paged decode cache (``PagedLatentCache``), named like ``init_cache``'s: a pool of
     ``num_pages`` pages of ``page_size`` slots per layer (and, ``with_mtp``, per MTP module), all
     read through one page table per sequence (``with_pages``, set per call)."""
-    cache = {}
-    if cfg.first_k_dense_replace:
-        cache["dense_layers"] = PagedLatentCache.zeros(cfg, num_pages, page_size, (cfg.first_k_dense_replace,))
-    if cfg.num_moe_layers:
-        cache["moe_layers"] = PagedLatentCache.zeros(cfg, num_pages, page_size, (cfg.num_moe_layers,))
-    for d in range(cfg.num_nextn_predict_layers if with_mtp else 0):
-        cache[f"mtp_{d}"] = PagedLatentCache.zeros(cfg, num_pages, page_size)
-    return cache
+    slots = _cache_slots(cfg, with_mtp)
+    return {k: PagedLatentCache.zeros(cfg, num_pages, page_size, layers) for k, layers in slots.items()}
 
 
 def with_pages(cache: dict, page_table) -> dict:

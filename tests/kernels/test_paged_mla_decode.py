@@ -14,10 +14,10 @@ import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AbstractDevice
 
 import pallas_kernels.paged_mla_decode as paged
 from pallas_kernels.paged_mla_decode import paged_mla_decode
+from tests.model.test_attention import lowered_kernels
 
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2}
 SCALE = 0.2
@@ -176,24 +176,6 @@ def test_pages_are_read_inside_the_kernel(backend):
         assert operands.count((100, 16, 512)) == 8  # one BlockSpec per page of a 128-slot block
     else:
         assert grid_mapping.num_index_operands == 0 and (1600, 512) in operands  # the pool, as rows
-
-
-TARGETS = {
-    "tpu": ("tpu", AbstractDevice(device_kind="TPU v5p", num_cores=1, platform="tpu"), "tpu_custom_call"),
-    "gpu": (
-        "cuda",
-        AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu"),
-        "__gpu$xla.gpu.triton",
-    ),
-}
-
-
-def lowered_kernels(fn, args, backend):
-    """How many kernel custom calls fn(*args) lowered for the backend's compiler holds (as in
-    tests/model/test_attention.py: Pallas -> Mosaic MLIR / Triton IR, without the device)."""
-    platform, device, call = TARGETS[backend]
-    with jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((), (), abstract_device=device)):
-        return jax.jit(fn).trace(*args).lower(lowering_platforms=(platform,)).as_text().count(f"@{call}(")
 
 
 def v3_args(page_size, sharding=None):
