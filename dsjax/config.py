@@ -81,6 +81,11 @@ class ModelConfig:
     first_k_dense_replace: int = 3
     # -- MTP --
     num_nextn_predict_layers: int = 1
+    # -- DeepSeek Sparse Attention (V3.2 report §2.1; HF DeepseekV32Config): a lightning indexer per
+    # MLA layer picks index_topk keys per query; 0 = dense attention, no indexer (V2 / V3) --
+    index_topk: int = 0
+    index_n_heads: int = 64
+    index_head_dim: int = 128
     # -- misc (HF names) --
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.006
@@ -100,6 +105,9 @@ class ModelConfig:
     # FP8 inference: the projections V3 quantizes hold e4m3 weights + 128x128 block scales, as the
     # FP8 hub release stores them (dsjax.model.fp8.Fp8Linear; load_hf(path, fp8_weights=True)).
     fp8_weights: bool = False
+    # DSA's first training stage (V3.2 report §2.1.1, "dense warm-up"): attention stays dense and
+    # only the indexer learns, by KL to the attention's distribution; false = sparse attention.
+    indexer_warmup: bool = False
     # Expert parallelism (dsjax.parallel.expert_parallel, mesh.expert > 1): how token copies travel to their experts'
     # devices, and the receive buffer per device pair (0 = dropless: room for every copy).
     expert_dispatch: Literal["auto", "all_to_all", "ragged_all_to_all"] = "auto"
@@ -164,6 +172,10 @@ class TrainConfig:
     max_nonfinite_steps: int = 20  # consecutive skipped steps before training stops
     sample_tokens: int = 200  # length of the text sample generated at the end
     sample_prompt: str = "def "
+    # A run or hub checkpoint whose weights a new run starts from (step 0, fresh optimizer). Every one
+    # of its tensors must fit the model; the model's indexers may be missing from it: a V3 checkpoint
+    # starts a V3.2 (DSA) model with fresh indexers, as DeepSeek began V3.2 (report §2.1.1).
+    init_from: str = ""
 
     def __post_init__(self):
         _check_types(self, "train.")
@@ -420,6 +432,16 @@ def _validate(c: ModelConfig) -> None:
         "sets the scales of FP8 GEMMs; without fp8 or fp8_weights there are none",
     )
     rule(c.rope_theta > 1, "rope_theta", "must be > 1")
+    rule(c.index_topk >= 0, "index_topk", "must be >= 0 (0 = dense attention, no indexer)")
+    if c.index_topk:
+        rule(c.q_lora_rank is not None, "index_topk", "the indexer reads the query LoRA latent; set q_lora_rank")
+        rule(c.index_n_heads > 0, "index_n_heads", "must be a positive integer")
+        rule(
+            c.index_head_dim >= c.qk_rope_head_dim and c.index_head_dim % 2 == 0,
+            "index_head_dim",
+            f"must be even and hold the qk_rope_head_dim={c.qk_rope_head_dim} channels RoPE rotates",
+        )
+    rule(not c.indexer_warmup or c.index_topk > 0, "indexer_warmup", "trains the DSA indexer; set index_topk > 0")
     rule(c.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
     rule(
         c.n_routed_experts % c.n_group == 0,

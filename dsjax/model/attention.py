@@ -3,6 +3,7 @@
     expanded (training, full forward):  softmax((q_nope.k_nope + q_pe.k_pe) * scale + mask) v
     latent (generation, absorbed form): softmax((q_lat.c_kv + q_pe.k_pe) * scale + mask) c_kv,
                                         q_lat = q_nope W_UK (the caller folds W_UK in, applies W_UV)
+    sparse (DSA, V3.2 report §2.1):     the latent form over the k slots each query's indexer chose
 
 Softmax in fp32; masked scores are finfo(f32).min. ``impl`` (``cfg.attention_impl``) follows the
 kernels' one dispatch rule (``pallas_kernels.platform.resolve_impl``): "xla" = the jnp reference,
@@ -10,7 +11,8 @@ kernels' one dispatch rule (``pallas_kernels.platform.resolve_impl``): "xla" = t
 kernel run by the Pallas interpreter, "auto" = pallas on TPU / GPU (Ampere or newer), xla elsewhere.
 Under a mesh the kernels run per shard: sequences over the batch axes, heads over theirs. Kernels:
 ``pallas_kernels.flash_mla`` (forward + backward), ``pallas_kernels.mla_decode``,
-``pallas_kernels.paged_mla_decode`` (the serving engine's paged cache).
+``pallas_kernels.paged_mla_decode`` (the serving engine's paged cache), ``pallas_kernels.sparse_mla``
+(DSA: forward + backward over gathered slots).
 """
 
 import flax.struct
@@ -44,10 +46,22 @@ class AttentionMask:
 
     def dense(self, num_keys: int):
         """[B, S, T] bool, True = may attend."""
+        return self.visible(*self.query_limits(), num_keys)
+
+    def query_limits(self):
+        """Per query [B, S]: the last slot it may see, and its segment id (0s for a cache mask); a
+        block of queries' ``visible`` keys need only their slice of these."""
         if self.positions is not None:
-            return jnp.arange(num_keys) <= self.positions[..., None]
+            return self.positions, jnp.zeros_like(self.positions)
         s = self.segment_ids.shape[-1]
-        return jnp.tril(jnp.ones((s, s), bool)) & (self.segment_ids[:, :, None] == self.segment_ids[:, None, :])
+        return jnp.broadcast_to(jnp.arange(s, dtype=self.segment_ids.dtype), self.segment_ids.shape), self.segment_ids
+
+    def visible(self, limit, segment, num_keys: int):
+        """[B, q, T] bool for the queries with ``query_limits`` (limit, segment) [B, q]."""
+        keys = jnp.arange(num_keys) <= limit[..., None]
+        if self.segment_ids is None:
+            return keys
+        return keys & (segment[:, :, None] == self.segment_ids[:, None, :])
 
 
 def _dense(mask, num_keys: int):
@@ -86,6 +100,36 @@ def paged_latent_reference(q_lat, q_pe, c_kv_pages, k_pe_pages, page_table, mask
     b, n = page_table.shape
     c_kv, k_pe = (x[page_table].reshape(b, n * x.shape[1], x.shape[2]) for x in (c_kv_pages, k_pe_pages))
     return latent_attention_reference(q_lat, q_pe, c_kv, k_pe, mask, scale)
+
+
+def gather_slots(x, indices):
+    """x [b, t, d] at indices [b, s, k] (-1 reads slot 0): [b, s, k, d]."""
+    return jnp.asarray(x)[jnp.arange(x.shape[0])[:, None, None], jnp.maximum(indices, 0)]
+
+
+def sparse_latent_attention_reference(q_lat, q_pe, c_kv, k_pe, indices, scale):
+    """``latent_attention_reference`` over the selected slots only: slot indices[b, s, j] of c_kv
+    [b, t, r] / k_pe [b, t, dr] for query (b, s), -1 = no slot (masked). q_lat [b,s,h,r], q_pe
+    [b,s,h,dr], indices [b,s,k] int32. Returns [b,s,h,r]. Gathers [b, s, k, r + dr]: for long
+    sequences call it on blocks of queries (``sparse_latent_attention`` does)."""
+    c_sel, pe_sel = gather_slots(c_kv, indices), gather_slots(k_pe, indices)
+    scores = jnp.einsum("bshr,bskr->bhsk", q_lat, c_sel, preferred_element_type=jnp.float32)
+    scores += jnp.einsum("bshd,bskd->bhsk", q_pe, pe_sel, preferred_element_type=jnp.float32)
+    return jnp.einsum("bhsk,bskr->bshr", _softmax(scores, indices >= 0, scale, c_kv.dtype), c_sel)
+
+
+def query_blocks(fn, block: int, per_query, shared):
+    """fn(*per_query_block, *shared) over blocks of ``block`` queries (axis 1 of every per_query
+    array; the last block padded), concatenated along axis 1: a ``lax.map``, so only one block's
+    intermediates live at a time. One block when the queries fit in one."""
+    s = per_query[0].shape[1]
+    if s <= block:
+        return fn(*per_query, *shared)
+    n = -(-s // block)
+    pad = lambda a: jnp.pad(a, [(0, 0), (0, n * block - s)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
+    split = [jnp.moveaxis(pad(a).reshape(a.shape[0], n, block, *a.shape[2:]), 1, 0) for a in per_query]
+    out = jax.lax.map(lambda xs: fn(*xs, *shared), split)
+    return jax.tree.map(lambda o: jnp.moveaxis(o, 0, 1).reshape(o.shape[1], n * block, *o.shape[3:])[:, :s], out)
 
 
 def resolve_impl(impl: str) -> str:
@@ -169,3 +213,28 @@ def paged_latent_attention(q_lat, q_pe, c_kv_pages, k_pe_pages, page_table, mask
     )
     out = kernel(q_lat.reshape(b, s * h, r), q_pe.reshape(b, s * h, -1), c_kv_pages, k_pe_pages, table, lengths)
     return out.reshape(b, s, h, r)
+
+
+# Queries per block of the jnp sparse path: [b, block, h, k] fp32 scores at a time.
+SPARSE_QUERY_BLOCK = 256
+
+
+def sparse_latent_attention(q_lat, q_pe, c_kv, k_pe, indices, scale, impl: str = "xla"):
+    """``sparse_latent_attention_reference`` (impl "xla", on blocks of ``SPARSE_QUERY_BLOCK``
+    queries) or the sparse MLA kernel (forward + backward), which reads only the selected slots.
+    Time and memory grow with k = indices.shape[-1], not with the t slots."""
+    impl = resolve_impl(impl)
+    if impl == "xla":
+        return query_blocks(
+            lambda ql, qp, ix, c, p: sparse_latent_attention_reference(ql, qp, c, p, ix, scale),
+            SPARSE_QUERY_BLOCK,
+            (q_lat, q_pe, indices),
+            (c_kv, k_pe),
+        )
+    from pallas_kernels.sparse_mla import sparse_mla
+
+    rows, slots, ids = (
+        partition_spec(a) for a in (("batch", None, "heads", None), ("batch", None, None), ("batch", None, None))
+    )
+    kernel = per_shard(lambda *a: sparse_mla(*a, scale, backend=_backend(impl)), (rows, rows, slots, slots, ids), rows)
+    return kernel(q_lat, q_pe, c_kv, k_pe, indices)

@@ -23,7 +23,8 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, positions=None, routes=None):
-        """Returns (x, (RouterStats or None, cache)). Signature fits ``nn.scan`` (carry first).
+        """Returns (x, (RouterStats or None, cache, the DSA indexer's KL per token [B, S] or None)).
+        Signature fits ``nn.scan`` (carry first).
 
         ``cache`` (a ``LatentCache``) and ``positions``: decoding, see ``MLA``. ``routes`` [B, S, K]:
         routing replay (``dsjax.model.moe.route``)."""
@@ -31,13 +32,13 @@ class Block(nn.Module):
         pdt = jnp.dtype(c.param_dtype)
         x = constrain(x, ("batch", None, None))  # sequences stay split over the batch axes
         h = RMSNorm(c.rms_norm_eps, "norm", pdt, name="input_layernorm")(x)
-        y, cache = MLA(c, name="self_attn")(h, cos, sin, mask, cache, positions)
+        y, cache, index_kl = MLA(c, name="self_attn")(h, cos, sin, mask, cache, positions)
         x = x + y
         h = RMSNorm(c.rms_norm_eps, "norm", pdt, name="post_attention_layernorm")(x)
         if self.moe:
             y, stats = MoE(c, name="mlp")(h, token_mask, routes)
-            return x + y, (stats, cache)
-        return x + MLP(c, c.intermediate_size, name="mlp")(h), (None, cache)
+            return x + y, (stats, cache, index_kl)
+        return x + MLP(c, c.intermediate_size, name="mlp")(h), (None, cache, index_kl)
 
 
 class Stack(nn.Module):
@@ -51,7 +52,8 @@ class Stack(nn.Module):
 
     @nn.compact
     def __call__(self, x, cos, sin, mask, token_mask, cache=None, positions=None, routes=None):
-        """Returns (x, RouterStats stacked over layers or None, cache). ``routes``: [L, B, S, K]."""
+        """Returns (x, RouterStats stacked over layers or None, cache, indexer KL [L, B, S] or None).
+        ``routes``: [L, B, S, K]."""
         block = Block
         if self.cfg.remat != "none":
             block = nn.remat(Block, policy=REMAT_POLICIES[self.cfg.remat], prevent_cse=not self.cfg.scan_layers)
@@ -64,10 +66,10 @@ class Stack(nn.Module):
                 length=self.num_layers,
                 metadata_params={nn.PARTITION_NAME: "layers"},
             )
-            x, (stats, cache) = scanned(self.cfg, self.moe, name="layers")(
+            x, (stats, cache, index_kl) = scanned(self.cfg, self.moe, name="layers")(
                 x, cos, sin, mask, token_mask, cache, positions, routes
             )
-            return x, stats, cache
+            return x, stats, cache, index_kl
         outs = []
         for i in range(self.num_layers):
             layer_cache, layer_routes = (
@@ -77,5 +79,5 @@ class Stack(nn.Module):
                 x, cos, sin, mask, token_mask, layer_cache, positions, layer_routes
             )
             outs.append(out)
-        stats, cache = jax.tree.map(lambda *a: jnp.stack(a), *outs)
-        return x, stats, cache
+        stats, cache, index_kl = jax.tree.map(lambda *a: jnp.stack(a), *outs)
+        return x, stats, cache, index_kl

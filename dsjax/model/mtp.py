@@ -20,7 +20,8 @@ class MTPModule(nn.Module):
 
     @nn.compact
     def __call__(self, h_prev, emb_next, cos, sin, mask, token_mask, cache=None, positions=None):
-        """Returns (h^k for the next depth, normalised h^k for the head, RouterStats, cache).
+        """Returns (h^k for the next depth, normalised h^k for the head, RouterStats, cache, the DSA
+        indexer's KL per token or None).
 
         ``cache`` (the block's ``LatentCache``) and ``positions``: decoding, see ``MLA``."""
         c = self.cfg
@@ -31,5 +32,5 @@ class MTPModule(nn.Module):
             jnp.concatenate([e, h], axis=-1)
         )  # bf16 in the V3 release
         # The MTP block sits at index num_hidden_layers >= first_k_dense_replace: always MoE.
-        x, (stats, cache) = Block(c, moe=True, name="block")(x, cos, sin, mask, token_mask, cache, positions)
-        return x, RMSNorm(c.rms_norm_eps, "norm", pdt, name="shared_head_norm")(x), stats, cache
+        x, (stats, cache, index_kl) = Block(c, moe=True, name="block")(x, cos, sin, mask, token_mask, cache, positions)
+        return x, RMSNorm(c.rms_norm_eps, "norm", pdt, name="shared_head_norm")(x), stats, cache, index_kl

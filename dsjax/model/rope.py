@@ -1,8 +1,9 @@
 """Rotary position embedding in DeepSeek's interleaved layout (DeepSeek-V2 §2.1.3), with YaRN (V2 §3.1.4).
 
 Channel pairs (2i, 2i+1) rotate by angle pos * inv_freq_i, as in the official code's
-``view_as_complex``; YaRN blends interpolated and extrapolated frequencies with a linear ramp
-over the pairs between the correction-range bounds.
+``view_as_complex`` (``apply_rope``); V3.2's lightning indexer pairs channels (i, i + d/2) instead,
+the half-split layout (``apply_rope_half``), with the same angles. YaRN blends interpolated and
+extrapolated frequencies with a linear ramp over the pairs between the correction-range bounds.
 """
 
 import math
@@ -78,3 +79,12 @@ def apply_rope(x, cos, sin):
     x0, x1 = x32[..., 0], x32[..., 1]
     out = jnp.stack([x0 * cos - x1 * sin, x0 * sin + x1 * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
+
+
+def apply_rope_half(x, cos, sin):
+    """Rotates half-split pairs (i, i + d/2) of x [b, s, heads, d] or [b, s, d] (the DSA indexer's
+    layout, V3.2; HF's ``rotate_half``): [x1 cos - x2 sin | x2 cos + x1 sin]."""
+    if x.ndim == 4:
+        cos, sin = cos[..., None, :], sin[..., None, :]
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -36,6 +36,9 @@ class ModelOutput:
     mtp_logits: jax.Array | None  # [D, B, S, V] fp32, or None without MTP
     router: RouterStats | None  # main-model MoE layers, leading axis = layer
     mtp_router: RouterStats | None  # MTP modules' MoE layers, leading axis = depth
+    # DSA (cfg.index_topk > 0): the indexers' loss, sum over layers and MTP modules of each one's KL
+    # averaged over the tokens (V3.2 §2.1.1); None without DSA
+    indexer_loss: jax.Array | None = None
 
 
 def segment_positions(segment_ids):
@@ -101,33 +104,38 @@ class Transformer(nn.Module):
         mask, token_mask = attention_mask(segment_ids), segment_ids > 0
         cos, sin = rope_angles(c, positions)
 
-        x, router, _ = self._trunk(tokens, cos, sin, mask, token_mask, routes=routes)
+        x, router, _, index_kl = self._trunk(tokens, cos, sin, mask, token_mask, routes=routes)
         logits = self.logits(self.norm(x))
 
         mtp_logits, mtp_stats = [], []
         for k, module in enumerate(self.mtp if mtp else (), 1):
-            x, normed, stats, _ = module(x, self._embed(shift_left(tokens, k)), cos, sin, mask, token_mask)
+            x, normed, stats, _, kl = module(x, self._embed(shift_left(tokens, k)), cos, sin, mask, token_mask)
             mtp_logits.append(self.logits(normed))
             mtp_stats.append(stats)
+            index_kl += [kl[None]] if kl is not None else []
         return ModelOutput(
             logits=logits,
             mtp_logits=jnp.stack(mtp_logits) if mtp_logits else None,
             router=router,
             mtp_router=jax.tree.map(lambda *a: jnp.stack(a), *mtp_stats) if mtp_stats else None,
+            indexer_loss=_indexer_loss(index_kl, token_mask),
         )
 
     def _trunk(self, tokens, cos, sin, mask, token_mask, cache=None, positions=None, routes=None):
-        """h^0 = the blocks applied to Emb(tokens), before the final norm. Returns (h^0, router, cache)."""
-        x, router, cache = self._embed(tokens), None, dict(cache or {})
+        """h^0 = the blocks applied to Emb(tokens), before the final norm. Returns (h^0, router, cache,
+        the indexers' KL per token: a list of [L, B, S] arrays, empty without DSA)."""
+        x, router, cache, index_kl = self._embed(tokens), None, dict(cache or {}), []
         if self.cfg.first_k_dense_replace:
-            x, _, cache["dense_layers"] = self.dense_layers(
+            x, _, cache["dense_layers"], kl = self.dense_layers(
                 x, cos, sin, mask, token_mask, cache.get("dense_layers"), positions
             )
+            index_kl += [kl] if kl is not None else []
         if self.cfg.num_moe_layers:
-            x, router, cache["moe_layers"] = self.moe_layers(
+            x, router, cache["moe_layers"], kl = self.moe_layers(
                 x, cos, sin, mask, token_mask, cache.get("moe_layers"), positions, routes
             )
-        return x, router, cache
+            index_kl += [kl] if kl is not None else []
+        return x, router, cache, index_kl
 
     def logits(self, normed):
         """The output head shared by the model and its MTP modules: W_head h (Emb^T h if tied), fp32."""
@@ -140,7 +148,7 @@ class Transformer(nn.Module):
         position (absorbed MLA). Returns (h^0, RMSNorm(h^0) for ``logits``, cache, the main MoE
         layers' RouterStats or None)."""
         cos, sin, mask = _decode_inputs(self.cfg, positions)
-        h, router, cache = self._trunk(tokens, cos, sin, mask, jnp.ones(tokens.shape, bool), cache, positions)
+        h, router, cache, _ = self._trunk(tokens, cos, sin, mask, jnp.ones(tokens.shape, bool), cache, positions)
         return h, self.norm(h), cache, router
 
     def draft(self, depth: int, h_prev, tokens, positions, cache):
@@ -149,10 +157,17 @@ class Transformer(nn.Module):
         Returns (h^k, shared_head_norm(h^k) for ``logits``, cache)."""
         cos, sin, mask = _decode_inputs(self.cfg, positions)
         name = f"mtp_{depth}"
-        h, normed, _, kv = self.mtp[depth](
+        h, normed, _, kv, _ = self.mtp[depth](
             h_prev, self._embed(tokens), cos, sin, mask, jnp.ones(tokens.shape, bool), cache[name], positions
         )
         return h, normed, {**cache, name: kv}
+
+
+def _indexer_loss(index_kl: list, token_mask):
+    """Sum over layers of each layer's KL averaged over the real tokens; None without DSA."""
+    if not index_kl:
+        return None
+    return (jnp.concatenate(index_kl) * token_mask).sum() / jnp.maximum(token_mask.sum(), 1)
 
 
 def _decode_inputs(cfg: ModelConfig, positions):

@@ -53,6 +53,8 @@ def check_divisible(mesh: jax.sharding.Mesh, model: ModelConfig, batch_size: int
         (model.hidden_size, "embed", "model.hidden_size"),
         (model.n_routed_experts, "experts", "model.n_routed_experts"),
     ]
+    if model.index_topk:  # DSA's indexer heads are split like the attention's
+        sized.append((model.index_n_heads, "heads", "model.index_n_heads"))
     rules = [(size, n[mesh_axes(logical)], what, f"mesh.{mesh_axes(logical)}") for size, logical, what in sized]
     if batch_size is not None:
         shards = math.prod(n[a] for a in BATCH)
