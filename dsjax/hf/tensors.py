@@ -5,7 +5,9 @@ Loading and saving both walk ``hub_tensors(cfg)``. HF linear weights are [out, i
 J = 0..E-1 are stacked into w_gate / w_up [E, H, I] and w_down [E, I, H]; layers are stacked along
 a leading axis when ``cfg.scan_layers``. The MTP module d is hub layer ``num_hidden_layers + d``; its
 ``embed_tokens`` and ``shared_head.head`` are copies of the shared embedding and head
-(``mtp_copies``): written on save, checked (not loaded) on load.
+(``mtp_copies``): written on save, checked (not loaded) on load. V3.2 (``cfg.index_topk > 0``) adds
+each layer's DSA indexer (the MTP layers' too), ``self_attn.indexer.{wq_b, wk, k_norm, weights_proj}``:
+wq_b [q_lora, index heads, index_head_dim], k_norm a LayerNorm (``scale`` and ``bias``).
 """
 
 from __future__ import annotations
@@ -78,11 +80,27 @@ def _attention(c: ModelConfig, hub: str, ours: tuple, index: tuple) -> list[HubT
             _norm(hub, ours, index, "q_a_layernorm", c.q_lora_rank),
             _linear(hub, ours, index, "q_b_proj", (c.q_lora_rank,), (h, c.qk_head_dim), f8),
         ]
-    return q + [
-        _linear(hub, ours, index, "kv_a_proj_with_mqa", (H,), (c.kv_lora_rank + c.qk_rope_head_dim,), f8),
-        _norm(hub, ours, index, "kv_a_layernorm", c.kv_lora_rank),
-        _linear(hub, ours, index, "kv_b_proj", (c.kv_lora_rank,), (h, c.qk_nope_head_dim + c.v_head_dim), f8),
-        _linear(hub, ours, index, "o_proj", (h, c.v_head_dim), (H,), f8),
+    return (
+        q
+        + [
+            _linear(hub, ours, index, "kv_a_proj_with_mqa", (H,), (c.kv_lora_rank + c.qk_rope_head_dim,), f8),
+            _norm(hub, ours, index, "kv_a_layernorm", c.kv_lora_rank),
+            _linear(hub, ours, index, "kv_b_proj", (c.kv_lora_rank,), (h, c.qk_nope_head_dim + c.v_head_dim), f8),
+            _linear(hub, ours, index, "o_proj", (h, c.v_head_dim), (H,), f8),
+        ]
+        + (_indexer(c, hub + "indexer.", (*ours, "indexer"), index) if c.index_topk else [])
+    )
+
+
+def _indexer(c: ModelConfig, hub: str, ours: tuple, index: tuple) -> list[HubTensor]:
+    """V3.2's DSA indexer: wq_b and wk are FP8 in the FP8 release; weights_proj and the LayerNorm k_norm are not."""
+    H, n, d, f8 = c.hidden_size, c.index_n_heads, c.index_head_dim, c.fp8_weights
+    return [
+        _linear(hub, ours, index, "wq_b", (c.q_lora_rank,), (n, d), f8),
+        _linear(hub, ours, index, "wk", (H,), (d,), f8),
+        _norm(hub, ours, index, "k_norm", d),
+        HubTensor(f"{hub}k_norm.bias", ("params", *ours, "k_norm", "bias"), index, (d,)),
+        _linear(hub, ours, index, "weights_proj", (H,), (n,), fp8=False),
     ]
 
 

@@ -78,7 +78,7 @@ def test_fixture_loads(fixture):
         "tie_word_embeddings",
     ]
     assert {k: getattr(cfg, k) for k in same} == {k: hf[k] for k in same}
-    v3 = hf["model_type"] == "deepseek_v3"
+    v3 = hf["model_type"] in ("deepseek_v3", "deepseek_v32")
     assert cfg.scoring_func == ("sigmoid" if v3 else "softmax")
     assert cfg.topk_method == hf.get("topk_method", "noaux_tc")
     assert cfg.num_nextn_predict_layers == hf.get("num_nextn_predict_layers", 0)

@@ -18,7 +18,7 @@ TINY = Path(__file__).parents[2] / "configs" / "tiny.yaml"
 
 
 def test_fixtures_present(fixtures_dir):
-    assert len(list(fixtures_dir.glob("*/reference.npz"))) == 5, "run tools/make_hf_reference.py"
+    assert len(list(fixtures_dir.glob("*/reference.npz"))) == 7, "run tools/make_hf_reference.py"
 
 
 def test_logits_match_hf_transformers(hf_fixture, load_hf_fixture):
