@@ -297,3 +297,24 @@ def load_checkpoint(path: str | Path, fp8_weights: bool = False):
     if (p / "tokenizer.json").is_file():
         return cfg, variables, HFTokenizer(str(p / "tokenizer.json"))
     return cfg, variables, None
+
+
+def graft(fresh: dict, loaded: dict, where: str) -> tuple[dict, list[str]]:
+    """``fresh`` variables with every leaf of ``loaded`` put in its place. Returns (the variables, the
+    paths left fresh). CheckpointError-like ValueError naming every leaf of ``loaded`` the model
+    lacks or holds in another shape, and every fresh leaf that is not an indexer's (only DSA's
+    indexers may start fresh)."""
+    flat_fresh = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_leaves_with_path(fresh)}
+    flat_loaded = {jax.tree_util.keystr(p): a for p, a in jax.tree_util.tree_leaves_with_path(loaded)}
+    problems = [f"{k}: not in the model" for k in flat_loaded if k not in flat_fresh]
+    problems += [
+        f"{k}: {tuple(a.shape)} in the checkpoint, {tuple(flat_fresh[k].shape)} in the model"
+        for k, a in flat_loaded.items()
+        if k in flat_fresh and tuple(a.shape) != tuple(flat_fresh[k].shape)
+    ]
+    new = [k for k in flat_fresh if k not in flat_loaded]
+    problems += [f"{k}: missing from the checkpoint" for k in new if "'indexer'" not in k]
+    if problems:
+        raise ValueError(f"train.init_from={where}: its weights do not fit the model: " + "; ".join(problems))
+    merged = jax.tree_util.tree_map_with_path(lambda p, a: flat_loaded.get(jax.tree_util.keystr(p), a), fresh)
+    return merged, new

@@ -26,8 +26,10 @@ import numpy as np
 from tqdm import tqdm
 
 from dsjax.config import Config, ConfigError, load_config
+from dsjax.hf.config import HF_FIELDS
 from dsjax.infer.generate import generate
 from dsjax.model.attention import resolve_impl as attention_impl
+from dsjax.model.moe import BIAS
 from dsjax.model.params import count_params
 from dsjax.model.transformer import Transformer
 from dsjax.parallel.mesh import check_divisible, global_arrays, make_mesh
@@ -37,6 +39,9 @@ from dsjax.train.checkpoint import has_checkpoints, run_dir, save_config
 from dsjax.train.data import eval_batches, load_splits, make_tokenizer, train_batches
 from dsjax.train.step import abstract_state, init_state_sharded, make_eval_step, make_train_step, state_shardings
 from pallas_kernels.platform import resolve_impl as fp8_impl
+
+# The step's metrics written to metrics.jsonl ("indexer": DSA's KL, with index_topk > 0).
+LOGGED = ("loss", "ce", "mtp", "balance", "indexer", "grad_norm", "lr", "load_max_mean", "dropped")
 
 
 class TrainingError(RuntimeError):
@@ -152,6 +157,23 @@ class StopRequest:
                 signal.signal(s, handler)
 
 
+def start_from(cfg: Config, state, shardings, main_process: bool):
+    """``state`` (fresh) with the weights of the run or hub checkpoint ``cfg.train.init_from``;
+    indexers it lacks stay fresh (a V3 checkpoint starting V3.2's DSA training)."""
+    source = cfg.train.init_from
+    src_cfg, variables, _ = ckpt.load_checkpoint(source)
+    params, fresh = ckpt.graft(jax.device_get(state.params), jax.device_get(variables["params"]), source)
+    bias, _ = ckpt.graft(jax.device_get(state.bias), jax.device_get(variables.get(BIAS, {})), source)
+    if main_process:
+        differ = [f for f in HF_FIELDS if not f.startswith("index_") and getattr(src_cfg, f) != getattr(cfg.model, f)]
+        print(
+            f"started from {source}"
+            + (f" with {len(fresh)} fresh indexer tensors" if fresh else "")
+            + (f"; model settings that differ from it: {', '.join(differ)}" if differ else "")
+        )
+    return state.replace(params=jax.device_put(params, shardings.params), bias=jax.device_put(bias, shardings.bias))
+
+
 def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) -> dict:
     """Runs (or resumes) training; returns the last metrics (with ``stopped_by``: the signal, when
     SIGTERM or Ctrl-C stopped it after saving). ``model`` defaults to Transformer."""
@@ -185,6 +207,8 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
             metrics_path.write_text("".join(line + "\n" for line in kept))  # steps after it are redone
     else:
         state = init_state_sharded(cfg, model, mesh, jax.random.key(t.seed), state_sh)
+        if t.init_from:
+            state = start_from(cfg, state, state_sh, main_process)
         if main_process:
             metrics_path.write_text("")
 
@@ -245,10 +269,7 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
                     dt = time.perf_counter() - window_start
                     last = {
                         "step": step,
-                        **{
-                            k: m[k]
-                            for k in ("loss", "ce", "mtp", "balance", "grad_norm", "lr", "load_max_mean", "dropped")
-                        },
+                        **{k: m[k] for k in LOGGED if k in m},
                         "tokens_per_s": window_tokens / dt,
                         "skipped_total": int(state.skipped),
                     }

@@ -48,6 +48,8 @@ def loss_sums(model, params, bias, batch, depth: int):
         "balance": sum((jnp.sum(r.balance_loss) for r in routers), jnp.zeros(())),
         "dropped": sum((jnp.mean(r.dropped) for r in routers), jnp.zeros(())) / max(len(routers), 1),
     }
+    if out.indexer_loss is not None:
+        sums["indexer"] = out.indexer_loss
     loads = {
         "main": out.router.expert_counts if out.router else None,
         "mtp": out.mtp_router.expert_counts if out.mtp_router else None,
@@ -56,10 +58,16 @@ def loss_sums(model, params, bias, batch, depth: int):
 
 
 def total_loss(sums, counts, cfg: Config, num_micro: int):
-    """CE + lambda/D sum_k CE_k + alpha * balance (balance averaged over microbatches)."""
+    """CE + lambda/D sum_k CE_k + alpha * balance (balance averaged over microbatches), plus with DSA
+    the indexers' KL (V3.2 §2.1.1; its gradient reaches only the indexers). In DSA's dense warm-up
+    the loss is the indexers' KL alone: the main model is frozen."""
     ce = sums["ce"] / jnp.maximum(counts[0], 1)
     per_depth = sums["mtp"] / jnp.maximum(counts[1], 1)
     mtp = per_depth.mean() if per_depth.size else jnp.zeros(())
     balance = sums["balance"] / num_micro
     loss = ce + cfg.train.mtp_loss_weight * mtp + cfg.train.balance_loss_alpha * balance
-    return loss, {"ce": ce, "mtp": mtp, "balance": balance}
+    parts = {"ce": ce, "mtp": mtp, "balance": balance}
+    if "indexer" in sums:
+        parts["indexer"] = sums["indexer"] / num_micro
+        loss = parts["indexer"] if cfg.model.indexer_warmup else loss + parts["indexer"]
+    return loss, parts

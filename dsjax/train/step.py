@@ -139,6 +139,15 @@ def apply_grads(state: TrainState, grads, loss, tx, bias=None, frozen=lambda par
     return new_state, ok, grad_norm
 
 
+def only_indexers(params, old):
+    """DSA's dense warm-up (V3.2 §2.1.1): the new params where they are an indexer's, else the old."""
+
+    def pick(path, new, before):
+        return new if any(getattr(k, "key", None) == "indexer" for k in path) else before
+
+    return jax.tree_util.tree_map_with_path(pick, params, old)
+
+
 def make_train_step(cfg: Config, model: nn.Module):
     """(state, batch of [B, S] arrays) -> (state, metrics); jit it."""
     t, depth, micro = cfg.train, cfg.model.num_nextn_predict_layers, cfg.train.microbatches
@@ -153,10 +162,11 @@ def make_train_step(cfg: Config, model: nn.Module):
 
         grads, (sums, loads) = accumulate_grads(micro_loss, state.params, split_microbatches(batch, micro))
         loss, parts = total_loss(sums, counts, cfg, micro)
-        gamma = t.bias_update_rate
+        gamma = 0.0 if cfg.model.indexer_warmup else t.bias_update_rate  # warm-up: the main model is frozen
         if t.bias_update_stop_step >= 0:  # the schedule: gamma, then 0 from the stop step on
             gamma = jnp.where(state.step < t.bias_update_stop_step, gamma, 0.0)
-        new_state, ok, grad_norm = apply_grads(state, grads, loss, tx, update_bias(state.bias, loads, gamma))
+        frozen = only_indexers if cfg.model.indexer_warmup else (lambda params, old: params)
+        new_state, ok, grad_norm = apply_grads(state, grads, loss, tx, update_bias(state.bias, loads, gamma), frozen)
         main = loads["main"].astype(jnp.float32) if loads["main"] is not None else jnp.ones((1, 1))
         metrics = dict(
             loss=loss,
