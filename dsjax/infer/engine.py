@@ -162,6 +162,11 @@ class Engine:
         self.depth = cfg.num_nextn_predict_layers if speculative else 0  # D: drafts per step
         if speculative and not self.depth:
             raise ValueError("speculative=True drafts with the MTP modules: num_nextn_predict_layers is 0")
+        if cfg.index_topk:
+            raise ValueError(
+                "the serving engine's paged cache does not hold DSA's indexer keys yet (index_topk > 0): "
+                "decode DeepSeek-V3.2 models with dsjax.infer.generate"
+            )
         if speculative and record_routes:
             raise ValueError("record_routes is for RL rollouts, which do not draft: not with speculative=True")
         self.variables = jax.device_put(variables)

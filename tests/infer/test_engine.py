@@ -244,6 +244,11 @@ def test_bad_requests_are_refused_before_they_run():
     assert not e.has_work()
 
 
+def test_a_dsa_model_is_refused_with_the_way_to_decode_it():
+    with pytest.raises(ValueError, match="decode DeepSeek-V3.2 models with dsjax.infer.generate"):
+        Engine(CFG.replace(index_topk=4, index_n_heads=2, index_head_dim=16), VARIABLES, TOKENIZER, max_batch=4)
+
+
 def test_requests_wait_for_pages_and_run_when_they_free():
     """A pool of 6 pages of 8 holds one request of 40 tokens at a time: the second waits, then
     runs; both equal generate."""
