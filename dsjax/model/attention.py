@@ -120,15 +120,16 @@ def sparse_latent_attention_reference(q_lat, q_pe, c_kv, k_pe, indices, scale):
 
 def query_blocks(fn, block: int, per_query, shared):
     """fn(*per_query_block, *shared) over blocks of ``block`` queries (axis 1 of every per_query
-    array; the last block padded), concatenated along axis 1: a ``lax.map``, so only one block's
-    intermediates live at a time. One block when the queries fit in one."""
+    array; the last block padded), concatenated along axis 1: a ``lax.map`` of a ``jax.checkpoint``,
+    so only one block's intermediates live at a time, in the backward pass too (it recomputes them
+    block by block instead of saving every block's gathers). One block when the queries fit in one."""
     s = per_query[0].shape[1]
     if s <= block:
         return fn(*per_query, *shared)
     n = -(-s // block)
     pad = lambda a: jnp.pad(a, [(0, 0), (0, n * block - s)] + [(0, 0)] * (a.ndim - 2))  # noqa: E731
     split = [jnp.moveaxis(pad(a).reshape(a.shape[0], n, block, *a.shape[2:]), 1, 0) for a in per_query]
-    out = jax.lax.map(lambda xs: fn(*xs, *shared), split)
+    out = jax.lax.map(jax.checkpoint(lambda xs: fn(*xs, *shared)), split)
     return jax.tree.map(lambda o: jnp.moveaxis(o, 0, 1).reshape(o.shape[1], n * block, *o.shape[3:])[:, :s], out)
 
 
