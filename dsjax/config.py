@@ -97,6 +97,10 @@ class ModelConfig:
     scan_layers: bool = True
     moe_impl: Literal["auto", "ragged_dot", "blocked", "rows"] = "auto"  # dsjax.model.gmm
     remat: Literal["none", "full", "save_projections"] = "none"  # activation checkpointing per layer
+    # Sequence parallelism for long context (training): between the attention and the FFN the residual
+    # stream, and the logits, are split along the sequence over the tensor axis (Megatron-SP), so a
+    # chip holds 1/tensor of each sequence's saved activations; attention gathers the sequence.
+    sequence_parallel: bool = False
     attention_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # dsjax.model.attention
     fp8: bool = False  # V3's FP8 recipe for the projections it quantizes (V3 report §3.3)
     fp8_impl: Literal["auto", "xla", "pallas", "interpret"] = "auto"  # pallas_kernels.platform

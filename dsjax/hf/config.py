@@ -25,6 +25,7 @@ OURS = (
     "scan_layers",
     "moe_impl",
     "remat",
+    "sequence_parallel",
     "attention_impl",
     "fp8",
     "fp8_impl",

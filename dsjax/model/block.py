@@ -30,13 +30,15 @@ class Block(nn.Module):
         routing replay (``dsjax.model.moe.route``)."""
         c = self.cfg
         pdt = jnp.dtype(c.param_dtype)
-        x = constrain(x, ("batch", None, None))  # sequences stay split over the batch axes
+        seq = "seq" if c.sequence_parallel and cache is None else None  # Megatron-SP: split between the two
+        x = constrain(x, ("batch", seq, None))  # sequences stay split over the batch axes
         h = RMSNorm(c.rms_norm_eps, "norm", pdt, name="input_layernorm")(x)
+        h = constrain(h, ("batch", None, None))  # attention sees the whole sequence (gathered under SP)
         y, cache, index_kl = MLA(c, name="self_attn")(h, cos, sin, mask, cache, positions)
-        x = x + y
+        x = x + constrain(y, ("batch", seq, None))
         h = RMSNorm(c.rms_norm_eps, "norm", pdt, name="post_attention_layernorm")(x)
         if self.moe:
-            y, stats = MoE(c, name="mlp")(h, token_mask, routes)
+            y, stats = MoE(c, name="mlp")(h, token_mask, routes, seq_split=seq is not None)
             return x + y, (stats, cache, index_kl)
         return x + MLP(c, c.intermediate_size, name="mlp")(h), (None, cache, index_kl)
 

@@ -141,9 +141,12 @@ def e4m3_transports(fp8: Fp8Recipe):
     return to_experts, from_experts
 
 
-def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
+def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh, seq_split: bool = False):
     """``experts_dropless`` over the mesh: x [T, H] split like the batch, w_gate/w_up [E, H, I] and
-    w_down [E, I, H] split by their logical axes (experts, embed, expert_mlp).
+    w_down [E, I, H] split by their logical axes (experts, embed, expert_mlp). ``seq_split``
+    (sequence parallelism): the rows are also split over the tensor axis, each shard its own tokens,
+    so the experts' hidden dim is gathered over that axis (as FSDP gathers theirs) in place of the
+    psum of partial sums: no shard ever holds another's token copies.
 
     Each device sorts its token copies by expert, the exchange (``dsjax.parallel.expert_parallel``)
     carries them to their experts' devices and back, and the partial sums over the tensor-split
@@ -161,7 +164,13 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
     to_experts, from_experts = e4m3_transports(fp8) if fp8 is not None else (as_is, as_is)
     gathered_in_fp8 = fsdp if fp8 is not None else None  # FP8: the grouped GEMMs gather the weights in e4m3
 
+    if seq_split and mesh_axes("seq") != tensor:
+        raise ValueError("sequence parallelism splits the rows over the axis the experts' hidden dim is split on")
+
     def local(x, idx, w, w_gate, w_up, w_down):
+        if seq_split:  # this shard's own rows: the experts' whole hidden dim (its transpose: a reduce-scatter)
+            w_gate, w_up = (jax.lax.all_gather(a, tensor, axis=2, tiled=True) for a in (w_gate, w_up))
+            w_down = jax.lax.all_gather(w_down, tensor, axis=1, tiled=True)
         if fp8 is None:  # FSDP: gather the weights' hidden dim (in place: FP8's gather_along measured worse here)
             w_gate, w_up = (jax.lax.all_gather(a, fsdp, axis=1, tiled=True) for a in (w_gate, w_up))
             w_down = jax.lax.all_gather(w_down, fsdp, axis=2, tiled=True)
@@ -177,10 +186,10 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh):
             ys, kept = exchange(
                 rows, eid, w_gate.shape[0], cfg.expert_capacity_factor, run, dispatch, to_experts, from_experts
             )
-        y = jax.lax.psum(_combine(jnp.where(kept[:, None], ys, 0), order, w), tensor)
-        return y, jax.lax.pmean(1.0 - kept.mean(), BATCH)
+        y = _combine(jnp.where(kept[:, None], ys, 0), order, w)
+        return (y if seq_split else jax.lax.psum(y, tensor)), jax.lax.pmean(1.0 - kept.mean(), BATCH)
 
-    tok = partition_spec(("batch",))
+    tok = partition_spec(("tokens",) if seq_split else ("batch",))
     up, down = partition_spec(("experts", "embed", "expert_mlp")), partition_spec(("experts", "expert_mlp", "embed"))
     fn = jax.shard_map(local, mesh=mesh, in_specs=(tok, tok, tok, up, up, down), out_specs=(tok, P()), check_vma=False)
     return fn(x, idx, w, w_gate, w_up, w_down)
@@ -213,8 +222,9 @@ class MoE(nn.Module):
         return Fp8Weight(q, s)
 
     @nn.compact
-    def __call__(self, x, token_mask, replay=None):
-        """x [B, S, H]; ``replay`` [B, S, K]: see ``route``. Returns (y, RouterStats)."""
+    def __call__(self, x, token_mask, replay=None, seq_split: bool = False):
+        """x [B, S, H]; ``replay`` [B, S, K]: see ``route``; ``seq_split``: x is split along the
+        sequence too (``experts_parallel``). Returns (y, RouterStats)."""
         c = self.cfg
         b, s, hdim = x.shape
         e, i = c.n_routed_experts, c.moe_intermediate_size
@@ -233,7 +243,7 @@ class MoE(nn.Module):
             y = experts_dropless(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c.moe_impl, fp8)
             dropped = jnp.zeros((), jnp.float32)
         else:
-            y, dropped = experts_parallel(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c, mesh)
+            y, dropped = experts_parallel(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c, mesh, seq_split)
         y = y.reshape(b, s, hdim)
         if c.n_shared_experts:
             y = y + MLP(c, c.n_shared_experts * i, name="shared_experts")(x)

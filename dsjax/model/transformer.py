@@ -105,12 +105,12 @@ class Transformer(nn.Module):
         cos, sin = rope_angles(c, positions)
 
         x, router, _, index_kl = self._trunk(tokens, cos, sin, mask, token_mask, routes=routes)
-        logits = self.logits(self.norm(x))
+        logits = self._split(self.logits(self._split(self.norm(x))))
 
         mtp_logits, mtp_stats = [], []
         for k, module in enumerate(self.mtp if mtp else (), 1):
             x, normed, stats, _, kl = module(x, self._embed(shift_left(tokens, k)), cos, sin, mask, token_mask)
-            mtp_logits.append(self.logits(normed))
+            mtp_logits.append(self._split(self.logits(self._split(normed))))
             mtp_stats.append(stats)
             index_kl += [kl[None]] if kl is not None else []
         return ModelOutput(
@@ -120,6 +120,10 @@ class Transformer(nn.Module):
             mtp_router=jax.tree.map(lambda *a: jnp.stack(a), *mtp_stats) if mtp_stats else None,
             indexer_loss=_indexer_loss(index_kl, token_mask),
         )
+
+    def _split(self, x):
+        """[B, S, ...] split along the sequence too under sequence parallelism (the logits: 1/tensor each)."""
+        return constrain(x, ("batch", "seq", None)) if self.cfg.sequence_parallel else x
 
     def _trunk(self, tokens, cos, sin, mask, token_mask, cache=None, positions=None, routes=None):
         """h^0 = the blocks applied to Emb(tokens), before the final norm. Returns (h^0, router, cache,

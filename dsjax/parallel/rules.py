@@ -11,6 +11,8 @@ all-to-all over ``mesh_axes("experts")``, the tensor-parallel partial sums over
     embed           -> fsdp                  FSDP: parameters and optimizer state sharded, gathered per use
     q_lora, kv_lora -> fsdp                  where embed has not taken fsdp (q_b_proj, kv_b_proj)
     heads, mlp, expert_mlp, vocab -> tensor  tensor parallelism
+    seq             -> tensor                sequence parallelism (ModelConfig.sequence_parallel): activations
+    tokens          -> (data, fsdp, expert, tensor)   [batch * seq] rows, split over both
     experts         -> expert                expert parallelism: each routed expert on one device
     (*_dim, norm, layers, mtp_in: replicated)
 """
@@ -34,6 +36,8 @@ RULES = (  # in order; an axis whose mesh axis is taken in that array falls thro
     ("mlp", "tensor"),
     ("expert_mlp", "tensor"),
     ("experts", "expert"),
+    ("seq", "tensor"),
+    ("tokens", ("data", "fsdp", "expert", "tensor")),
 )
 
 

@@ -3,6 +3,7 @@ whole train step with its bias update (loads counted on the global batch); exper
 the expert axis, tokens travelling by all-to-all, capacity drops reported, remat policies, and the
 Pallas kernels (attention, FP8) run per shard."""
 
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -98,6 +99,26 @@ def test_every_mesh_computes_what_one_device_computes(reference, shape):
     assert per_device == {w.nbytes // (n["expert"] * n["fsdp"] * n["tensor"])}
     hlo = compiled.as_text()
     assert ("all-to-all" in hlo) == (n["expert"] > 1)
+
+
+@pytest.mark.slow
+def test_sequence_parallelism_computes_what_one_device_computes(reference, shape=(1, 2, 2, 2)):
+    """model.sequence_parallel: the residual stream and the logits split along the sequence over the
+    tensor axis between the attention and the FFN; the experts gather the rows and reduce-scatter."""
+    cfg, _, state, batch, (loss, grads, loads, new, metrics) = reference
+    cfg = dataclasses.replace(cfg, model=cfg.model.replace(sequence_parallel=True))
+    model = Transformer(cfg.model)
+    mesh = make_mesh(MeshConfig(*shape))
+    sh, batch_sh = state_shardings(cfg, model, mesh), batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+        fn = jax.jit(run(cfg, model), in_shardings=(sh, batch_sh))
+        compiled = fn.trace(jax.device_put(state, sh), jax.device_put(batch, batch_sh)).lower().compile()
+        s_loss, s_grads, s_loads, s_new, _ = compiled(jax.device_put(state, sh), jax.device_put(batch, batch_sh))
+    assert abs(float(s_loss) - float(loss)) <= 1e-5
+    assert max_diff(s_grads, grads) <= 1e-5
+    np.testing.assert_array_equal(s_loads["main"], loads["main"])
+    assert max_diff(s_new.params, new.params) <= 1e-5
+    assert "reduce-scatter" in compiled.as_text()
 
 
 def test_bias_update_uses_the_global_load_not_a_shards(reference):
