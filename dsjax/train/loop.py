@@ -279,6 +279,7 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
                         tok_s=f"{last['tokens_per_s']:.0f}",
                         lr=f"{m['lr']:.2e}",
                         load=f"{m['load_max_mean']:.2f}",
+                        **({"indexer_kl": f"{m['indexer']:.4f}"} if "indexer" in m else {}),
                     )
                     window_tokens, window_start = 0, time.perf_counter()
                 if step % t.eval_every == 0 or step == t.steps:
