@@ -71,7 +71,7 @@ class ExpandedMLA(MLA):
     def __call__(self, x, cos, sin, mask, cache: ExpandedCache, positions):
         """Writes k = [k_nope | k_pe] and v of the new tokens per head, then softmax(q.k * scale) v."""
         c = self.cfg
-        q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
+        _, q_nope, q_pe, c_kv, k_pe = self.project(x, cos, sin)
         kv = self.kv_b_proj(c_kv)  # [B, S, h, dn + dv]
         k_pe = jnp.broadcast_to(k_pe[:, :, None], (*kv.shape[:3], c.qk_rope_head_dim))
         k, v = jnp.concatenate([kv[..., : c.qk_nope_head_dim], k_pe], -1), kv[..., c.qk_nope_head_dim :]
@@ -81,16 +81,16 @@ class ExpandedMLA(MLA):
         scores = jnp.einsum("bshd,bhtd->bhst", q, cache.k, preferred_element_type=jnp.float32)
         scores = jnp.where(mask[:, None], scores * softmax_scale(c), jnp.finfo(jnp.float32).min)
         out = jnp.einsum("bhst,bhtd->bshd", jax.nn.softmax(scores, -1).astype(cache.v.dtype), cache.v)
-        return self.o_proj(out), cache
+        return self.o_proj(out), cache, None  # MLA's outputs (no DSA indexer loss)
 
 
 def time_ms(step, cache, repeats: int) -> float:
-    """Best wall time of ``output, cache = step(cache)`` (compiled and warmed up first)."""
-    _, cache = jax.block_until_ready(step(cache))
+    """Best wall time of ``output, cache, _ = step(cache)`` (compiled and warmed up first)."""
+    _, cache, _ = jax.block_until_ready(step(cache))
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        _, cache = jax.block_until_ready(step(cache))
+        _, cache, _ = jax.block_until_ready(step(cache))
         best = min(best, time.perf_counter() - t0)
     return 1e3 * best
 
@@ -133,7 +133,7 @@ def model_decode(cfg: ModelConfig, variables, context: int, repeats: int) -> flo
 
     def step(variables, cache):
         _, normed, cache, _ = model.apply(variables, jnp.zeros((1, 1), jnp.int32), pos, cache, method="decode")
-        return model.apply(variables, normed, method="logits"), cache
+        return model.apply(variables, normed, method="logits"), cache, None
 
     step = jax.jit(step, donate_argnums=1)
     return time_ms(lambda c: step(variables, c), init_cache(cfg, 1, context + 1), repeats)

@@ -117,7 +117,7 @@ NB01 = [
         "MQA (1 KV head)": kv_cache(1),
         "MLA (latent, dsjax)": init_cache(v3, batch=1, max_len=T),
     }
-    print("MLA cache arrays:", {k: (type(c).__name__, {f: (a.shape, str(a.dtype)) for f, a in vars(c).items()})
+    print("MLA cache arrays:", {k: (type(c).__name__, {f: (a.shape, str(a.dtype)) for f, a in vars(c).items() if a is not None})
                                 for k, c in caches["MLA (latent, dsjax)"].items()})
     per_token = {k: sum(a.nbytes for a in jax.tree.leaves(c)) / T for k, c in caches.items()}
     del caches
