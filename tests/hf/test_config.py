@@ -229,7 +229,8 @@ def test_to_hf_round_trips(path):
     cfg = load_config(path).model
     hf = json.loads(json.dumps(to_hf_config(cfg)))  # plain JSON
     assert "rope_parameters" not in hf and isinstance(hf["rope_theta"], float)
-    assert hf["model_type"] == ("deepseek_v3" if cfg.scoring_func == "sigmoid" else "deepseek_v2")
+    v3 = "deepseek_v32" if cfg.index_topk else "deepseek_v3"
+    assert hf["model_type"] == (v3 if cfg.scoring_func == "sigmoid" else "deepseek_v2")
     back = from_hf_config(hf)
     assert back.param_dtype == cfg.param_dtype
     assert same_but_ours(back, cfg)
