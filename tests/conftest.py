@@ -78,3 +78,27 @@ def jax_0_11_dce(monkeypatch):
     from jax._src.pallas.pallas_call import pallas_call_p
 
     monkeypatch.setitem(pe.dce_rules, pallas_call_p, lambda *args: ([True] * len(args[-1].invars), args[-1]))
+
+
+# Each program XLA compiles for the CPU keeps memory mappings. A worker process that runs a few
+# hundred tests compiles thousands of programs and passed Linux's vm.max_map_count (65530): XLA then
+# aborted mid-compile (a segfault or SIGABRT in whatever test came next). Past this many mappings,
+# JAX's in-memory caches are dropped after a test; the persistent cache above still saves compiling.
+MAX_MAPPINGS = 30_000
+
+
+@pytest.fixture(autouse=True)
+def _release_compiled_programs():
+    yield
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            mappings = sum(1 for _ in f)
+    except OSError:  # not Linux
+        return
+    if mappings > MAX_MAPPINGS:
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
