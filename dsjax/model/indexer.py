@@ -75,16 +75,17 @@ def selected_scores(q, k, w, indices):
     return jnp.einsum("bsj,bsjk->bsk", w, jax.nn.relu(qk))
 
 
-def _block_size(cfg: ModelConfig, num_keys: int) -> int:
-    """Queries per block so that [block, index heads, keys] stays near SCORE_BUDGET values (at least 8)."""
-    return max(8, SCORE_BUDGET // (cfg.index_n_heads * max(num_keys, 1)))
+def _block_size(heads: int, num_keys: int, num_queries: int) -> int:
+    """Queries per block so that [block, heads, keys] stays near SCORE_BUDGET values (at least 8, at
+    most every query)."""
+    return min(max(8, SCORE_BUDGET // (heads * max(num_keys, 1))), num_queries)
 
 
 def select_top_k(cfg: ModelConfig, q, k, w, mask: AttentionMask, topk: int):
     """The top-``topk`` keys of each query by I among those ``mask`` lets it see, ascending, -1
     past the keys it may see: [b, s, topk] int32. q [b,s,n,d], k [b,t,d], w [b,s,n]."""
     t = k.shape[1]
-    block = min(_block_size(cfg, t), q.shape[1])
+    block = _block_size(cfg.index_n_heads, t, q.shape[1])
 
     def one_block(q, w, limit, segment, k):
         visible = mask.visible(limit, segment, t)
@@ -118,7 +119,7 @@ def dense_indexer_kl(cfg, q_lat, q_pe, c_kv, k_pe, scale, iq, ik, iw, mask: Atte
     The main attention in absorbed form (q_lat = q_nope W_UK [b,s,h,r], q_pe, c_kv [b,t,r], k_pe),
     the indexer's iq [b,s,n,d], ik [b,t,d], iw [b,s,n]; p carries no gradient."""
     t = c_kv.shape[1]
-    block = min(max(8, SCORE_BUDGET // ((cfg.index_n_heads + q_lat.shape[2]) * t)), q_lat.shape[1])
+    block = _block_size(cfg.index_n_heads + q_lat.shape[2], t, q_lat.shape[1])
 
     def one_block(q_lat, q_pe, iq, iw, limit, segment, c_kv, k_pe, ik):
         visible = mask.visible(limit, segment, t)
@@ -131,7 +132,7 @@ def dense_indexer_kl(cfg, q_lat, q_pe, c_kv, k_pe, scale, iq, ik, iw, mask: Atte
 def sparse_indexer_kl(cfg, q_lat, q_pe, c_kv, k_pe, scale, iq, ik, iw, indices):
     """Sparse training: KL(p_t,S_t || softmax(I_t,S_t)) per query over its selected keys S_t =
     indices [b, s, k] (-1 = none), [b, s] fp32; shapes as ``dense_indexer_kl``."""
-    block = min(max(8, SCORE_BUDGET // ((cfg.index_n_heads + q_lat.shape[2]) * indices.shape[-1])), q_lat.shape[1])
+    block = _block_size(cfg.index_n_heads + q_lat.shape[2], indices.shape[-1], q_lat.shape[1])
 
     def one_block(q_lat, q_pe, iq, iw, idx, c_kv, k_pe, ik):
         valid = idx >= 0
