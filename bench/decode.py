@@ -28,7 +28,7 @@ import numpy as np
 from bench.common import environment
 from dsjax.config import ModelConfig
 from dsjax.infer.generate import generate
-from dsjax.model import Transformer, echoing_variables, init_cache, random_variables
+from dsjax.model import build_model, echoing_variables, init_cache, random_variables
 from dsjax.model.mla import MLA, LatentCache
 from dsjax.model.rope import rope_angles, softmax_scale
 
@@ -128,7 +128,7 @@ def layer_decode(cfg: ModelConfig, params, context: int, repeats: int) -> dict:
 
 def model_decode(cfg: ModelConfig, variables, context: int, repeats: int) -> float:
     """The whole model's decode step (one token, all layers, head) over a latent cache of context + 1 slots."""
-    model = Transformer(cfg)
+    model = build_model(cfg)
     pos = jnp.full((1, 1), context)
 
     def step(variables, cache):

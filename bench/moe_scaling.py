@@ -16,7 +16,7 @@ import optax
 
 from bench.common import environment
 from dsjax.config import ModelConfig
-from dsjax.model import Transformer
+from dsjax.model import build_model
 
 
 def bench_config(num_experts: int, impl: str) -> ModelConfig:
@@ -45,7 +45,7 @@ def bench_config(num_experts: int, impl: str) -> ModelConfig:
 
 
 def time_step(cfg: ModelConfig, batch: int, seq: int, repeats: int) -> float:
-    model = Transformer(cfg)
+    model = build_model(cfg)
     tokens = jax.random.randint(jax.random.key(1), (batch, seq), 0, cfg.vocab_size)
     variables = jax.jit(model.init)(jax.random.key(0), tokens)
     params, rest = variables["params"], {k: v for k, v in variables.items() if k != "params"}

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from bench.common import environment
 from dsjax.config import load_config
-from dsjax.model import Transformer, training_flops_per_token
+from dsjax.model import build_model, training_flops_per_token
 from dsjax.parallel.mesh import check_divisible, make_mesh
 from dsjax.parallel.rules import batch_sharding
 from dsjax.train.step import init_state_sharded, make_train_step, state_shardings
@@ -44,7 +44,7 @@ def measure(cfg, steps: int, warmup: int) -> dict:
     t = cfg.train
     mesh = make_mesh(cfg.mesh)
     check_divisible(mesh, cfg.model, t.batch_size // t.microbatches)
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     state_sh, batch_sh = state_shardings(cfg, model, mesh), batch_sharding(mesh)
     state = init_state_sharded(cfg, model, mesh, jax.random.key(0), state_sh)
     with jax.set_mesh(mesh):

@@ -75,7 +75,7 @@ class ModelConfig:
     n_group: int = 8
     topk_group: int = 4
     topk_method: Literal["noaux_tc", "group_limited_greedy", "greedy"] = "noaux_tc"
-    scoring_func: Literal["sigmoid", "softmax"] = "sigmoid"
+    scoring_func: Literal["sigmoid", "softmax", "sqrtsoftplus"] = "sigmoid"  # V4: sqrt(softplus(logits))
     norm_topk_prob: bool = True
     routed_scaling_factor: float = 2.5
     first_k_dense_replace: int = 3
@@ -86,6 +86,27 @@ class ModelConfig:
     index_topk: int = 0
     index_n_heads: int = 64
     index_head_dim: int = 128
+    # -- DeepSeek-V4 (architecture "v4"; HF DeepseekV4Config names). Attention is shared-KV MQA over a
+    # sliding window of head_dim keys plus, per layer type, compressed entries (CSA: every
+    # compress_rate_csa tokens, top index_topk picked by a lightning indexer; HCA: every
+    # compress_rate_hca tokens, all visible); qk_rope_head_dim trailing channels rotate; hc_mult
+    # residual streams mixed by mHC; mlp_layer_types picks hash or learned routing per layer --
+    architecture: Literal["v3", "v4"] = "v3"  # v3: MLA + DeepSeekMoE (V2, V3, V3.2); v4: DeepSeek-V4
+    head_dim: int = 512
+    layer_types: tuple[
+        Literal["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"], ...
+    ] = ()
+    compress_rate_csa: int = 4
+    compress_rate_hca: int = 128
+    compress_rope_theta: float = 160000.0  # RoPE base of CSA / HCA layers (and YaRN, when rope_scaling is set)
+    sliding_window: int = 128  # keys t-W+1..t of the query's own segment
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    hc_mult: int = 4
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    mlp_layer_types: tuple[Literal["hash_moe", "moe"], ...] = ()
+    swiglu_limit: float = 0.0  # clamp of the experts' gate (above) and up (both sides); 0: none (V3)
     # -- misc (HF names) --
     rms_norm_eps: float = 1e-6
     initializer_range: float = 0.006
@@ -125,6 +146,10 @@ class ModelConfig:
     @property
     def qk_head_dim(self) -> int:
         return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def is_v4(self) -> bool:
+        return self.architecture == "v4"
 
     @property
     def num_moe_layers(self) -> int:
@@ -447,6 +472,9 @@ def _validate(c: ModelConfig) -> None:
         )
     rule(not c.indexer_warmup or c.index_topk > 0, "indexer_warmup", "trains the DSA indexer; set index_topk > 0")
     rule(c.routed_scaling_factor > 0, "routed_scaling_factor", "must be > 0")
+    rule(c.swiglu_limit >= 0, "swiglu_limit", "must be >= 0 (0 = no clamp)")
+    if c.is_v4:
+        _validate_v4(c, rule)
     rule(
         c.n_routed_experts % c.n_group == 0,
         "n_routed_experts",
@@ -471,6 +499,43 @@ def _validate(c: ModelConfig) -> None:
         "topk_method",
         f"'noaux_tc' scores a group by its top-2 experts, but each group holds {per_group}",
     )
+
+
+def _validate_v4(c: ModelConfig, rule) -> None:
+    n = c.num_hidden_layers
+    for f in ("layer_types", "mlp_layer_types"):
+        rule(len(getattr(c, f)) == n, f, f"a DeepSeek-V4 config lists one entry per layer: {n} of them")
+    for f in ("head_dim", "compress_rate_csa", "compress_rate_hca", "sliding_window", "o_groups", "o_lora_rank"):
+        rule(getattr(c, f) > 0, f, "must be a positive integer")
+    rule(c.hc_mult >= 1 and c.hc_sinkhorn_iters >= 1, "hc_mult", "hc_mult and hc_sinkhorn_iters must be >= 1")
+    rule(c.hc_eps > 0, "hc_eps", "must be > 0")
+    rule(c.q_lora_rank is not None, "q_lora_rank", "DeepSeek-V4's queries come from a LoRA latent; set it")
+    rule(
+        c.qk_rope_head_dim <= c.head_dim,
+        "qk_rope_head_dim",
+        f"RoPE rotates the trailing channels of each head_dim={c.head_dim} head: at most that many",
+    )
+    rule(
+        c.num_attention_heads % c.o_groups == 0,
+        "o_groups",
+        f"the grouped output projection splits num_attention_heads={c.num_attention_heads} heads evenly",
+    )
+    rule(c.first_k_dense_replace == 0, "first_k_dense_replace", "DeepSeek-V4 has no dense layers: set 0")
+    rule(
+        c.n_group == 1 and c.topk_group == 1,
+        "n_group",
+        "DeepSeek-V4 routes without expert groups: set n_group=1, topk_group=1",
+    )
+    if "compressed_sparse_attention" in c.layer_types:
+        rule(c.index_topk > 0, "index_topk", "CSA layers keep index_topk compressed entries per query: must be > 0")
+        rule(c.index_n_heads > 0, "index_n_heads", "must be a positive integer")
+        rule(
+            c.qk_rope_head_dim <= c.index_head_dim,
+            "index_head_dim",
+            f"the indexer rotates qk_rope_head_dim={c.qk_rope_head_dim} trailing channels: at least that many",
+        )
+    rule(not c.indexer_warmup, "indexer_warmup", "is V3.2's DSA warm-up; DeepSeek-V4 has no such stage here")
+    rule(not c.sequence_parallel, "sequence_parallel", "is not implemented for DeepSeek-V4 attention yet")
 
 
 # ---------------------------------------------------------------------------------------------

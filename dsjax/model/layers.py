@@ -2,7 +2,8 @@
 
 RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)            statistics in fp32
 linear:      y = x W (no bias), W [*in, *out] annotated with logical axis names
-MLP(x)     = W_down (silu(W_gate x) * (W_up x))        (DeepSeek-V3 §2.1.2: every expert is one)
+MLP(x)     = W_down (silu(W_gate x) * (W_up x))        (DeepSeek-V3 §2.1.2: every expert is one;
+                                                     V4 clamps gate and up at swiglu_limit)
 """
 
 import flax.linen as nn
@@ -65,4 +66,11 @@ class MLP(nn.Module):
         c, i = self.cfg, self.intermediate_size
         gate = linear(c, i, ("embed", "mlp"), "gate_proj")(x)
         up = linear(c, i, ("embed", "mlp"), "up_proj")(x)
-        return linear(c, c.hidden_size, ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+        return linear(c, c.hidden_size, ("mlp", "embed"), "down_proj")(swiglu(gate, up, c.swiglu_limit))
+
+
+def swiglu(gate, up, limit: float = 0.0):
+    """silu(gate) * up; with ``limit`` > 0 (V4's swiglu_limit) gate is clamped above and up both sides."""
+    if limit:
+        gate, up = jnp.minimum(gate, limit), jnp.clip(up, -limit, limit)
+    return nn.silu(gate) * up

@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 from dsjax.config import ModelConfig
 from dsjax.model.fp8 import Fp8Recipe, Fp8Weight, fp8_init, send_e4m3, send_grad_e4m3
 from dsjax.model.gmm import grouped_matmul
-from dsjax.model.layers import MLP
+from dsjax.model.layers import MLP, swiglu
 from dsjax.parallel.expert_parallel import EXPERTS, as_is, exchange, resolve_dispatch
 from dsjax.parallel.rules import BATCH, mesh_axes, partition_spec
 from pallas_kernels.platform import target_platform
@@ -96,25 +96,28 @@ def _combine(ys, order, w):
     return jnp.einsum("tkh,tk->th", ys, w.astype(ys.dtype))
 
 
-def _swiglu(xs, sizes, w_gate, w_up, w_down, impl, fp8, fsdp: str | None = None):
+def _swiglu(xs, sizes, w_gate, w_up, w_down, impl, fp8, fsdp: str | None = None, limit: float = 0.0):
     """SwiGLU of rows xs [m, H] sorted by expert, ``sizes`` rows per expert, by grouped matmuls.
     ``fsdp``: the weights are slices of H over that mesh axis, gathered by the FP8 grouped GEMMs."""
     k_split, n_split = (None, None) if fsdp is None else ((fsdp, 1), (fsdp, 2))
     gate, up = (grouped_matmul(xs, w, sizes, impl, fp8, k_split) for w in (w_gate, w_up))
-    return grouped_matmul(nn.silu(gate) * up, w_down, sizes, impl, fp8, n_split)
+    return grouped_matmul(swiglu(gate, up, limit), w_down, sizes, impl, fp8, n_split)
 
 
-def experts_dropless(x, idx, w, w_gate, w_up, w_down, impl: str = "auto", fp8: Fp8Recipe | None = None):
+def experts_dropless(
+    x, idx, w, w_gate, w_up, w_down, impl: str = "auto", fp8: Fp8Recipe | None = None, limit: float = 0.0
+):
     """sum_k w_k SwiGLU_{idx_k}(x) for x [T, H], computing only the chosen (token, expert) pairs.
 
     ``fp8``: None for plain matmuls, else how the FP8 GEMMs run (``Fp8Recipe.of(cfg)``).
-    The expert weights may be ``Fp8Weight`` (FP8 inference)."""
+    The expert weights may be ``Fp8Weight`` (FP8 inference). ``limit``: ``swiglu``'s clamp."""
     order, eid = _by_expert(idx)
     sizes = jnp.bincount(eid, length=w_gate.shape[0])
-    return _combine(_swiglu(x[order // idx.shape[1]], sizes, w_gate, w_up, w_down, impl, fp8), order, w)
+    ys = _swiglu(x[order // idx.shape[1]], sizes, w_gate, w_up, w_down, impl, fp8, limit=limit)
+    return _combine(ys, order, w)
 
 
-def _swiglu_received(xs, eid, w_gate, w_up, w_down, impl, fp8, fsdp):
+def _swiglu_received(xs, eid, w_gate, w_up, w_down, impl, fp8, fsdp, limit):
     """Rows that arrived in any order, local expert ids ``eid`` (== num experts: an empty slot) -> [m, H].
     Empty slots form one extra group whose weights are zero (ragged_dot instead leaves rows past the
     groups out, computing nothing)."""
@@ -125,7 +128,7 @@ def _swiglu_received(xs, eid, w_gate, w_up, w_down, impl, fp8, fsdp):
         sizes = sizes[:e]
     else:
         w_gate, w_up, w_down = (jnp.concatenate([w, jnp.zeros_like(w[:1])]) for w in (w_gate, w_up, w_down))
-    return _swiglu(xs[order], sizes, w_gate, w_up, w_down, impl, fp8, fsdp)[jnp.argsort(order)]
+    return _swiglu(xs[order], sizes, w_gate, w_up, w_down, impl, fp8, fsdp, limit)[jnp.argsort(order)]
 
 
 def e4m3_transports(fp8: Fp8Recipe):
@@ -178,7 +181,7 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh, se
         rows = x[order // idx.shape[1]]
 
         def run(r, i):
-            return _swiglu_received(r, i, w_gate, w_up, w_down, impl, fp8, gathered_in_fp8)
+            return _swiglu_received(r, i, w_gate, w_up, w_down, impl, fp8, gathered_in_fp8, cfg.swiglu_limit)
 
         if mesh.shape[EXPERTS] == 1:
             ys, kept = run(rows, eid), jnp.ones(eid.shape, bool)
@@ -195,15 +198,36 @@ def experts_parallel(x, idx, w, w_gate, w_up, w_down, cfg: ModelConfig, mesh, se
     return fn(x, idx, w, w_gate, w_up, w_down)
 
 
-def experts_dense(x, idx, w, w_gate, w_up, w_down):
+def experts_dense(x, idx, w, w_gate, w_up, w_down, limit: float = 0.0):
     """Reference: every expert on every token, combined with a dense [T, E] weight matrix."""
     gates = jnp.zeros((x.shape[0], w_gate.shape[0]), w.dtype).at[jnp.arange(x.shape[0])[:, None], idx].add(w)
-    h = nn.silu(jnp.einsum("th,ehi->tei", x, w_gate)) * jnp.einsum("th,ehi->tei", x, w_up)
+    h = swiglu(jnp.einsum("th,ehi->tei", x, w_gate), jnp.einsum("th,ehi->tei", x, w_up), limit)
     return jnp.einsum("tei,eih,te->th", h, w_down, gates.astype(x.dtype))
 
 
+def router_scores(logits, scoring_func: str):
+    """s = sigmoid (V3), softmax (V2) or sqrt(softplus) (V4) of the router logits, fp32."""
+    if scoring_func == "sigmoid":
+        return jax.nn.sigmoid(logits)
+    if scoring_func == "softmax":
+        return jax.nn.softmax(logits, -1)
+    return jnp.sqrt(jax.nn.softplus(logits))
+
+
+def hash_table(vocab: int, experts: int, k: int):
+    """A fixed token -> k distinct experts table (V4's hash routing, for a model trained from
+    scratch; a checkpoint brings its own ``tid2eid``): a multiplicative hash of the token id picks
+    the first expert, the others follow at stride experts // k."""
+    base = (jnp.arange(vocab, dtype=jnp.uint32) * jnp.uint32(2654435761)) % jnp.uint32(experts)
+    return ((base[:, None] + jnp.arange(k, dtype=jnp.uint32) * (experts // k)) % experts).astype(jnp.int32)
+
+
 class MoE(nn.Module):
+    """``hashed``: V4's hash-routed layer: the experts are the frozen ``tid2eid[token]`` (in the
+    ``selection_bias`` collection, never trained), the gate still weighs them."""
+
     cfg: ModelConfig
+    hashed: bool = False
 
     def _param(self, name, shape, axes):
         init = nn.with_logical_partitioning(nn.initializers.normal(self.cfg.initializer_range), axes)
@@ -222,25 +246,34 @@ class MoE(nn.Module):
         return Fp8Weight(q, s)
 
     @nn.compact
-    def __call__(self, x, token_mask, replay=None, seq_split: bool = False):
+    def __call__(self, x, token_mask, replay=None, seq_split: bool = False, tokens=None):
         """x [B, S, H]; ``replay`` [B, S, K]: see ``route``; ``seq_split``: x is split along the
-        sequence too (``experts_parallel``). Returns (y, RouterStats)."""
+        sequence too (``experts_parallel``); ``tokens`` [B, S]: the token ids (hash routing).
+        Returns (y, RouterStats)."""
         c = self.cfg
         b, s, hdim = x.shape
         e, i = c.n_routed_experts, c.moe_intermediate_size
         w_router = self._param("gate", (hdim, e), ("embed", "experts"))
-        bias = self.variable(BIAS, "e_score_correction_bias", jnp.zeros, (e,), jnp.float32).value
+        if self.hashed:
+            table = self.variable(BIAS, "tid2eid", hash_table, c.vocab_size, e, c.num_experts_per_tok).value
+        else:
+            bias = self.variable(BIAS, "e_score_correction_bias", jnp.zeros, (e,), jnp.float32).value
         w_gate = self._expert_weights("w_gate", (e, hdim, i), ("experts", "embed", "expert_mlp"))
         w_up = self._expert_weights("w_up", (e, hdim, i), ("experts", "embed", "expert_mlp"))
         w_down = self._expert_weights("w_down", (e, i, hdim), ("experts", "expert_mlp", "embed"))
 
         logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32), precision="highest")
-        scores = jax.nn.sigmoid(logits) if c.scoring_func == "sigmoid" else jax.nn.softmax(logits, -1)
-        idx, w = route(scores.reshape(b * s, e), bias, c, None if replay is None else replay.reshape(b * s, -1))
+        scores = router_scores(logits, c.scoring_func)
+        if self.hashed:  # V4 §2.1: the experts are the table's, the weights the gate's
+            idx = jnp.take(table, tokens.reshape(-1), axis=0)
+            w = jnp.take_along_axis(scores.reshape(b * s, e), idx, axis=-1)
+            w = w / (w.sum(-1, keepdims=True) + 1e-20) * c.routed_scaling_factor
+        else:
+            idx, w = route(scores.reshape(b * s, e), bias, c, None if replay is None else replay.reshape(b * s, -1))
         mesh = jax.sharding.get_abstract_mesh()
         if mesh.empty or mesh.size == 1:
             fp8 = Fp8Recipe.of(c) if c.fp8 or c.fp8_weights else None
-            y = experts_dropless(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c.moe_impl, fp8)
+            y = experts_dropless(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c.moe_impl, fp8, c.swiglu_limit)
             dropped = jnp.zeros((), jnp.float32)
         else:
             y, dropped = experts_parallel(x.reshape(b * s, hdim), idx, w, w_gate, w_up, w_down, c, mesh, seq_split)
@@ -250,5 +283,6 @@ class MoE(nn.Module):
 
         idx = idx.reshape(b, s, -1)
         counts = jnp.bincount(jnp.where(token_mask[..., None], idx, e).reshape(-1), length=e + 1)[:e]
-        stats = RouterStats(counts.astype(jnp.int32), balance_loss(scores, idx, token_mask, e), dropped, idx)
+        balance = jnp.zeros((), jnp.float32) if self.hashed else balance_loss(scores, idx, token_mask, e)
+        stats = RouterStats(counts.astype(jnp.int32), balance, dropped, idx)
         return y, stats

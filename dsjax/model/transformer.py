@@ -14,7 +14,6 @@ Decoding (``dsjax.infer.generate``) uses the other methods with a latent cache f
 """
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -24,41 +23,18 @@ from dsjax.model.attention import AttentionMask
 from dsjax.model.block import Stack
 from dsjax.model.layers import RMSNorm, linear
 from dsjax.model.mla import LatentCache, PagedLatentCache
-from dsjax.model.moe import RouterStats
+from dsjax.model.moe import hash_table
 from dsjax.model.mtp import MTPModule
+from dsjax.model.outputs import ModelOutput, segment_positions, shift_left
 from dsjax.model.rope import rope_angles
+from dsjax.model.v4_transformer import TransformerV4, init_v4_cache
 from dsjax.parallel.rules import constrain
-
-
-@flax.struct.dataclass
-class ModelOutput:
-    logits: jax.Array  # [B, S, V] fp32
-    mtp_logits: jax.Array | None  # [D, B, S, V] fp32, or None without MTP
-    router: RouterStats | None  # main-model MoE layers, leading axis = layer
-    mtp_router: RouterStats | None  # MTP modules' MoE layers, leading axis = depth
-    # DSA (cfg.index_topk > 0): the indexers' loss, sum over layers and MTP modules of each one's KL
-    # averaged over the tokens (V3.2 §2.1.1); None without DSA
-    indexer_loss: jax.Array | None = None
-
-
-def segment_positions(segment_ids):
-    """Position of each token within its segment (restarts at every change of segment id)."""
-    idx = jnp.arange(segment_ids.shape[-1])
-    starts = jnp.concatenate(
-        [jnp.ones_like(segment_ids[..., :1], bool), segment_ids[..., 1:] != segment_ids[..., :-1]], axis=-1
-    )
-    return idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=segment_ids.ndim - 1)
 
 
 def attention_mask(segment_ids) -> AttentionMask:
     """Causal, and only within the same segment (packed documents stay apart); ``.dense(S)`` is the
     [B, S, S] bool."""
     return AttentionMask.causal(segment_ids)
-
-
-def shift_left(tokens, k: int):
-    """t_{i+k} at position i (zero-filled at the end; those positions carry no MTP target)."""
-    return jnp.pad(tokens[:, k:], ((0, 0), (0, min(k, tokens.shape[1]))))
 
 
 class Transformer(nn.Module):
@@ -193,9 +169,17 @@ def _cache_slots(cfg: ModelConfig, with_mtp: bool) -> dict[str, tuple[int, ...]]
     return slots
 
 
+def build_model(cfg: ModelConfig) -> nn.Module:
+    """The model a config describes: ``Transformer`` (V2, V3, V3.2) or ``TransformerV4``."""
+    return TransformerV4(cfg) if cfg.is_v4 else Transformer(cfg)
+
+
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, with_mtp: bool = False) -> dict:
     """An empty decode cache of ``max_len`` slots: a ``LatentCache`` per layer stack (leading layer
-    axis, named like the stack) and, ``with_mtp``, one per MTP module (``mtp_0`` ...)."""
+    axis, named like the stack) and, ``with_mtp``, one per MTP module (``mtp_0`` ...); V4: its
+    per-layer-type ``HybridCache`` s (``init_v4_cache``)."""
+    if cfg.is_v4:
+        return init_v4_cache(cfg, batch, max_len, with_mtp)
     return {k: LatentCache.zeros(cfg, batch, max_len, layers) for k, layers in _cache_slots(cfg, with_mtp).items()}
 
 
@@ -217,16 +201,21 @@ def with_pages(cache: dict, page_table) -> dict:
 
 def abstract_variables(cfg: ModelConfig):
     """Shapes and dtypes of every variable (no allocation), with logical-axis metadata boxes."""
-    model = Transformer(cfg)
+    model = build_model(cfg)
     return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
 
 
 def random_variables(cfg: ModelConfig, seed: int = 0):
     """Variables drawn like ``init`` (weights ~ N(0, initializer_range), norm scales 1, selection bias
-    0) but in numpy: no init to trace and compile, for tests and benchmarks."""
+    0, V4's hash table ``hash_table``'s, mHC biases 0) but in numpy: no init to trace and compile,
+    for tests and benchmarks."""
     rng = np.random.default_rng(seed)
 
     def draw(path, a):
+        if path[-1].key == "tid2eid":
+            return np.broadcast_to(np.asarray(hash_table(cfg.vocab_size, cfg.n_routed_experts, a.shape[-1])), a.shape)
+        if path[-1].key in ("base", "attn_sink", "ape"):
+            return np.zeros(a.shape, a.dtype)
         if path[-1].key == "scale" or path[0].key == "selection_bias":
             return np.full(a.shape, float(path[-1].key == "scale"), a.dtype)
         return (cfg.initializer_range * rng.standard_normal(a.shape)).astype(a.dtype)

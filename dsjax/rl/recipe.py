@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from dsjax.config import Config, ConfigError
 from dsjax.model.moe import BIAS
-from dsjax.model.transformer import Transformer
+from dsjax.model.transformer import build_model
 from dsjax.parallel.mesh import check_divisible, global_arrays, make_mesh
 from dsjax.parallel.rules import batch_sharding
 from dsjax.rl.grpo import (
@@ -358,7 +358,7 @@ def post_train(cfg: Config, progress: bool = True) -> dict:
     check_kernels(cfg, mesh)
     if jax.process_index() == 0:
         ckpt.save_config(cfg, directory)
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     examples, held_out = task_examples(cfg) if cfg.task else ([], [])
     log = Log(directory)
     pad_to = mesh.size

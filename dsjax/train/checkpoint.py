@@ -34,7 +34,7 @@ from orbax.checkpoint._src.metadata import array_metadata_store  # what orbax's 
 
 from dsjax.config import Config, ModelConfig, load_config
 from dsjax.hf.checkpoint import load_hf, to_fp8_weights
-from dsjax.model.transformer import Transformer
+from dsjax.model.transformer import build_model
 from dsjax.train.data import HFTokenizer, make_tokenizer
 from dsjax.train.step import abstract_state
 
@@ -270,7 +270,7 @@ def restore_model(directory: str | Path, step: int | None = None) -> tuple[Model
     if not (directory / "config.yaml").is_file():
         raise FileNotFoundError(f"{directory}: no training run here (no config.yaml)")
     cfg = load_config(directory / "config.yaml")
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])  # whatever mesh trained it: one device here
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), abstract_state(cfg, model))
     state, _, _ = restore_intact(directory, abstract, cfg.train.keep_checkpoints, step)

@@ -31,7 +31,7 @@ from dsjax.infer.generate import generate
 from dsjax.model.attention import resolve_impl as attention_impl
 from dsjax.model.moe import BIAS
 from dsjax.model.params import count_params
-from dsjax.model.transformer import Transformer
+from dsjax.model.transformer import build_model
 from dsjax.parallel.mesh import check_divisible, global_arrays, make_mesh
 from dsjax.parallel.rules import batch_sharding
 from dsjax.train import checkpoint as ckpt
@@ -176,7 +176,7 @@ def start_from(cfg: Config, state, shardings, main_process: bool):
 
 def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) -> dict:
     """Runs (or resumes) training; returns the last metrics (with ``stopped_by``: the signal, when
-    SIGTERM or Ctrl-C stopped it after saving). ``model`` defaults to Transformer."""
+    SIGTERM or Ctrl-C stopped it after saving). ``model`` defaults to ``build_model(cfg.model)``."""
     t = cfg.train
     tokenizer = make_tokenizer(cfg.data)
     if tokenizer.vocab_size > cfg.model.vocab_size:
@@ -187,7 +187,7 @@ def train(cfg: Config, resume: bool = False, model=None, progress: bool = True) 
     check_kernels(cfg, mesh)
     main_process = jax.process_index() == 0
     directory, restoring = prepare_run(cfg, resume)
-    model = model or Transformer(cfg.model)
+    model = model or build_model(cfg.model)
 
     batches = train_batches(train_split, t.batch_size, t.seed)
     val_batches = eval_batches(val_split, t.batch_size, t.eval_batches)
