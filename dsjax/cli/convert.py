@@ -24,7 +24,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--fp8",
         action="store_true",
-        help="write V3's FP8 layout: e4m3 projections + 128x128 weight_scale_inv (an FP8 SRC's own, else quantized)",
+        help="write the FP8 release layout (an FP8 SRC's own bytes, else quantized): V3's e4m3 projections + "
+        "128x128 weight_scale_inv; V4's e4m3 + UE8M0 .scale blocks with FP4 (MXFP4) routed experts",
     )
     ap.add_argument("--max-shard-gib", type=float, default=5.0)
     ap.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")

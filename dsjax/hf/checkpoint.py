@@ -10,7 +10,15 @@ tensor by tensor into preallocated variables (``dsjax.hf.safetensors``). FP8 rel
 (``quantization_config.quant_method: fp8``) are dequantized, weight (e4m3) x weight_scale_inv per
 128x128 block, to the param dtype; or, with ``fp8_weights=True`` (FP8 inference), kept as they are:
 the e4m3 bytes and scales only transposed to our layout (other checkpoints are quantized on load, and
-``to_fp8_weights`` quantizes variables in memory). Such variables export as an FP8 release again.
+``to_fp8_weights`` quantizes variables in memory). Such variables export as an FP8 release again, as does
+``save_hf(..., fp8=True)``.
+
+DeepSeek-V4's release (DeepSeek-V4-Flash) has a format of its own: the linears of ``HubTensor.quant ==
+"fp8"`` in e4m3 with one E8M0 (power-of-two, ml_dtypes.float8_e8m0fnu) scale per 128x128 block of the
+[out, in] weight, the routed experts packed FP4 (e2m1, two per int8 byte: element 2j in the low nibble,
+2j+1 in the high one) with one E8M0 scale per 32 consecutive inputs (MXFP4), each weight's scales in a
+sibling ``<module>.scale``; the rest bf16 / fp32, tid2eid int64. Both are dequantized on load (with
+``fp8_weights``, the e4m3 ones keep their bytes and FP4 experts are requantized to e4m3 blocks).
 """
 
 from __future__ import annotations
@@ -34,9 +42,12 @@ from safetensors.numpy import save_file
 from dsjax.config import ModelConfig
 from dsjax.hf.config import from_hf_config, to_hf_config
 from dsjax.hf.safetensors import read_tensors, shard_groups
-from dsjax.hf.tensors import CheckpointError, HubTensor, hub_tensors, leaf_at, mtp_copies
+from dsjax.hf.tensors import FP4_BLOCK, CheckpointError, HubTensor, hub_tensors, leaf_at, mtp_copies, mtp_prefix
 from pallas_kernels.quant import TILE as FP8_BLOCK
-from pallas_kernels.quant import quantize_blocks
+from pallas_kernels.quant import block_count, quantize_blocks
+
+E8M0 = ml_dtypes.float8_e8m0fnu
+FP4_MAX = 6.0  # largest e2m1 value
 
 
 def from_hf_state_dict(cfg: ModelConfig, state_dict: Mapping[str, np.ndarray]) -> dict:
@@ -55,13 +66,28 @@ def _assemble(c: ModelConfig, sd: Mapping[str, np.ndarray], block: tuple[int, in
     for t in table:
         if t.name not in sd:
             continue
-        a, scale = sd[t.name], sd.get(t.name + "_scale_inv") if block else None
+        a, scale = sd[t.name], sd.get(_scale_name(c, t)) if block else None
         if t.fp8:
             q, s = _fp8_weight(t, a, scale, block, c.fp8_scale_fmt == "ue8m0")
             leaf_at(variables, t.path)[t.index], leaf_at(variables, t.scale_path)[t.index] = q, s
         else:
-            leaf_at(variables, t.path)[t.index] = t.to_ours(a if scale is None else dequantize_fp8(a, scale, block))
+            leaf_at(variables, t.path)[t.index] = t.to_ours(_dequantize(t, a, scale, block))
     return variables
+
+
+def _scale_name(c: ModelConfig, t: HubTensor) -> str:
+    """The hub name of a quantized weight's scales: V3 ``<weight>_scale_inv``, V4 ``<module>.scale``."""
+    return t.name.removesuffix(".weight") + ".scale" if c.is_v4 else t.name + "_scale_inv"
+
+
+def _dequantize(t: HubTensor, a: np.ndarray, scale: np.ndarray | None, block) -> np.ndarray:
+    """A stored weight in hub layout, unquantized: packed FP4 (a V4 expert stored int8) or e4m3 times its
+    scales, else as stored."""
+    if scale is None:
+        return a
+    if t.quant == "fp4" and a.dtype == np.int8:
+        return dequantize_fp4(a, scale)[:, : t.hub_shape[1]]
+    return dequantize_fp8(a, scale, block)
 
 
 def _fp8_weight(
@@ -72,7 +98,7 @@ def _fp8_weight(
     ``pow2``: UE8M0 scales)."""
     if scale is not None and a.dtype == ml_dtypes.float8_e4m3fn and tuple(block) == (FP8_BLOCK, FP8_BLOCK):
         return t.to_ours(a), np.asarray(scale, np.float32).T
-    w = a if scale is None else dequantize_fp8(a, scale, block)
+    w = _dequantize(t, a, scale, block)
     k, n = t.hub_shape[::-1]
     q, s = quantize_blocks(jnp.asarray(t.to_ours(w), jnp.float32).reshape(k, n), pow2)
     return np.asarray(q)[:k, :n].reshape(t.shape), np.asarray(s)
@@ -80,7 +106,7 @@ def _fp8_weight(
 
 def _allocate(table: list[HubTensor], param_dtype: np.dtype) -> dict:
     """Zeroed variables for every leaf the table names: params in param_dtype (FP8-stored ones e4m3,
-    with their fp32 scale_inv leaves), selection_bias fp32."""
+    with their fp32 scale_inv leaves; ``HubTensor.fp32`` ones fp32), selection_bias fp32 (V4's tid2eid int32)."""
     leaves: dict[tuple, list[HubTensor]] = {}
     for t in table:
         leaves.setdefault(t.path, []).append(t)
@@ -99,7 +125,8 @@ def _allocate(table: list[HubTensor], param_dtype: np.dtype) -> dict:
             put(path, (*lead, *t.shape), ml_dtypes.float8_e4m3fn)
             put(t.scale_path, (*lead, *t.scale_shape), np.float32)
         else:
-            put(path, (*lead, *t.shape), param_dtype if path[0] == "params" else np.float32)
+            dtype = np.int32 if t.ids else np.float32 if t.fp32 or path[0] != "params" else param_dtype
+            put(path, (*lead, *t.shape), dtype)
     return variables
 
 
@@ -116,9 +143,11 @@ def _check(c: ModelConfig, table: list[HubTensor], sd: Mapping[str, np.ndarray],
             misshaped.append(f"{name}: expected {tuple(shape)}, got {tuple(sd[name].shape)}")
 
     for t in table:
-        expect(t.name, t.hub_shape, t.optional)
-        if block and t.name in sd and (sd[t.name].dtype == ml_dtypes.float8_e4m3fn or t.name + "_scale_inv" in sd):
-            expect(t.name + "_scale_inv", tuple(-(-n // b) for n, b in zip(t.hub_shape, block)))
+        fp4 = block and t.quant == "fp4" and t.name in sd and sd[t.name].dtype == np.int8  # V4's FP4 experts
+        expect(t.name, t.fp4_shapes[0] if fp4 else t.hub_shape, t.optional)
+        scale = _scale_name(c, t)
+        if block and t.name in sd and (fp4 or sd[t.name].dtype == ml_dtypes.float8_e4m3fn or scale in sd):
+            expect(scale, t.fp4_shapes[1] if fp4 else tuple(-(-n // b) for n, b in zip(t.hub_shape, block)))
     for copy, shared in mtp_copies(c):
         expect(copy, next(t.hub_shape for t in table if t.name == shared), optional=True)
         same_shape = copy in sd and shared in sd and sd[copy].shape == sd[shared].shape
@@ -131,12 +160,20 @@ def _check(c: ModelConfig, table: list[HubTensor], sd: Mapping[str, np.ndarray],
         lines += [f"  missing: {n}" for n in missing]
         lines += [f"  mis-shaped: {n}" for n in misshaped]
         lines += [f"  unexpected: {n}" for n in unexpected]
-        if c.num_nextn_predict_layers and not any(n.startswith(f"model.layers.{c.num_hidden_layers}.") for n in sd):
+        if c.num_nextn_predict_layers and not any(n.startswith(mtp_prefix(c)) for n in sd):
             lines.append("  (no MTP tensors: set num_nextn_predict_layers=0 to load without MTP, as load_hf does)")
         raise CheckpointError("\n".join(lines))
 
 
 def _describe(c: ModelConfig) -> str:
+    if c.is_v4:
+        kinds = Counter(c.layer_types)
+        return (
+            f"config ({c.num_hidden_layers} layers: {kinds['sliding_attention']} sliding, "
+            f"{kinds['compressed_sparse_attention']} CSA, {kinds['heavily_compressed_attention']} HCA; "
+            f"{c.mlp_layer_types.count('hash_moe')} hash-routed, {c.n_routed_experts} experts, "
+            f"{c.num_nextn_predict_layers} MTP)"
+        )
     return (
         f"config ({c.num_hidden_layers} layers, {c.first_k_dense_replace} dense, {c.n_routed_experts} experts, "
         f"q_lora_rank={c.q_lora_rank}, {c.num_nextn_predict_layers} MTP)"
@@ -147,6 +184,42 @@ def dequantize_fp8(w: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int])
     """fp32 W = W_fp8 * scale_inv of its (block[0] x block[1]) block; ragged edge blocks are cropped."""
     s = np.repeat(np.repeat(np.asarray(scale_inv, np.float32), block[0], 0), block[1], 1)
     return w.astype(np.float32) * s[: w.shape[0], : w.shape[1]]
+
+
+def dequantize_fp4(packed: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """fp32 [out, 2 * packed cols] of V4's FP4 experts: int8 [out, in / 2] bytes holding e2m1 elements 2j (low
+    nibble) and 2j+1 (high nibble), times scale [out, in / 32] (E8M0), one per 32 inputs. The nibble order is
+    transformers' (Fp8Dequantize._unpack_fp4); the codes are OCP MX's e2m1 (ml_dtypes.float4_e2m1fn)."""
+    u = packed.view(np.uint8)
+    codes = np.stack([u & 0xF, u >> 4], axis=-1).reshape(u.shape[0], -1)
+    w = codes.view(ml_dtypes.float4_e2m1fn).astype(np.float32)
+    return w * np.repeat(np.asarray(scale, np.float32), FP4_BLOCK, axis=1)[:, : w.shape[1]]
+
+
+def _pow2_ceil(x: np.ndarray) -> np.ndarray:
+    """The least power of two >= x > 0 (float32): a UE8M0 scale."""
+    m, e = np.frexp(x.astype(np.float32))
+    return np.ldexp(np.float32(1), e - (m == 0.5)).astype(np.float32)
+
+
+def quantize_fp4(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """V4's FP4 experts from fp32 [out, in]: (int8 [out, ceil(in / 2)] packed e2m1, E8M0 [out, ceil(in / 32)]).
+    Per 32 inputs s = 2^ceil(log2(amax / 6)) and e2m1(w / s) rounded to nearest even, as the release's
+    ``fp4_act_quant`` (kernel.py) quantizes with E8M0 scales (amax clamped to 6 * 2^-126); a ragged last block
+    (never in the release) is zero-padded."""
+    n_out, n_in = w.shape
+    b = np.pad(np.asarray(w, np.float32), ((0, 0), (0, -n_in % FP4_BLOCK))).reshape(n_out, -1, FP4_BLOCK)
+    s = _pow2_ceil(np.maximum(np.abs(b).max(-1), FP4_MAX * 2.0**-126) / np.float32(FP4_MAX))
+    codes = (b / s[..., None]).astype(ml_dtypes.float4_e2m1fn).view(np.uint8).reshape(n_out, -1)
+    codes = codes[:, : n_in + n_in % 2]
+    return (codes[:, 0::2] | codes[:, 1::2] << 4).view(np.int8), s.astype(E8M0)
+
+
+def quantize_fp8_ue8m0(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """V4's FP8 linears from fp32 [out, in]: (e4m3 [out, in], E8M0 [ceil(out / 128), ceil(in / 128)]), V3's
+    recipe (``quantize_blocks``) with power-of-two scales."""
+    q, s = quantize_blocks(jnp.asarray(w, jnp.float32), pow2=True)
+    return np.asarray(q)[: w.shape[0], : w.shape[1]], np.asarray(s).astype(E8M0)
 
 
 def _fp8_block(hf: dict) -> tuple[int, int] | None:
@@ -161,7 +234,7 @@ def _fp8_block(hf: dict) -> tuple[int, int] | None:
 
 def _without_absent_mtp(c: ModelConfig, sd: Mapping[str, np.ndarray], where: str) -> ModelConfig:
     """``c`` with num_nextn_predict_layers=0 (and a warning) if the checkpoint holds no MTP tensor at all."""
-    prefix = f"model.layers.{c.num_hidden_layers}."
+    prefix = mtp_prefix(c)
     if not c.num_nextn_predict_layers or any(n.startswith(prefix) for n in sd):
         return c
     warnings.warn(
@@ -196,9 +269,12 @@ def load_hf(path: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict]:
     return cfg, _assemble(cfg, sd, block)
 
 
-def _hub_arrays(c: ModelConfig, variables: dict) -> list[tuple[str, Callable[[], np.ndarray], int]]:
+def _hub_arrays(
+    c: ModelConfig, variables: dict, release: bool = False
+) -> list[tuple[str, Callable[[], np.ndarray], int]]:
     """(hub name, its array in hub layout when called, bytes) for every tensor a checkpoint of
-    ``variables`` stores; FP8-stored leaves give the e4m3 weight and its ``_scale_inv``."""
+    ``variables`` stores; FP8-stored leaves give the e4m3 weight and its ``_scale_inv``. ``release`` (V4):
+    the FP8 release's form, each quantized weight followed by its ``.scale``."""
     table = hub_tensors(c)
     by_name = {t.name: t for t in table}
     kept = [(t.name, t) for t in table if not t.optional or np.any(np.asarray(leaf_at(variables, t.path)[t.index]))]
@@ -209,11 +285,15 @@ def _hub_arrays(c: ModelConfig, variables: dict) -> list[tuple[str, Callable[[],
             raise CheckpointError(
                 f"{'/'.join(t.path)}: config says fp8_weights=True but the variables hold {leaf.dtype}"
             )
+        if release and t.quant:
+            out += _release_pair(c, t, lambda t=t: _hub_float(t, variables))
+            continue
+        dtype = np.dtype(np.int64) if t.ids else leaf.dtype  # the release's tid2eid is int64
         out.append(
             (
                 name,
-                lambda t=t, leaf=leaf: t.to_hub(np.asarray(leaf[t.index])),
-                math.prod(t.hub_shape) * leaf.dtype.itemsize,
+                lambda t=t, leaf=leaf, dtype=dtype: t.to_hub(np.asarray(leaf[t.index])).astype(dtype, copy=False),
+                math.prod(t.hub_shape) * dtype.itemsize,
             )
         )
         if t.fp8:
@@ -222,6 +302,32 @@ def _hub_arrays(c: ModelConfig, variables: dict) -> list[tuple[str, Callable[[],
                 (name + "_scale_inv", lambda t=t, s=scale: np.asarray(s[t.index]).T, math.prod(t.scale_shape) * 4)
             )
     return out
+
+
+def _hub_float(t: HubTensor, variables: dict) -> np.ndarray:
+    """A weight in hub layout, fp32 (an e4m3 leaf of ``fp8_weights`` times its block scales)."""
+    a = t.to_hub(np.asarray(leaf_at(variables, t.path)[t.index]))
+    if not t.fp8:
+        return a.astype(np.float32)
+    return dequantize_fp8(a, np.asarray(leaf_at(variables, t.scale_path)[t.index]).T, (FP8_BLOCK, FP8_BLOCK))
+
+
+def _release_pair(c: ModelConfig, t: HubTensor, get: Callable[[], np.ndarray]) -> list:
+    """``_hub_arrays``' entries of a weight in V4's release form and of its ``.scale``: the weight's getter
+    quantizes (``quantize_fp4`` / ``quantize_fp8_ue8m0``) and keeps the scales until the next getter takes them."""
+    fp4 = t.quant == "fp4"
+    quantize = quantize_fp4 if fp4 else quantize_fp8_ue8m0
+    shapes = t.fp4_shapes if fp4 else (t.hub_shape, tuple(block_count(n) for n in t.hub_shape))
+    kept = []
+
+    def weight() -> np.ndarray:
+        kept.append(quantize(get()))
+        return kept[-1][0]
+
+    def scale() -> np.ndarray:
+        return (kept.pop() if kept else quantize(get()))[1]
+
+    return [(t.name, weight, math.prod(shapes[0])), (_scale_name(c, t), scale, math.prod(shapes[1]))]
 
 
 def to_fp8_weights(cfg: ModelConfig, variables: dict) -> tuple[ModelConfig, dict]:
@@ -238,11 +344,15 @@ def save_hf(
     cfg: ModelConfig,
     variables: dict,
     *,
+    fp8: bool = False,
     max_shard_bytes: int = 5 * 2**30,
     overwrite: bool = False,
 ) -> None:
     """Writes ``variables`` as a hub checkpoint directory: config.json, safetensors shards of at most
     ``max_shard_bytes`` (one ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` + index).
+
+    ``fp8`` (or variables of ``fp8_weights``): as the FP8 release, quantized here if need be; V3's e4m3 +
+    fp32 block scales (``to_fp8_weights``), V4's e4m3 linears and FP4 experts with E8M0 scales.
 
     Built in a temporary directory and renamed into place; an existing non-empty ``path`` is replaced
     only if ``overwrite``.
@@ -250,8 +360,11 @@ def save_hf(
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} exists and is not empty (overwrite=True / --overwrite replaces it)")
+    if fp8 and not cfg.is_v4:
+        cfg, variables = to_fp8_weights(cfg, variables)
+    release = cfg.is_v4 and (fp8 or cfg.fp8_weights)
     variables = nn.meta.unbox(variables)
-    entries = _hub_arrays(cfg, variables)
+    entries = _hub_arrays(cfg, variables, release)
     sizes = [n for _, _, n in entries]
     shards = shard_groups(sizes, max_shard_bytes)
     names = (
@@ -263,7 +376,7 @@ def save_hf(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg), indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(to_hf_config(cfg, fp8=release), indent=2) + "\n")
         weight_map = {}
         for file, shard in zip(names, shards):
             tensors = {}
@@ -300,5 +413,9 @@ def summary(path: str | os.PathLike) -> str:
     for a in sd.values():
         by_dtype[a.dtype.name] += a.nbytes
     sizes = ", ".join(f"{d} {n / 1e6:,.1f} MB" for d, n in by_dtype.most_common())
-    quant = f"FP8, {block[0]}x{block[1]} blocks (dequantized on load unless fp8_weights=True)" if block else "none"
+    quant = "none"
+    if block:
+        fp4 = any(a.dtype == np.int8 for a in sd.values())  # V4's packed FP4 experts
+        quant = f"FP8, {block[0]}x{block[1]} blocks{', FP4 experts, 1x32 blocks' if fp4 else ''}"
+        quant += " (dequantized on load unless fp8_weights=True)"
     return f"{path}: ok, {_describe(cfg)}\n  {len(sd)} tensors: {sizes}\n  quantization: {quant}"

@@ -15,6 +15,7 @@ from dsjax.hf.config import from_hf_config, to_hf_config
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FIXTURES = sorted(p for p in (ROOT / "tests" / "fixtures").iterdir() if (p / "config.json").is_file())
+V3_FIXTURES = [p for p in FIXTURES if not p.name.startswith("v4_")]  # V4's own: tests/hf/test_v4.py
 OURS = (
     "dtype",
     "param_dtype",
@@ -44,7 +45,7 @@ def same_but_ours(a: ModelConfig, b: ModelConfig, also: tuple[str, ...] = ()) ->
 # Hugging Face config.json (transformers-5 fixtures, hub spelling, official hub configs).
 
 
-@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
+@pytest.mark.parametrize("fixture", V3_FIXTURES, ids=lambda p: p.name)
 def test_fixture_loads(fixture):
     hf = json.loads((fixture / "config.json").read_text())
     cfg = from_hf_config(fixture)
@@ -110,7 +111,7 @@ def to_hub_spelling(hf: dict) -> dict:
     return hf
 
 
-@pytest.mark.parametrize("fixture", FIXTURES, ids=lambda p: p.name)
+@pytest.mark.parametrize("fixture", V3_FIXTURES, ids=lambda p: p.name)
 def test_hub_spelling_equals_rope_parameters(fixture):
     hf = json.loads((fixture / "config.json").read_text())
     hub = to_hub_spelling(hf)
@@ -228,9 +229,12 @@ def test_from_hf_defaults_and_aliases():
 def test_to_hf_round_trips(path):
     cfg = load_config(path).model
     hf = json.loads(json.dumps(to_hf_config(cfg)))  # plain JSON
-    assert "rope_parameters" not in hf and isinstance(hf["rope_theta"], float)
-    v3 = "deepseek_v32" if cfg.index_topk else "deepseek_v3"
-    assert hf["model_type"] == (v3 if cfg.scoring_func == "sigmoid" else "deepseek_v2")
+    if cfg.is_v4:
+        assert hf["model_type"] == "deepseek_v4" and len(hf["compress_ratios"]) == cfg.num_hidden_layers + 1
+    else:
+        assert "rope_parameters" not in hf and isinstance(hf["rope_theta"], float)
+        v3 = "deepseek_v32" if cfg.index_topk else "deepseek_v3"
+        assert hf["model_type"] == (v3 if cfg.scoring_func == "sigmoid" else "deepseek_v2")
     back = from_hf_config(hf)
     assert back.param_dtype == cfg.param_dtype
     assert same_but_ours(back, cfg)
