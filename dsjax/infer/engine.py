@@ -162,6 +162,11 @@ class Engine:
         self.depth = cfg.num_nextn_predict_layers if speculative else 0  # D: drafts per step
         if speculative and not self.depth:
             raise ValueError("speculative=True drafts with the MTP modules: num_nextn_predict_layers is 0")
+        if cfg.is_v4:
+            raise ValueError(
+                "the serving engine's paged latent cache is V3's; DeepSeek-V4 keeps per-layer-type caches "
+                "(window, compressed entries, indexer keys) that it does not page yet: decode with dsjax.infer.generate"
+            )
         if cfg.index_topk:
             raise ValueError(
                 "the serving engine's paged cache does not hold DSA's indexer keys yet (index_topk > 0): "

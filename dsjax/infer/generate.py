@@ -40,7 +40,7 @@ import numpy as np
 
 from dsjax.config import ModelConfig
 from dsjax.model.attention import resolve_impl
-from dsjax.model.transformer import Transformer, init_cache
+from dsjax.model.transformer import build_model, init_cache
 
 
 @flax.struct.dataclass
@@ -134,8 +134,15 @@ def _gather(x, idx):
 
 
 def _run(cfg: ModelConfig, variables, method: str, *args):
-    """Transformer(cfg).<method>(*args) with the given variables."""
-    return Transformer(cfg).apply(variables, *args, method=method)
+    """build_model(cfg).<method>(*args) with the given variables."""
+    return build_model(cfg).apply(variables, *args, method=method)
+
+
+def _live(cfg: ModelConfig, pos, last):
+    """DeepSeek-V4's caches keep only recent positions, so the positions past ``last`` [B, 1] (prompt
+    padding, tokens not known yet) go in as -1: not attended to, not written. V2/V3 latent caches
+    hold every position: theirs are overwritten later, as they are."""
+    return jnp.where(pos <= last, pos, -1) if cfg.is_v4 else pos
 
 
 def _record(state: DecodeState, router, pos) -> DecodeState:
@@ -170,7 +177,8 @@ def _draft(cfg: ModelConfig, variables, state: DecodeState, h0, start) -> Decode
     rows = jnp.arange(pos.shape[0])[:, None]
     tokens, cache, h = state.tokens, state.cache, h0
     for k in range(d):  # module k + 1: h^{k} and Emb(t_{i+k+1}) -> t_{i+k+2}
-        h, normed, cache = _run(cfg, variables, "draft", k, h, _gather(tokens, pos + k + 1), pos, cache)
+        live = _live(cfg, pos, state.lengths[:, None] - k - 1)  # t_{i+k+1} is known
+        h, normed, cache = _run(cfg, variables, "draft", k, h, _gather(tokens, pos + k + 1), live, cache)
         guess = jnp.argmax(_run(cfg, variables, "logits", _gather(normed, last)), -1)
         tokens = tokens.at[rows, state.lengths[:, None] + k + 1].set(guess.astype(jnp.int32), mode="drop")
     hidden = _gather(h0, last - (d - 2) + jnp.arange(d - 1))  # positions n - D + 1 .. n - 1
@@ -182,7 +190,9 @@ def _prefill(cfg, speculative, variables, sampling: Sampling, prompt, state: Dec
     """Caches the prompts [B, S] (positions 0 .. S-1), samples each row's first token after its
     last prompt token (state.lengths = prompt length - 1) and, speculative, drafts."""
     pos = jnp.broadcast_to(jnp.arange(prompt.shape[1]), prompt.shape)
-    h, normed, cache, router = _run(cfg, variables, "decode", prompt, pos, state.cache)
+    h, normed, cache, router = _run(
+        cfg, variables, "decode", prompt, _live(cfg, pos, state.lengths[:, None]), state.cache
+    )
     state = _record(state, router, jnp.where(pos <= state.lengths[:, None], pos, state.tokens.shape[1]))
     rng, key = jax.random.split(state.rng)
     first = sampling(_run(cfg, variables, "logits", _gather(normed, state.lengths[:, None])), key)
@@ -285,7 +295,9 @@ def generate(
         eos=jnp.int32(-1 if eos_id is None else eos_id),
         done=jnp.zeros((b,), bool),
         rng=jax.random.key(0) if rng is None else jnp.copy(rng),  # the state is donated: not the caller's key
-        hidden=jnp.zeros((b, max(d - 1, 0), cfg.hidden_size), jnp.dtype(cfg.dtype)),
+        hidden=jnp.zeros(
+            (b, max(d - 1, 0), *((cfg.hc_mult,) if cfg.is_v4 else ()), cfg.hidden_size), jnp.dtype(cfg.dtype)
+        ),
         drafted=jnp.zeros((), jnp.int32),
         accepted=jnp.zeros((), jnp.int32),
         routes=jnp.full(

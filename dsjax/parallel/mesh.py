@@ -55,6 +55,8 @@ def check_divisible(mesh: jax.sharding.Mesh, model: ModelConfig, batch_size: int
     ]
     if model.index_topk:  # DSA's indexer heads are split like the attention's
         sized.append((model.index_n_heads, "heads", "model.index_n_heads"))
+    if model.is_v4:  # no dense FFN; the grouped output projection's groups are split like the heads
+        sized = [s for s in sized if s[1] != "mlp"] + [(model.o_groups, "heads", "model.o_groups")]
     rules = [(size, n[mesh_axes(logical)], what, f"mesh.{mesh_axes(logical)}") for size, logical, what in sized]
     if batch_size is not None:
         shards = math.prod(n[a] for a in BATCH)

@@ -173,7 +173,7 @@ def make_grpo_step(cfg: Config, model):
 
         micro = split_microbatches({**batch, "weights": weights}, g.microbatches)
         grads, sums = accumulate_grads(micro_loss, state.params, micro)
-        bias = update_bias(state.bias, {"main": sums["loads"], "mtp": None}, cfg.train.bias_update_rate)
+        bias = update_bias(state.bias, {"main": sums["loads"], "mtp": None}, cfg.train.bias_update_rate, cfg.model)
         new_state, ok, grad_norm = apply_grads(
             state,
             grads,

@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dsjax.config import Config
+from dsjax.config import Config, ModelConfig
 from dsjax.model.moe import BIAS
+from dsjax.model.v4_block import layer_plan
 from dsjax.parallel.rules import constrain, logical_shardings, shardings_like_params
 from dsjax.train.loss import loss_sums, shifted_ce, target_counts, total_loss, valid_targets
 from dsjax.train.optim import lr_schedule, make_optimizer
@@ -71,8 +72,10 @@ def init_state_sharded(cfg: Config, model: nn.Module, mesh, rng, shardings: Trai
         return jax.jit(lambda r: init_state(cfg, model, r), out_shardings=shardings)(rng)
 
 
-def update_bias(bias, loads, gamma):
-    """b += gamma * sign(mean_load - load), per MoE layer (main stack, then each MTP module)."""
+def update_bias(bias, loads, gamma, cfg: ModelConfig | None = None):
+    """b += gamma * sign(mean_load - load), per MoE layer (main stack, then each MTP module).
+    ``cfg``: needed for DeepSeek-V4, whose learned-routing layers sit in the stack's runs
+    (``dsjax.model.v4_block.layer_plan``); its hash layers have no bias."""
 
     def step(b, load):
         load = load.astype(jnp.float32)
@@ -80,14 +83,23 @@ def update_bias(bias, loads, gamma):
 
     new = jax.tree.map(lambda x: x, bias)  # fresh dicts, same leaves: updated below
     sites = []  # (the dict holding one e_score_correction_bias, that leaf's loads)
-    if loads["main"] is not None:
+    if cfg is not None and cfg.is_v4:
+        if loads["main"] is not None:
+            for run in layer_plan(cfg):
+                for o, (_, mlp) in enumerate(run.kinds):
+                    if mlp == "moe":
+                        rows = [i for i, _, o2 in run.layers() if o2 == o]  # in repeat order
+                        load = loads["main"][jnp.asarray(rows)] if run.repeats > 1 else loads["main"][rows[0]]
+                        sites.append((new["layers"][run.name][f"block_{o}"]["ffn"], load))
+    elif loads["main"] is not None:
         stack = new["moe_layers"]
         if "layers" in stack:  # scanned: one [L, E] leaf
             sites.append((stack["layers"]["mlp"], loads["main"]))
         else:
             sites += [(stack[f"layer_{i}"]["mlp"], load) for i, load in enumerate(loads["main"])]
     if loads["mtp"] is not None:
-        sites += [(new[f"mtp_{d}"]["block"]["mlp"], load) for d, load in enumerate(loads["mtp"])]
+        ffn = "ffn" if cfg is not None and cfg.is_v4 else "mlp"
+        sites += [(new[f"mtp_{d}"]["block"][ffn], load) for d, load in enumerate(loads["mtp"])]
     for leaf, load in sites:
         leaf["e_score_correction_bias"] = step(leaf["e_score_correction_bias"], load)
     return new
@@ -166,7 +178,8 @@ def make_train_step(cfg: Config, model: nn.Module):
         if t.bias_update_stop_step >= 0:  # the schedule: gamma, then 0 from the stop step on
             gamma = jnp.where(state.step < t.bias_update_stop_step, gamma, 0.0)
         frozen = only_indexers if cfg.model.indexer_warmup else (lambda params, old: params)
-        new_state, ok, grad_norm = apply_grads(state, grads, loss, tx, update_bias(state.bias, loads, gamma), frozen)
+        new_bias = update_bias(state.bias, loads, gamma, cfg.model)
+        new_state, ok, grad_norm = apply_grads(state, grads, loss, tx, new_bias, frozen)
         main = loads["main"].astype(jnp.float32) if loads["main"] is not None else jnp.ones((1, 1))
         metrics = dict(
             loss=loss,

@@ -249,6 +249,12 @@ def test_a_dsa_model_is_refused_with_the_way_to_decode_it():
         Engine(CFG.replace(index_topk=4, index_n_heads=2, index_head_dim=16), VARIABLES, TOKENIZER, max_batch=4)
 
 
+def test_a_v4_model_is_refused_with_the_way_to_decode_it():
+    v4 = load_config(ROOT / "configs" / "tiny_v4.yaml").model
+    with pytest.raises(ValueError, match="DeepSeek-V4 keeps per-layer-type caches"):
+        Engine(v4, VARIABLES, TOKENIZER, max_batch=4)
+
+
 def test_requests_wait_for_pages_and_run_when_they_free():
     """A pool of 6 pages of 8 holds one request of 40 tokens at a time: the second waits, then
     runs; both equal generate."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from dsjax.config import MeshConfig, load_config
-from dsjax.model import Transformer
+from dsjax.model import Transformer, build_model
 from dsjax.parallel.mesh import make_mesh
 from dsjax.parallel.rules import batch_sharding
 from dsjax.train.loss import loss_sums
@@ -240,3 +240,31 @@ def agree(grads, reference, min_cosine):
         r, g = np.asarray(r, np.float64).ravel(), np.asarray(g, np.float64).ravel()
         nr, ng = np.linalg.norm(r), np.linalg.norm(g)
         assert r @ g >= min_cosine * nr * ng and abs(ng - nr) <= 0.02 * nr, jax.tree_util.keystr(path)
+
+
+@pytest.fixture(scope="module")
+def v4_reference():
+    """configs/tiny_v4.yaml (hybrid attention, mHC, hash + learned routing) on one device."""
+    small = ["train.batch_size=8", "train.seq_len=32", "model.vocab_size=264", "model.index_topk=4"]
+    cfg = load_config(ROOT / "configs" / "tiny_v4.yaml", small)
+    model = build_model(cfg.model)
+    state, batch = init_state(cfg, model, jax.random.key(0)), imbalanced_batch(cfg)
+    return cfg, model, state, batch, jax.jit(run(cfg, model))(state, batch)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", [(2, 2, 2, 1), (1, 2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+def test_deepseek_v4_mesh_computes_what_one_device_computes(v4_reference, shape):
+    """DeepSeek-V4: loss, gradients, loads and a train step, its bias update included, as on one device."""
+    cfg, model, state, batch, (loss, grads, loads, new, _) = v4_reference
+    mesh = make_mesh(MeshConfig(*shape))
+    sh, batch_sh = state_shardings(cfg, model, mesh), batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+        fn = jax.jit(run(cfg, model), in_shardings=(sh, batch_sh))
+        s_loss, s_grads, s_loads, s_new, _ = fn(jax.device_put(state, sh), jax.device_put(batch, batch_sh))
+    assert abs(float(s_loss) - float(loss)) <= 1e-5
+    assert max_diff(s_grads, grads) <= 1e-5
+    np.testing.assert_array_equal(s_loads["main"], loads["main"])
+    assert max_diff(s_new.params, new.params) <= 1e-5
+    assert max_diff(s_new.bias, new.bias) == 0.0
+    assert max_diff(new.bias, state.bias) > 0  # the learned layers' bias moved (the hash tables cannot)
