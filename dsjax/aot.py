@@ -8,6 +8,10 @@ policy's log-probs, then ``dsjax.rl.grpo.make_grpo_step``) -- for the topology's
 buffers), total against the chip's HBM -- and the compiled FLOPs per chip per step. For GPUs the
 Triton kernels compile to the GPU's code and the Mosaic GPU kernels as far as lowering (their PTX
 is built when the program loads on the GPU).
+
+``plan_decode`` compiles a decode step instead: one new token for each of ``batch`` sequences whose
+cache holds ``context`` positions (weights in model.dtype, as served), and reports the cache per
+sequence beside the per-chip memory.
 """
 
 from __future__ import annotations
@@ -16,14 +20,16 @@ import dataclasses
 import re
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dsjax.config import Config
 from dsjax.model.params import training_flops_per_token
-from dsjax.model.transformer import Transformer
+from dsjax.model.transformer import abstract_variables, build_model, init_cache
+from dsjax.model.v4_block import layer_plan
 from dsjax.parallel.mesh import check_divisible, make_mesh
-from dsjax.parallel.rules import batch_sharding
+from dsjax.parallel.rules import BATCH, batch_sharding, logical_shardings
 from dsjax.parallel.topology import GIB, HBM_GIB, topology_devices
 from dsjax.rl.grpo import make_grpo_step, make_logps_fn, rl_train_config
 from dsjax.train.step import abstract_state, make_train_step, state_shardings
@@ -36,7 +42,7 @@ def plan(cfg: Config, topology: str) -> dict:
     'v5p:8x8x8', 'h100:8'); returns the figures."""
     devices = topology_devices(topology)
     mesh = make_mesh(cfg.mesh, devices)
-    model = Transformer(cfg.model)
+    model = build_model(cfg.model)
     batch_sh = batch_sharding(mesh)
     if cfg.grpo is not None:
         cfg = dataclasses.replace(cfg, train=rl_train_config(cfg))  # GRPO's optimizer schedule
@@ -98,6 +104,70 @@ def plan(cfg: Config, topology: str) -> dict:
         "compile_s": time.perf_counter() - start,
         "pallas_kernel_calls": sum(lowered.as_text().count(call) for call in KERNEL_CALLS),
     }
+
+
+def plan_decode(cfg: Config, topology: str, context: int, batch: int) -> dict:
+    """Compiles ``decode`` for one new token per sequence over a cache of ``context`` positions for
+    ``batch`` sequences (split over the batch axes of the mesh) on ``topology``; returns the figures,
+    with the cache's bytes per sequence (every layer's, the MTP modules aside)."""
+    devices = topology_devices(topology)
+    mesh = make_mesh(cfg.mesh, devices)
+    model, m = build_model(cfg.model), cfg.model
+    check_divisible(mesh, m, batch)
+    boxed = abstract_variables(m)
+
+    def served(a, sharding):  # weights in the compute dtype; the hash tables stay integers
+        dtype = m.dtype if jnp.issubdtype(a.dtype, jnp.floating) else a.dtype
+        return jax.ShapeDtypeStruct(a.shape, dtype, sharding=sharding)
+
+    variables = jax.tree.map(served, nn.meta.unbox(boxed), logical_shardings(mesh, boxed))
+    cache = jax.eval_shape(lambda: init_cache(m, batch, context))
+    cache_sh = {k: jax.tree.map(lambda a, k=k: _batch_split(mesh, a, _cache_lead(m, k)), c) for k, c in cache.items()}
+    cache = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), cache, cache_sh)
+    tokens = jax.ShapeDtypeStruct((batch, 1), jnp.int32, sharding=batch_sharding(mesh))
+
+    def step(variables, tokens, positions, cache):
+        _, normed, cache, _ = model.apply(variables, tokens, positions, cache, method="decode")
+        return jnp.argmax(model.apply(variables, normed, method="logits"), -1), cache
+
+    start = time.perf_counter()
+    with jax.set_mesh(mesh):
+        jitted = jax.jit(step, out_shardings=(batch_sharding(mesh), cache_sh), donate_argnums=3)
+        compiled = jitted.trace(variables, tokens, tokens, cache).lower().compile()
+    mem = compiled.memory_analysis()
+    kind = devices[0].device_kind
+    args, temp = mem.argument_size_in_bytes, mem.temp_size_in_bytes
+    total = args + temp + mem.output_size_in_bytes - mem.alias_size_in_bytes + mem.generated_code_size_in_bytes
+    cache_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+    return {
+        "topology": topology,
+        "device_kind": kind,
+        "chips": len(devices),
+        "mesh": dict(mesh.shape),
+        "step": "decode",
+        "batch_size": batch,
+        "context": context,
+        "cache_gib_per_sequence": cache_bytes / batch / GIB,
+        "cache_bytes_per_token": cache_bytes / batch / context,
+        "arguments_gib": args / GIB,
+        "temporaries_gib": temp / GIB,
+        "total_gib": total / GIB,
+        "hbm_gib": HBM_GIB.get(kind),
+        "fits": HBM_GIB.get(kind) is not None and total <= HBM_GIB[kind] * GIB,
+        "compile_s": time.perf_counter() - start,
+    }
+
+
+def _cache_lead(cfg, name: str) -> int:
+    """Leading layer axes of a cache entry: stacked V3 layers and scanned V4 runs have one."""
+    if cfg.is_v4:
+        return int(any(r.name == name and r.repeats > 1 for r in layer_plan(cfg)))
+    return int(not name.startswith("mtp_"))
+
+
+def _batch_split(mesh, a, lead: int):
+    """A cache leaf's sharding: its batch axis (after ``lead`` layer axes) over the batch axes of the mesh."""
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*(None,) * lead, BATCH))
 
 
 def grpo_update(cfg: Config, model):
