@@ -49,6 +49,31 @@ def test_aot_planner_compiles_for_a_tpu_topology():
     assert "per chip: arguments" in out.stdout and "of 16 GiB HBM: fits" in out.stdout
 
 
+@pytest.mark.slow
+def test_decode_plan_states_the_cache_per_sequence():
+    """dsjax-aot --decode: a DeepSeek-V4 decode step (configs/tiny_v4.yaml, every layer type) over a
+    4,096-token cache for 8 sequences on v5e 2x2; the cache per sequence is what init_cache allocates."""
+    pytest.importorskip("libtpu", reason="libtpu has no wheel for this platform (the test extra installs it on Linux)")
+    import jax
+
+    from dsjax.config import load_config
+    from dsjax.model.transformer import init_cache
+
+    env = {**os.environ, "ALLOW_MULTIPLE_LIBTPU_LOAD": "1"}
+    config = ROOT / "configs" / "tiny_v4.yaml"
+    args = ["--config", str(config), "--topology", "v5e:2x2", "--decode", "4096", "--decode-batch", "8", "--json"]
+    overrides = ["mesh.data=1", "mesh.fsdp=2", "mesh.expert=2", "model.vocab_size=260", "model.dtype=bfloat16"]
+    cmd = [sys.executable, "-m", "dsjax.cli.aot", *args, *overrides]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    cfg = load_config(config, overrides).model
+    cache = jax.eval_shape(lambda: init_cache(cfg, 1, 4096))
+    assert r["cache_gib_per_sequence"] * 2**30 == sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(cache))
+    assert r["step"] == "decode" and r["fits"] and 0 < r["temporaries_gib"] < r["total_gib"] < 16
+    assert "cache per sequence" in out.stdout
+
+
 def test_tpu_topology_below_one_host_on_older_libtpu(monkeypatch):
     """libtpu 0.0.48 (JAX 0.11) refuses a slice smaller than its default 2x2 host ('v5e:1x1');
     tpu_devices then asks for that slice as one host. Other refusals are a ConfigError naming it."""

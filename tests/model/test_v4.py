@@ -40,9 +40,9 @@ def tiny(**changes) -> ModelConfig:
         n_group=1,
         topk_group=1,
         first_k_dense_replace=0,
-        num_hidden_layers=5,
-        layer_types=(SLIDING, CSA, HCA, CSA, HCA),
-        mlp_layer_types=("hash_moe", "hash_moe", "moe", "moe", "moe"),
+        num_hidden_layers=3,
+        layer_types=(SLIDING, CSA, HCA),
+        mlp_layer_types=("hash_moe", "moe", "moe"),
         compress_rate_csa=4,
         compress_rate_hca=6,
         sliding_window=5,
@@ -250,7 +250,7 @@ def model():
 def test_layer_plan_scans_repeats():
     cfg = tiny()
     plan = layer_plan(cfg)
-    assert [(r.start, len(r.kinds), r.repeats) for r in plan] == [(i, 1, 1) for i in range(5)]  # no repeats
+    assert [(r.start, len(r.kinds), r.repeats) for r in plan] == [(i, 1, 1) for i in range(3)]  # no repeats
     flash = tiny(
         num_hidden_layers=43,
         layer_types=(SLIDING, SLIDING) + (CSA, HCA) * 20 + (CSA,),
@@ -267,7 +267,9 @@ def test_layer_plan_scans_repeats():
 
 def test_scanned_and_unrolled_stacks_agree(model):
     cfg, _ = model
-    cfg = cfg.replace(layer_types=(SLIDING, CSA, HCA, CSA, HCA), mlp_layer_types=("hash_moe",) + ("moe",) * 4)
+    cfg = cfg.replace(
+        num_hidden_layers=5, layer_types=(SLIDING, CSA, HCA, CSA, HCA), mlp_layer_types=("hash_moe",) + ("moe",) * 4
+    )
     scanned, unrolled = cfg, cfg.replace(scan_layers=False)
     assert any(r.repeats > 1 for r in layer_plan(scanned))
     v_s = variables_with_sinks(scanned)
@@ -303,7 +305,7 @@ def test_packed_documents_equal_separate_runs(model):
     np.testing.assert_allclose(np.asarray(packed), np.concatenate([alone_a, alone_b]), atol=2e-5)
 
 
-@pytest.mark.parametrize("prefill", [5, 17])
+@pytest.mark.parametrize("prefill", [17])
 def test_step_decode_equals_full_forward(model, prefill):
     """Prefill, then one token at a time: every layer type's cache (window ring, compressor ring,
     entries, indexer keys) reproduces the full forward's logits at every position."""
