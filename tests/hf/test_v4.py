@@ -519,3 +519,25 @@ def test_checkpoint_without_mtp_loads_without_mtp(fp8_export, tmp_path):
         loaded_cfg, variables = load_hf(tmp_path, scan_layers=False)
     assert loaded_cfg == cfg.replace(num_nextn_predict_layers=0) and "mtp_0" not in variables["params"]
     assert any("holds no MTP tensors (mtp.0.*" in str(w.message) for w in caught)
+
+
+def test_v4_flash_table_is_the_release_checkpoint():
+    """The table for configs/deepseek_v4_flash.yaml, stored as the release stores it (e4m3 + one E8M0
+    byte per 128x128 block; packed e2m1 + one E8M0 byte per 32 inputs; tid2eid int64; mHC, sinks, ape
+    and the router bias fp32; everything else bf16), is the DeepSeek-V4-Flash checkpoint: its
+    safetensors index lists 69,187 tensors (34,167 of them scales) and 159,609,485,896 bytes."""
+    from dsjax.hf.tensors import hub_tensors
+
+    table = hub_tensors(load_config(ROOT / "configs" / "deepseek_v4_flash.yaml").model)
+    stored = 0
+    for t in table:
+        out, inp = t.hub_shape if len(t.hub_shape) == 2 else (t.hub_shape[0], 1)
+        if t.quant == "fp8":
+            stored += out * inp + -(-out // 128) * -(-inp // 128)
+        elif t.quant == "fp4":
+            stored += out * inp // 2 + out * inp // 32
+        else:
+            width = 8 if t.ids else 4 if (t.fp32 or t.name.endswith("gate.bias")) else 2
+            stored += int(np.prod(t.hub_shape)) * width
+    assert (len(table), sum(t.quant is not None for t in table)) == (69_187 - 34_167, 34_167)
+    assert stored == 159_609_485_896
