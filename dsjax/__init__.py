@@ -1,10 +1,12 @@
-"""dsjax: the DeepSeek model family (V2, V3: MLA, DeepSeekMoE, MTP, FP8) in JAX/Flax.
+"""dsjax: the DeepSeek model family (V2, V3, V3.2: MLA, DeepSeekMoE, MTP, FP8, DSA; V4: mHC, hybrid
+compressed attention, hash routing) in JAX/Flax.
 
 The package is layered, each layer importing only from those above it in this list:
 
     dsjax.config     typed configs, YAML loading
     dsjax.parallel   mesh, the one logical-axis rules table, per-shard code, the expert-parallel exchange
-    dsjax.model      RoPE/YaRN, layers, attention + kernel dispatch, MLA, MoE, MTP, FP8 linear, transformer
+    dsjax.model      RoPE/YaRN, layers, attention + kernel dispatch, MLA, MoE, MTP, FP8 linear, transformer;
+                     V4's mHC, compressors, hybrid attention
     dsjax.hf         hub checkpoints          dsjax.infer   generation, the serving engine (paged cache)
     dsjax.train      loss, step, optimizer, data, checkpoints, the loop
     dsjax.rl         R1's recipe: SFT, rollouts, GRPO
@@ -27,7 +29,7 @@ _EXPORTS = {
     "CheckpointError": "dsjax.hf", "from_hf_config": "dsjax.hf", "from_hf_state_dict": "dsjax.hf",
     "load_hf": "dsjax.hf", "save_hf": "dsjax.hf", "to_hf_config": "dsjax.hf",
     "ModelOutput": "dsjax.model", "RouterStats": "dsjax.model", "Transformer": "dsjax.model",
-    "count_params": "dsjax.model", "init_cache": "dsjax.model",
+    "build_model": "dsjax.model", "count_params": "dsjax.model", "init_cache": "dsjax.model",
     "Engine": "dsjax.infer", "SamplingParams": "dsjax.infer", "generate": "dsjax.infer",
     "restore_model": "dsjax.train", "train": "dsjax.train",
 }  # fmt: skip

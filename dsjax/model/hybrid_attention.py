@@ -18,9 +18,11 @@ Names as the hub's ``attn.*`` tensors (``wq_a``, ``q_norm``, ``wq_b``, ``wkv``, 
 including the query's own, sinks in the softmax denominator, the compressed entries' positions and
 visibility) follow HF transformers' ``DeepseekV4Attention``.
 
-Training runs on blocks of W queries (a ``lax.map`` of a ``jax.checkpoint``): each block sees its own W keys and the
-previous block's, and every compressed entry, so no [S, S] array exists. Decoding keeps per layer a
-``HybridCache``: the window's last W keys, the compressor's last 2m projected tokens, the entries.
+Training runs on blocks of W queries (a ``lax.map`` of a ``jax.checkpoint``): each block sees its own
+W keys and the previous block's, and the compressed entries (HCA: all it may see; CSA: the indexer
+scores all it may see, then each query's top k are gathered), so no [S, S] array exists and CSA's
+attention costs O(S k). Decoding keeps per layer a ``HybridCache``: the window's recent keys, the
+compressor's recent projected tokens, the entries (and reads CSA's top k the same way).
 """
 
 import flax.linen as nn
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dsjax.config import ModelConfig
+from dsjax.model.attention import gather_slots
 from dsjax.model.compressor import Compressor, window_ends, windows_before
 from dsjax.model.layers import RMSNorm, linear
 from dsjax.model.rope import apply_rope, inv_frequencies
@@ -61,24 +64,33 @@ def rope_tail(x, cos, sin):
     return jnp.concatenate([x[..., :-r], apply_rope(x[..., -r:], cos, sin)], axis=-1)
 
 
-def attend(q, keys, visible, sinks, scale):
+def attend(q, keys, visible, sinks, scale, picked=None, picked_ok=None):
     """softmax over [q.k * scale ; sink] (the sink only in the denominator), times the keys (K = V).
 
-    q [b, Q, h, d], keys [b, K, d], visible [b, Q, K] bool, sinks [h]. Returns ([b, Q, h, d], the
-    probabilities [b, h, Q, K])."""
+    q [b, Q, h, d]; keys [b, K, d] shared by the queries, visible [b, Q, K] bool; ``picked`` [b, Q, k, d]
+    each query's own keys besides (CSA's selected entries), ``picked_ok`` [b, Q, k] bool; sinks [h].
+    Returns ([b, Q, h, d], the probabilities [b, h, Q, K (+ k)])."""
     logits = jnp.einsum("bqhd,bkd->bhqk", q, keys, preferred_element_type=jnp.float32) * scale
     logits = jnp.where(visible[:, None], logits, -jnp.inf)
+    if picked is not None:
+        own = jnp.einsum("bqhd,bqkd->bhqk", q, picked, preferred_element_type=jnp.float32) * scale
+        logits = jnp.concatenate([logits, jnp.where(picked_ok[:, None], own, -jnp.inf)], axis=-1)
     sink = sinks.astype(jnp.float32)[None, :, None]
     top = jnp.maximum(logits.max(-1), sink)
     p = jnp.exp(logits - top[..., None])
     p = p / (p.sum(-1) + jnp.exp(sink - top))[..., None]
-    return jnp.einsum("bhqk,bkd->bqhd", p.astype(keys.dtype), keys), p
+    n = keys.shape[1]
+    o = jnp.einsum("bhqk,bkd->bqhd", p[..., :n].astype(keys.dtype), keys)
+    if picked is not None:
+        o = o + jnp.einsum("bhqk,bqkd->bqhd", p[..., n:].astype(picked.dtype), picked)
+    return o, p
 
 
 def indexer_kl(p, scores, selected):
     """KL(p || softmax(I)) over each query's selected entries [b, Q] (V3.2 §2.1.1's sparse-stage loss,
-    as dsjax trains V4's CSA indexer): p [b, h, Q, N] the attention on the entries, summed over heads
-    and L1-normalised over the selected ones, a fixed target; I [b, Q, N] the index scores."""
+    as dsjax trains V4's CSA indexer): p [b, h, Q, k] the attention on the k selected entries, summed
+    over heads and L1-normalised, a fixed target; I [b, Q, k] their index scores; ``selected`` [b, Q, k]
+    which of the k are real (a query that sees fewer entries has fewer)."""
     target = jax.lax.stop_gradient(jnp.where(selected, p.sum(1), 0.0))
     target = target / jnp.maximum(target.sum(-1, keepdims=True), 1e-20)
     log_q = jax.nn.log_softmax(jnp.where(selected, scores, -1e30), axis=-1)  # finite: a row may select none
@@ -86,14 +98,11 @@ def indexer_kl(p, scores, selected):
     return terms.sum(-1)
 
 
-def top_k_mask(scores, k: int):
-    """[b, Q, N] bool: each query's k highest-scoring entries among those with a finite score."""
-    k = min(k, scores.shape[-1])
-    idx = jax.lax.top_k(scores, k)[1]
-    took = jnp.take_along_axis(scores, idx, axis=-1) > -jnp.inf
-    rows = jnp.zeros(scores.shape, bool).reshape(-1, scores.shape[-1])
-    rows = jax.vmap(lambda r, i, t: r.at[i].set(t))(rows, idx.reshape(-1, k), took.reshape(-1, k))
-    return rows.reshape(scores.shape)
+def select_entries(scores, k: int):
+    """Each query's k highest-scoring entries among those with a finite score (fewer if it sees fewer):
+    (indices [b, Q, k'], real [b, Q, k'], their scores), k' = min(k, entries)."""
+    top, idx = jax.lax.top_k(scores, min(k, scores.shape[-1]))
+    return idx, top > -jnp.inf, top
 
 
 def index_scores(iq, iw, ik):
@@ -285,21 +294,20 @@ class HybridAttention(nn.Module):
             per_block |= {"iq": blocks(iq, 0), "iw": blocks(iw, 0)}
 
         def block(pb, sh):
-            kl = jnp.zeros(pb["pos"].shape, jnp.float32)
             qp, qs = pb["pos"][..., :, None], pb["seg"][..., :, None]
             local = (pb["kseg"][:, None, :] == qs) & (pb["kpos"][:, None, :] <= qp) & (pb["kpos"][:, None, :] > qp - w)
-            keys_, visible = pb["k"], local
-            if sh:
-                comp = (sh["seg"][:, None, :] == qs) & (sh["last"][:, None, :] >= 0) & (sh["last"][:, None, :] <= qp)
-                if self.layer_type == CSA:
-                    scores = jnp.where(comp, index_scores(pb["iq"], pb["iw"], sh["index_keys"]), -jnp.inf)
-                    comp = top_k_mask(scores, c.index_topk)
-                keys_ = jnp.concatenate([keys_, sh["entries"]], axis=1)
-                visible = jnp.concatenate([visible, comp], axis=-1)
-            o, p = attend(pb["q"], keys_, visible, self.attn_sink, scale)
-            if self.layer_type == CSA:
-                kl = indexer_kl(p[..., 2 * w :], scores, comp)
-            return o, kl
+            if not sh:
+                return attend(pb["q"], pb["k"], local, self.attn_sink, scale)[0], jnp.zeros(pb["pos"].shape)
+            comp = (sh["seg"][:, None, :] == qs) & (sh["last"][:, None, :] >= 0) & (sh["last"][:, None, :] <= qp)
+            if self.layer_type == HCA:  # every visible entry
+                keys_ = jnp.concatenate([pb["k"], sh["entries"]], axis=1)
+                o, _ = attend(pb["q"], keys_, jnp.concatenate([local, comp], axis=-1), self.attn_sink, scale)
+                return o, jnp.zeros(pb["pos"].shape)
+            # CSA: the indexer's top k of the visible entries, gathered per query
+            scores = jnp.where(comp, index_scores(pb["iq"], pb["iw"], sh["index_keys"]), -jnp.inf)
+            idx, ok, top = select_entries(scores, c.index_topk)
+            o, p = attend(pb["q"], pb["k"], local, self.attn_sink, scale, gather_slots(sh["entries"], idx), ok)
+            return o, indexer_kl(p[..., 2 * w :], top, ok)
 
         # one block's scores live at a time, in the backward pass too (recomputed per block)
         o, kl = jax.lax.map(jax.checkpoint(lambda pb: block(pb, shared)), per_block)  # [nb, b, w, ...]
@@ -328,14 +336,16 @@ class HybridAttention(nn.Module):
             new = new.replace(entries=entries, ring_kv=ring_kv, ring_gate=ring_gate)
             last = (jnp.arange(entries.shape[1]) + 1) * self.rate - 1
             comp = (last <= qp) & (qp >= 0)
-            if self.layer_type == CSA:
+            if self.layer_type == CSA:  # the indexer's top k, gathered per query
                 ic = self.indexer.compressor
                 ikeys, iring_kv, iring_gate = self._absorb(
                     ic, x, cache.index_keys, cache.index_ring_kv, cache.index_ring_gate, windows, positions, inv_freq
                 )
                 new = new.replace(index_keys=ikeys, index_ring_kv=iring_kv, index_ring_gate=iring_gate)
                 iq, iw = self.indexer.queries(x, q_latent, cos, sin)
-                comp = top_k_mask(jnp.where(comp, index_scores(iq, iw, ikeys), -jnp.inf), c.index_topk)
+                idx, ok, _ = select_entries(jnp.where(comp, index_scores(iq, iw, ikeys), -jnp.inf), c.index_topk)
+                picked = gather_slots(entries, idx).astype(keys_.dtype)
+                return attend(q, keys_, visible, self.attn_sink, scale, picked, ok)[0], new
             keys_ = jnp.concatenate([keys_, entries.astype(keys_.dtype)], axis=1)
             visible = jnp.concatenate([visible, comp], axis=-1)
         return attend(q, keys_, visible, self.attn_sink, scale)[0], new

@@ -253,7 +253,7 @@ def v4_reference():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", [(2, 2, 2, 1), (1, 2, 2, 2)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(1, 2, 2, 2)], ids=lambda s: "x".join(map(str, s)))  # fsdp, experts, tensor
 def test_deepseek_v4_mesh_computes_what_one_device_computes(v4_reference, shape):
     """DeepSeek-V4: loss, gradients, loads and a train step, its bias update included, as on one device."""
     cfg, model, state, batch, (loss, grads, loads, new, _) = v4_reference
