@@ -36,15 +36,22 @@ def sinkhorn(m, iters: int, eps: float):
     return jax.lax.fori_loop(0, iters - 1, round_, m)
 
 
-def _flat_normed(x, eps: float):
-    """The streams [..., n, D] as one RMS-normalised fp32 vector [..., n D] (no weight)."""
+def _mix(module: nn.Module, x, outputs: int, scales: int):
+    """The mixing weights' inputs: X W [..., outputs] from the RMS-normalised streams (no weight, fp32,
+    full precision), and the parameters ``base`` [outputs] and ``scale`` [scales] (alpha) that go with
+    ``fn`` = W [outputs, n D], as the hub's ``*_fn`` / ``*_base`` / ``*_scale``."""
+    c = module.cfg
+    fn = module.param(
+        "fn",
+        nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), (None, "embed")),
+        (outputs, x.shape[-2] * x.shape[-1]),
+        jnp.float32,
+    )
+    base = module.param("base", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (outputs,))
+    scale = module.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (scales,))
     flat = x.reshape(*x.shape[:-2], -1).astype(jnp.float32)
-    return flat * jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + eps)
-
-
-def _project(flat, fn):
-    """flat [..., n D] . fn [out, n D]^T in full fp32 (a handful of outputs per token)."""
-    return jnp.einsum("...i,oi->...o", flat, fn.astype(jnp.float32), precision="highest")
+    flat = flat * jax.lax.rsqrt(jnp.mean(flat * flat, axis=-1, keepdims=True) + c.rms_norm_eps)
+    return jnp.einsum("...i,oi->...o", flat, fn, precision="highest"), base, scale
 
 
 def collapse(x, pre):
@@ -68,15 +75,7 @@ class HyperConnection(nn.Module):
     @nn.compact
     def __call__(self, x):
         c, n = self.cfg, self.cfg.hc_mult
-        fn = self.param(
-            "fn",
-            nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), (None, "embed")),
-            ((2 + n) * n, n * c.hidden_size),
-            jnp.float32,
-        )
-        base = self.param("base", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), ((2 + n) * n,))
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (3,))
-        mix = _project(_flat_normed(x, c.rms_norm_eps), fn)
+        mix, base, scale = _mix(self, x, (2 + n) * n, 3)
         pre = jax.nn.sigmoid(mix[..., :n] * scale[0] + base[:n]) + c.hc_eps
         post = 2.0 * jax.nn.sigmoid(mix[..., n : 2 * n] * scale[1] + base[n : 2 * n])
         comb = mix[..., 2 * n :] * scale[2] + base[2 * n :]
@@ -91,14 +90,7 @@ class HyperHead(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        c, n = self.cfg, self.cfg.hc_mult
-        fn = self.param(
-            "fn",
-            nn.with_logical_partitioning(nn.initializers.normal(c.initializer_range), (None, "embed")),
-            (n, n * c.hidden_size),
-            jnp.float32,
-        )
-        base = self.param("base", nn.with_logical_partitioning(nn.initializers.zeros, (None,)), (n,))
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (None,)), (1,))
-        pre = jax.nn.sigmoid(_project(_flat_normed(x, c.rms_norm_eps), fn) * scale + base) + c.hc_eps
+        c = self.cfg
+        mix, base, scale = _mix(self, x, c.hc_mult, 1)
+        pre = jax.nn.sigmoid(mix * scale + base) + c.hc_eps
         return collapse(x, pre)

@@ -1,4 +1,5 @@
-"""The small layers every block is built from: RMSNorm, the one projection helper, SwiGLU.
+"""The small layers every model is built from: RMSNorm, the one projection helper, SwiGLU, the token
+embedding and its lookup.
 
 RMSNorm(x) = w * x / sqrt(mean(x^2) + eps)            statistics in fp32
 linear:      y = x W (no bias), W [*in, *out] annotated with logical axis names
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 
 from dsjax.config import ModelConfig
 from dsjax.model.fp8 import Fp8Linear, Fp8Recipe, fp8_dense_general
+from dsjax.parallel.rules import constrain
 
 
 class RMSNorm(nn.Module):
@@ -55,6 +57,26 @@ def linear(cfg: ModelConfig, features, axes: tuple[str, ...], name: str, axis=-1
     if cfg.fp8 and quantize:
         return fp8_dense_general(Fp8Recipe.of(cfg), **kwargs)
     return nn.DenseGeneral(**kwargs)
+
+
+def token_embedding(cfg: ModelConfig) -> nn.Embed:
+    """The [vocab, hidden] embedding table (the models' ``embed_tokens``), normal(initializer_range)."""
+    init = nn.with_logical_partitioning(nn.initializers.normal(cfg.initializer_range), ("vocab", "embed"))
+    return nn.Embed(
+        cfg.vocab_size,
+        cfg.hidden_size,
+        dtype=jnp.dtype(cfg.dtype),
+        param_dtype=jnp.dtype(cfg.param_dtype),
+        embedding_init=init,
+    )
+
+
+def embed_lookup(embed: nn.Embed, tokens, dtype):
+    """Embedding lookup, split like the activations: the table (FSDP-sharded like every weight) is
+    gathered for the lookup, so rows come out split over the batch (a lookup split over the hidden
+    dim could only be turned into that by replicating it)."""
+    table = constrain(embed.embedding.astype(dtype), ("vocab", None))
+    return constrain(jnp.take(table, tokens, axis=0), ("batch", None, None))
 
 
 class MLP(nn.Module):

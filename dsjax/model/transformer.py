@@ -21,7 +21,7 @@ import numpy as np
 from dsjax.config import ModelConfig
 from dsjax.model.attention import AttentionMask
 from dsjax.model.block import Stack
-from dsjax.model.layers import RMSNorm, linear
+from dsjax.model.layers import RMSNorm, embed_lookup, linear, token_embedding
 from dsjax.model.mla import LatentCache, PagedLatentCache
 from dsjax.model.moe import hash_table
 from dsjax.model.mtp import MTPModule
@@ -42,15 +42,7 @@ class Transformer(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embed_tokens = nn.Embed(
-            c.vocab_size,
-            c.hidden_size,
-            dtype=jnp.dtype(c.dtype),
-            param_dtype=jnp.dtype(c.param_dtype),
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(c.initializer_range), ("vocab", "embed")
-            ),
-        )
+        self.embed_tokens = token_embedding(c)
         if not c.tie_word_embeddings:
             self.lm_head = linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", quantize=False)  # V3: head stays bf16
         if c.first_k_dense_replace:
@@ -61,11 +53,7 @@ class Transformer(nn.Module):
         self.mtp = [MTPModule(c) for _ in range(c.num_nextn_predict_layers)]  # mtp_0, mtp_1, ...
 
     def _embed(self, tokens):
-        """Embedding lookup, split like the activations: the table (FSDP-sharded like every weight) is
-        gathered for the lookup, so rows come out split over the batch (a lookup split over the hidden
-        dim could only be turned into that by replicating it)."""
-        table = constrain(self.embed_tokens.embedding.astype(self.cfg.dtype), ("vocab", None))
-        return constrain(jnp.take(table, tokens, axis=0), ("batch", None, None))
+        return embed_lookup(self.embed_tokens, tokens, self.cfg.dtype)
 
     def __call__(self, tokens, segment_ids=None, positions=None, routes=None, mtp: bool = True) -> ModelOutput:
         """tokens [B, S] int; segment_ids [B, S] int (0 = padding; default one segment);

@@ -18,10 +18,9 @@ import jax.numpy as jnp
 from dsjax.config import ModelConfig
 from dsjax.model.hybrid_attention import SLIDING, HybridCache
 from dsjax.model.hyper_connection import HyperHead
-from dsjax.model.layers import RMSNorm, linear
+from dsjax.model.layers import RMSNorm, embed_lookup, linear, token_embedding
 from dsjax.model.outputs import ModelOutput, segment_positions, shift_left
 from dsjax.model.v4_block import V4Block, V4Stack, layer_plan
-from dsjax.parallel.rules import constrain
 
 
 class MTPModuleV4(nn.Module):
@@ -50,15 +49,7 @@ class TransformerV4(nn.Module):
 
     def setup(self):
         c = self.cfg
-        self.embed_tokens = nn.Embed(
-            c.vocab_size,
-            c.hidden_size,
-            dtype=jnp.dtype(c.dtype),
-            param_dtype=jnp.dtype(c.param_dtype),
-            embedding_init=nn.with_logical_partitioning(
-                nn.initializers.normal(c.initializer_range), ("vocab", "embed")
-            ),
-        )
+        self.embed_tokens = token_embedding(c)
         if not c.tie_word_embeddings:
             self.lm_head = linear(c, c.vocab_size, ("embed", "vocab"), "lm_head", quantize=False)
         self.layers = V4Stack(c)
@@ -67,8 +58,7 @@ class TransformerV4(nn.Module):
         self.mtp = [MTPModuleV4(c) for _ in range(c.num_nextn_predict_layers)]
 
     def _embed(self, tokens):
-        table = constrain(self.embed_tokens.embedding.astype(self.cfg.dtype), ("vocab", None))
-        return constrain(jnp.take(table, tokens, axis=0), ("batch", None, None))
+        return embed_lookup(self.embed_tokens, tokens, self.cfg.dtype)
 
     def logits(self, normed):
         head = self.embed_tokens.attend if self.cfg.tie_word_embeddings else self.lm_head

@@ -83,10 +83,16 @@ def test_import_export_import_is_bitwise(tmp_path, hf_fixture, max_shard_bytes):
 
 
 def nonzero_variables(cfg, seed: int = 0) -> dict:
-    """Every variable of Transformer(cfg), all non-zero (so a dropped one shows), without running init."""
+    """Every variable of the model, all non-zero (so a dropped one shows), without running init; integer
+    ones (V4's hash tables) random expert ids."""
     rng = np.random.default_rng(seed)
-    shapes = nn.meta.unbox(abstract_variables(cfg))
-    return jax.tree.map(lambda s: rng.normal(0, 0.1, s.shape).astype(s.dtype), shapes)
+
+    def draw(s):
+        if np.issubdtype(s.dtype, np.integer):
+            return rng.integers(0, cfg.n_routed_experts, s.shape).astype(s.dtype)
+        return rng.normal(0, 0.1, s.shape).astype(s.dtype)
+
+    return jax.tree.map(draw, nn.meta.unbox(abstract_variables(cfg)))
 
 
 @pytest.fixture(scope="module")

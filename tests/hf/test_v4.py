@@ -21,6 +21,7 @@ from dsjax.hf import CheckpointError, from_hf_config, load_hf, save_hf, to_hf_co
 from dsjax.hf.checkpoint import dequantize_fp4, quantize_fp4
 from dsjax.hf.safetensors import read_tensors
 from dsjax.model.transformer import abstract_variables
+from tests.hf.test_checkpoint import assert_same_variables, nonzero_variables
 
 ROOT = Path(__file__).resolve().parents[2]
 V4_FIXTURES = sorted(p for p in (ROOT / "tests" / "fixtures").glob("v4_*") if (p / "model.safetensors").is_file())
@@ -62,25 +63,6 @@ def tiny(**overrides) -> ModelConfig:
         num_nextn_predict_layers=1, rope_scaling=dict(factor=4.0, original_max_position_embeddings=16),
     )  # fmt: skip
     return ModelConfig.from_dict({**kw, **overrides})
-
-
-def random_variables(cfg: ModelConfig, seed: int = 0) -> dict:
-    """Every variable drawn at random (tid2eid: expert ids), without running init."""
-    rng = np.random.default_rng(seed)
-
-    def draw(s):
-        if s.dtype == np.int32:
-            return rng.integers(0, cfg.n_routed_experts, s.shape).astype(np.int32)
-        return rng.normal(0, 0.5, s.shape).astype(s.dtype)
-
-    return jax.tree.map(draw, nn.meta.unbox(abstract_variables(cfg)))
-
-
-def assert_same_variables(a, b):
-    assert jax.tree.structure(a) == jax.tree.structure(b)
-    for (path, x), y in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree.leaves(b)):
-        x, y = np.asarray(x), np.asarray(y)
-        assert x.dtype == y.dtype and np.array_equal(x, y), jax.tree_util.keystr(path)
 
 
 def assert_fits_model(cfg: ModelConfig, variables: dict):
@@ -137,7 +119,7 @@ def test_round_trip_is_bitwise_in_release_names(tmp_path, scan, dtype):
         from dsjax.model.v4_block import layer_plan
 
         assert [(len(r.kinds), r.repeats) for r in layer_plan(cfg)] == [(1, 1), (1, 2), (2, 2)]
-    variables = random_variables(cfg)
+    variables = nonzero_variables(cfg)
     save_hf(tmp_path, cfg, variables, overwrite=True, max_shard_bytes=200_000)
     assert len(list(tmp_path.glob("*.safetensors"))) > 1  # sharded, with an index
     sd = read_dir(tmp_path)
@@ -156,7 +138,7 @@ def test_export_layouts(tmp_path):
     """Each hub tensor against our leaf, indexed by hand: linears [out, in], wo_a row g * o_lora_rank + r,
     the router and experts per expert, mHC and ape as they are, the MTP module's own names."""
     cfg = tiny(scan_layers=False)
-    variables = random_variables(cfg)
+    variables = nonzero_variables(cfg)
     save_hf(tmp_path, cfg, variables)
     sd, p, b = read_dir(tmp_path), variables["params"], variables["selection_bias"]
     layer = p["layers"]["layer_1"]["block_0"]  # CSA, hash-routed
@@ -271,7 +253,7 @@ def test_fp4_rounds_to_nearest_even():
 def fp8_export(tmp_path_factory):
     """tiny() (unrolled) exported plainly and as the FP8 release: (cfg, variables, plain tensors, fp8 dir)."""
     cfg = tiny(scan_layers=False)
-    variables = random_variables(cfg, seed=1)
+    variables = nonzero_variables(cfg, seed=1)
     plain, fp8 = tmp_path_factory.mktemp("plain"), tmp_path_factory.mktemp("fp8")
     save_hf(plain, cfg, variables, overwrite=True)
     save_hf(fp8, cfg, variables, fp8=True, overwrite=True)

@@ -375,12 +375,6 @@ def test_cache_bytes_per_token():
     assert HybridCache.zeros(cfg, SLIDING, 1, n).entries is None
 
 
-def test_abstract_shapes_need_no_memory():
-    cfg = tiny()
-    shapes = jax.eval_shape(lambda: build_model(cfg).init(jax.random.key(0), jnp.zeros((1, 1), jnp.int32)))
-    assert "hc_head" in nn.meta.unbox(shapes)["params"]
-
-
 def test_indexer_kl_matches_numpy_and_trains_the_indexer_alone(model):
     p = RNG.uniform(0, 1, (2, 3, 4, 6))  # [b, heads, queries, entries]
     scores = RNG.normal(0, 1, (2, 4, 6))

@@ -64,6 +64,26 @@ def run(cfg, model):
     return both
 
 
+def on_mesh(cfg, model, state, batch, shape):
+    """``run`` compiled for the mesh of that shape, the state and batch split as training splits them:
+    (mesh, the compiled program, its outputs)."""
+    mesh = make_mesh(MeshConfig(*shape))
+    sh, batch_sh = state_shardings(cfg, model, mesh), batch_sharding(mesh)
+    with jax.set_mesh(mesh):
+        fn = jax.jit(run(cfg, model), in_shardings=(sh, batch_sh))
+        compiled = fn.trace(jax.device_put(state, sh), jax.device_put(batch, batch_sh)).lower().compile()
+        return mesh, compiled, compiled(jax.device_put(state, sh), jax.device_put(batch, batch_sh))
+
+
+def assert_same_step(got, want):
+    """Loss, gradients and the updated parameters within 1e-5, the expert loads exactly."""
+    (s_loss, s_grads, s_loads, s_new, _), (loss, grads, loads, new, _) = got, want
+    assert abs(float(s_loss) - float(loss)) <= 1e-5
+    assert max_diff(s_grads, grads) <= 1e-5
+    np.testing.assert_array_equal(s_loads["main"], loads["main"])  # global loads, exactly
+    assert max_diff(s_new.params, new.params) <= 1e-5
+
+
 def max_diff(a, b):
     return max(
         float(jnp.max(jnp.abs(jnp.asarray(x, jnp.float32) - jnp.asarray(y, jnp.float32))))
@@ -74,18 +94,10 @@ def max_diff(a, b):
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", MESHES, ids=lambda s: "x".join(map(str, s)))
 def test_every_mesh_computes_what_one_device_computes(reference, shape):
-    cfg, model, state, batch, (loss, grads, loads, new, metrics) = reference
-    mesh = make_mesh(MeshConfig(*shape))
-    sh, batch_sh = state_shardings(cfg, model, mesh), batch_sharding(mesh)
-    with jax.set_mesh(mesh):
-        fn = jax.jit(run(cfg, model), in_shardings=(sh, batch_sh))
-        compiled = fn.trace(jax.device_put(state, sh), jax.device_put(batch, batch_sh)).lower().compile()
-        out = compiled(jax.device_put(state, sh), jax.device_put(batch, batch_sh))
-    s_loss, s_grads, s_loads, s_new, s_metrics = out
-    assert abs(float(s_loss) - float(loss)) <= 1e-5
-    assert max_diff(s_grads, grads) <= 1e-5
-    np.testing.assert_array_equal(s_loads["main"], loads["main"])  # global loads, exactly
-    assert max_diff(s_new.params, new.params) <= 1e-5
+    cfg, model, state, batch, want = reference
+    mesh, compiled, out = on_mesh(cfg, model, state, batch, shape)
+    assert_same_step(out, want)
+    s_new, s_metrics, new = out[3], out[4], want[3]
     np.testing.assert_array_equal(
         np.asarray(s_new.bias["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"]),
         np.asarray(new.bias["moe_layers"]["layers"]["mlp"]["e_score_correction_bias"]),
@@ -105,19 +117,10 @@ def test_every_mesh_computes_what_one_device_computes(reference, shape):
 def test_sequence_parallelism_computes_what_one_device_computes(reference, shape=(1, 2, 2, 2)):
     """model.sequence_parallel: the residual stream and the logits split along the sequence over the
     tensor axis between the attention and the FFN; the experts gather the rows and reduce-scatter."""
-    cfg, _, state, batch, (loss, grads, loads, new, metrics) = reference
+    cfg, _, state, batch, want = reference
     cfg = dataclasses.replace(cfg, model=cfg.model.replace(sequence_parallel=True))
-    model = Transformer(cfg.model)
-    mesh = make_mesh(MeshConfig(*shape))
-    sh, batch_sh = state_shardings(cfg, model, mesh), batch_sharding(mesh)
-    with jax.set_mesh(mesh):
-        fn = jax.jit(run(cfg, model), in_shardings=(sh, batch_sh))
-        compiled = fn.trace(jax.device_put(state, sh), jax.device_put(batch, batch_sh)).lower().compile()
-        s_loss, s_grads, s_loads, s_new, _ = compiled(jax.device_put(state, sh), jax.device_put(batch, batch_sh))
-    assert abs(float(s_loss) - float(loss)) <= 1e-5
-    assert max_diff(s_grads, grads) <= 1e-5
-    np.testing.assert_array_equal(s_loads["main"], loads["main"])
-    assert max_diff(s_new.params, new.params) <= 1e-5
+    _, compiled, out = on_mesh(cfg, Transformer(cfg.model), state, batch, shape)
+    assert_same_step(out, want)
     assert "reduce-scatter" in compiled.as_text()
 
 
@@ -256,15 +259,9 @@ def v4_reference():
 @pytest.mark.parametrize("shape", [(1, 2, 2, 2)], ids=lambda s: "x".join(map(str, s)))  # fsdp, experts, tensor
 def test_deepseek_v4_mesh_computes_what_one_device_computes(v4_reference, shape):
     """DeepSeek-V4: loss, gradients, loads and a train step, its bias update included, as on one device."""
-    cfg, model, state, batch, (loss, grads, loads, new, _) = v4_reference
-    mesh = make_mesh(MeshConfig(*shape))
-    sh, batch_sh = state_shardings(cfg, model, mesh), batch_sharding(mesh)
-    with jax.set_mesh(mesh):
-        fn = jax.jit(run(cfg, model), in_shardings=(sh, batch_sh))
-        s_loss, s_grads, s_loads, s_new, _ = fn(jax.device_put(state, sh), jax.device_put(batch, batch_sh))
-    assert abs(float(s_loss) - float(loss)) <= 1e-5
-    assert max_diff(s_grads, grads) <= 1e-5
-    np.testing.assert_array_equal(s_loads["main"], loads["main"])
-    assert max_diff(s_new.params, new.params) <= 1e-5
+    cfg, model, state, batch, want = v4_reference
+    _, _, out = on_mesh(cfg, model, state, batch, shape)
+    assert_same_step(out, want)
+    s_new, new = out[3], want[3]
     assert max_diff(s_new.bias, new.bias) == 0.0
     assert max_diff(new.bias, state.bias) > 0  # the learned layers' bias moved (the hash tables cannot)
